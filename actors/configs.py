@@ -1,0 +1,65 @@
+"""The registry of tuning-config versions: append-only, persisted in the store."""
+
+from __future__ import annotations
+
+import threading
+
+import structlog
+
+from events.config import TuningConfig
+from events.errors import Reason, Rejected
+from store.recorder import Recorder
+
+log = structlog.get_logger(__name__)
+
+
+class ConfigRegistry:
+    """Every config version ever used, by version; `current` stamps new events.
+
+    Versions are never replaced: a change is a new version. The feature dimension is fixed for
+    a store (changing it would make old weights meaningless).
+    """
+
+    def __init__(self, recorder: Recorder, default: TuningConfig) -> None:
+        self._recorder = recorder
+        self._lock = threading.Lock()
+        self._versions: dict[int, TuningConfig] = {
+            v: TuningConfig.decode(body) for v, body in recorder.configs().items()
+        }
+        if not self._versions:  # a new store; otherwise its recorded history wins
+            self._save(default)
+        self.current = self._versions[max(self._versions)]
+
+    def _save(self, config: TuningConfig) -> None:
+        if not self._recorder.save_config(config.version, config.encode()):
+            raise Rejected(
+                Reason.UNKNOWN_CONFIG, f"config version {config.version} exists with other values"
+            )
+        self._versions[config.version] = config
+
+    def add(self, config: TuningConfig) -> TuningConfig:
+        """Record `config` as the next version and make it current."""
+        with self._lock:
+            if config.dim != self.current.dim:
+                raise Rejected(
+                    Reason.DIMENSION,
+                    f"the store's feature dimension is {self.current.dim}, not {config.dim}",
+                )
+            config = config.with_version(max(self._versions) + 1)
+            self._save(config)
+            self.current = config
+            log.info("config.added", version=config.version)
+            return config
+
+    def get(self, version: int | None) -> TuningConfig:
+        if version is None:
+            return self.current
+        try:
+            return self._versions[version]
+        except KeyError:
+            raise Rejected(
+                Reason.UNKNOWN_CONFIG, f"config version {version} is unknown", "c"
+            ) from None
+
+    def versions(self) -> dict[int, TuningConfig]:
+        return dict(self._versions)

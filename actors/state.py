@@ -1,0 +1,127 @@
+"""A user's state and its snapshot codec.
+
+The state is a pure function of the user's log (fold of `apply`); a snapshot is only an
+optimisation. Snapshots are msgpack maps with their own schema version; floats are stored as
+raw float64 so that a decoded snapshot is bit-identical to the state that was encoded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import msgpack
+import numpy as np
+
+SNAPSHOT_SCHEMA = 1
+RECENT_IDS = 32  # event-id hashes kept for dedupe; older repeats are caught by the log's key
+
+_F64 = np.dtype("<f8")
+_U64 = np.dtype("<u8")
+_EMPTY = np.zeros(0)  # shared defaults: never mutated
+_EMPTY.flags.writeable = False
+_NO_IDS = np.zeros(RECENT_IDS, dtype=_U64)
+_NO_IDS.flags.writeable = False
+
+
+def _empty() -> np.ndarray:
+    return _EMPTY
+
+
+def _no_ids() -> np.ndarray:
+    return _NO_IDS
+
+
+def id_hash(event_id: str) -> int:
+    """A stable 64-bit hash of an event id (Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=8).digest(), "little")
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class UserState:
+    """Everything `apply` needs and produces for one user. Arrays are never mutated."""
+
+    user: str
+    seq: int = 0  # seq of the last applied event
+    config: int = 0  # config version of the last applied event
+    segment: str = "default"
+    t_last: float = -1.0  # event time of the newest learning event; < 0: none yet
+    steps: int = 0  # learning updates so far
+    b1p: float = 1.0  # beta1 ** steps, kept as a running product (bias correction)
+    b2p: float = 1.0  # beta2 ** steps
+    bucket: float = 0.0  # movement in the current window (leaky bucket level)
+    # weights (bias first; empty until the first learning event), first and second moments
+    # (Adagrad: the running sum of squares), and a ring of the last RECENT_IDS event-id hashes
+    w: np.ndarray = field(default_factory=_empty)
+    m: np.ndarray = field(default_factory=_empty)
+    v: np.ndarray = field(default_factory=_empty)
+    recent: np.ndarray = field(default_factory=_no_ids)
+    recent_pos: int = 0
+
+    def has_seen(self, event_hash: int) -> bool:
+        return bool((self.recent == event_hash).any())
+
+
+class SnapshotError(ValueError):
+    """A snapshot that cannot be decoded; the caller falls back to full replay."""
+
+
+def encode_state(state: UserState) -> bytes:
+    return msgpack.packb(
+        {
+            "sv": SNAPSHOT_SCHEMA,
+            "u": state.user,
+            "q": state.seq,
+            "c": state.config,
+            "g": state.segment,
+            "tl": state.t_last,
+            "n": state.steps,
+            "b1": state.b1p,
+            "b2": state.b2p,
+            "bk": state.bucket,
+            "w": np.ascontiguousarray(state.w, _F64).tobytes(),
+            "m": np.ascontiguousarray(state.m, _F64).tobytes(),
+            "v": np.ascontiguousarray(state.v, _F64).tobytes(),
+            "r": np.ascontiguousarray(state.recent, _U64).tobytes(),
+            "rp": state.recent_pos,
+        },
+        use_bin_type=True,
+    )
+
+
+def _array(raw: bytes, dtype: np.dtype) -> np.ndarray:
+    arr = np.frombuffer(raw, dtype=dtype)  # read-only view of the bytes: no copy
+    return arr
+
+
+def decode_state(raw: bytes) -> UserState:
+    try:
+        obj = msgpack.unpackb(raw, raw=False)
+        if obj.get("sv") != SNAPSHOT_SCHEMA:
+            raise SnapshotError(f"snapshot schema {obj.get('sv')!r} is not {SNAPSHOT_SCHEMA}")
+        recent = _array(obj["r"], _U64)
+        if recent.shape[0] != RECENT_IDS:
+            raise SnapshotError("snapshot id ring has the wrong size")
+        w, m, v = (_array(obj[k], _F64) for k in ("w", "m", "v"))
+        if not w.shape == m.shape == v.shape:
+            raise SnapshotError("snapshot vectors differ in length")
+        return UserState(
+            user=obj["u"],
+            seq=obj["q"],
+            config=obj["c"],
+            segment=obj["g"],
+            t_last=obj["tl"],
+            steps=obj["n"],
+            b1p=obj["b1"],
+            b2p=obj["b2"],
+            bucket=obj["bk"],
+            w=w,
+            m=m,
+            v=v,
+            recent=recent,
+            recent_pos=obj["rp"],
+        )
+    except SnapshotError:
+        raise
+    except Exception as exc:
+        raise SnapshotError(f"undecodable snapshot ({type(exc).__name__}: {exc})") from None

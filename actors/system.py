@@ -1,0 +1,153 @@
+"""The application: store, journal, dispatcher, directory and user actors, wired together.
+
+A thin layer, as in the `eventsourcing` library: it owns the parts and offers the operations
+(track, rank, state, replay); the adapters (NATS, command line) sit on top of it.
+
+    with Microtune.open("microtune.db", TuningConfig(version=1, dim=8)) as mt:
+        mt.track_many([Event(id="e1", user="alice", t=1.7e9, kind="click", item="a",
+                             x=np.ones(8))])
+        ranking = mt.rank(Query("alice", (Candidate("a", np.ones(8)),)))
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from actors.configs import ConfigRegistry
+from actors.directory import Directory
+from actors.messages import Inspect, Outcome, Rank, Track
+from actors.replay import replay_user
+from actors.runtime import Dispatcher
+from actors.state import UserState
+from actors.user import UserActor, UserContext
+from events.config import TuningConfig
+from events.errors import Rejected
+from events.types import Event, Query, Ranking
+from store.journal import Journal
+from store.recorder import Recorder, open_recorder
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_CONFIG = TuningConfig(version=1, dim=16)
+
+
+class _Waiter:
+    """Collects callbacks' answers for the blocking convenience calls."""
+
+    def __init__(self, count: int) -> None:
+        self.results: list[Any] = [None] * count
+        self._left = count
+        self._cond = threading.Condition()
+
+    def callback(self, index: int) -> Callable[[Any], None]:
+        def done(result: Any) -> None:
+            with self._cond:
+                self.results[index] = result
+                self._left -= 1
+                if self._left == 0:
+                    self._cond.notify_all()
+
+        return done
+
+    def wait(self, timeout: float) -> list[Any]:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._left == 0, timeout):
+                raise TimeoutError(f"{self._left} answers still missing after {timeout}s")
+        return self.results
+
+
+class Microtune:
+    def __init__(
+        self,
+        recorder: Recorder,
+        config: TuningConfig = DEFAULT_CONFIG,
+        *,
+        workers: int = 2,
+        max_live: int = 200_000,
+        idle_timeout: float = 600.0,
+        snapshot_every: int = 1000,
+        max_batch_rows: int = 5000,
+    ) -> None:
+        self.recorder = recorder
+        self.configs = ConfigRegistry(recorder, config)
+        self.journal = Journal(recorder, max_batch_rows=max_batch_rows)
+        self.dispatcher = Dispatcher(workers=workers)
+        self.context = UserContext(recorder, self.journal, self.configs, snapshot_every)
+        self.directory = Directory(
+            lambda user: UserActor.start(self.dispatcher, user, self.context),
+            max_live=max_live,
+            idle_timeout=idle_timeout,
+        )
+        self.context.on_stopped = self.directory.stopped
+        self._closed = False
+
+    @classmethod
+    def open(cls, store: str | Path, config: TuningConfig = DEFAULT_CONFIG, **kw: Any):
+        """Open (or create) a store by SQLAlchemy URL or SQLite path."""
+        return cls(open_recorder(store), config, **kw)
+
+    def __enter__(self) -> Microtune:
+        return self
+
+    def __exit__(self, *_exc: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ asynchronous core
+
+    def track(self, event: Event, done: Callable[[Outcome], None]) -> None:
+        """Hand an event to its user's actor; `done(Outcome)` once committed and applied."""
+        self.directory.tell(event.user, Track(event, done))
+
+    def rank_async(self, query: Query, done: Callable[[Ranking | Rejected], None]) -> None:
+        self.directory.tell(query.user, Rank(query, done))
+
+    # ------------------------------------------------------------ blocking conveniences
+
+    def track_many(self, events: Iterable[Event], timeout: float = 60.0) -> list[Outcome]:
+        events = list(events)
+        waiter = _Waiter(len(events))
+        for i, event in enumerate(events):
+            self.track(event, waiter.callback(i))
+        return waiter.wait(timeout)
+
+    def rank(self, query: Query, timeout: float = 10.0) -> Ranking:
+        waiter = _Waiter(1)
+        self.rank_async(query, waiter.callback(0))
+        (result,) = waiter.wait(timeout)
+        if isinstance(result, Rejected):
+            raise result
+        return result
+
+    def state(self, user: str, timeout: float = 10.0) -> UserState:
+        """The live state of a user (activating it if needed)."""
+        waiter = _Waiter(1)
+        self.directory.tell(user, Inspect(waiter.callback(0)))
+        (result,) = waiter.wait(timeout)
+        if isinstance(result, Rejected):
+            raise result
+        return result
+
+    def replay(self, user: str, **kw: Any) -> UserState:
+        """Rebuild a user's state from the log (see actors.replay.replay_user)."""
+        return replay_user(self.recorder, self.configs, user, **kw)
+
+    # ------------------------------------------------------------ lifecycle
+
+    def passivate_all(self, timeout: float = 120.0) -> bool:
+        return self.directory.passivate_all(timeout)
+
+    def close(self, timeout: float = 120.0) -> None:
+        """Finish in-flight work, snapshot live actors, stop everything."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self.directory.passivate_all(timeout):
+            log.warning("shutdown.passivation_timeout", live=len(self.directory))
+        self.journal.close(timeout)
+        self.dispatcher.shutdown()
+        self.recorder.close()

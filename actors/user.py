@@ -1,0 +1,280 @@
+"""The user actor: one per live user, the single writer of that user's log and state.
+
+Persist, then apply (as Akka Persistence does): an event is checked (dimension, repeat),
+given the next seq, written through the journal (group commit), and applied only after the
+commit. While one write is in flight, newer events wait in a buffer and go out together in the
+next write, so a busy user costs one journal request per commit, not one per event.
+
+A repeated event id is dropped: the last `RECENT_IDS` ids are in the state (rebuilt by replay);
+an older repeat is refused by the log's (user, event id) key, and the actor drops it then.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import structlog
+
+from actors.configs import ConfigRegistry
+from actors.learning import apply
+from actors.messages import (
+    DUPLICATE,
+    Inspect,
+    Outcome,
+    Passivate,
+    Rank,
+    SnapshotWritten,
+    Track,
+    Written,
+)
+from actors.runtime import Dispatcher, PooledActor
+from actors.state import SNAPSHOT_SCHEMA, SnapshotError, UserState, decode_state, encode_state
+from actors.state import id_hash as _id_hash
+from events.codec import encode_logged_event, event_from_log
+from events.errors import Reason, Rejected
+from events.types import Event, Query, Ranking
+from store.journal import Journal, WriteRequest
+from store.recorder import AppendConflict, Recorder, Snapshot, StoredEvent
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(slots=True)
+class UserContext:
+    """What every user actor shares (read-only for them)."""
+
+    recorder: Recorder
+    journal: Journal
+    configs: ConfigRegistry
+    snapshot_every: int = 1000  # events between periodic snapshots
+    on_stopped: Callable[[str], None] = lambda _user: None  # the directory's hook
+
+
+def rebuild(recorder: Recorder, configs: ConfigRegistry, user: str) -> tuple[UserState, int]:
+    """The user's state from the latest snapshot and the events after it.
+
+    Returns the state and the seq of the snapshot used (0 if none). An undecodable snapshot
+    is logged and ignored: full replay from the log.
+    """
+    snap, tail = recorder.load(user)
+    state, snap_seq = UserState(user), 0
+    if snap is not None:
+        try:
+            state, snap_seq = decode_state(snap.state), snap.seq
+        except SnapshotError as exc:
+            log.warning("snapshot.undecodable", user_id=user, seq=snap.seq, error=str(exc))
+            tail = list(recorder.read(user))
+    for row in tail:
+        event = event_from_log(row.body)
+        state = apply(state, event, configs.get(event.config))
+    return state, snap_seq
+
+
+class UserActor(PooledActor):
+    def __init__(self, dispatcher: Dispatcher, user: str, ctx: UserContext) -> None:
+        super().__init__(dispatcher)
+        self.user = user
+        self.ctx = ctx
+        self.state = UserState(user)
+        self.snap_seq = 0
+        self._buffer: list[tuple[Event, Callable[[Outcome], None]]] | None = None
+        self._inflight: list[tuple[Event, Callable[[Outcome], None]]] | None = None
+        self._pending: set[str] | None = None
+        self._passivating = False
+        self._snapshotting = False
+
+    # ------------------------------------------------------------ lifecycle
+
+    def on_start(self) -> None:
+        self.state, self.snap_seq = rebuild(self.ctx.recorder, self.ctx.configs, self.user)
+
+    def on_stop(self) -> None:
+        self.ctx.on_stopped(self.user)
+
+    def on_failure(self, *_exc_info: Any) -> None:
+        self.ctx.on_stopped(self.user)
+
+    def _actor_loop_teardown(self) -> None:
+        # Fail (rather than silently drop) the callbacks of messages that arrive too late.
+        inbox = self.actor_inbox
+        while not inbox.empty():
+            message = inbox.get().message
+            if isinstance(message, Track):
+                message.done(Outcome("failed"))
+            elif isinstance(message, Rank | Inspect):
+                message.done(Rejected(Reason.OUT_OF_RANGE, "user actor stopped; retry"))
+        super()._actor_loop_teardown()
+
+    # ------------------------------------------------------------ messages
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, Track):
+            self._track(message.event, message.done)
+        elif isinstance(message, Written):
+            self._written(message.error)
+        elif isinstance(message, Rank):
+            message.done(self._rank(message.query))
+        elif isinstance(message, SnapshotWritten):
+            self._snapshot_written(message.seq, message.error)
+        elif isinstance(message, Passivate):
+            self._passivating = True
+            self._maybe_finish_passivation()
+        elif isinstance(message, Inspect):
+            message.done(self.state)
+        else:
+            log.warning("user_actor.unknown_message", user_id=self.user, message=repr(message))
+
+    def _track(self, event: Event, done: Callable[[Outcome], None]) -> None:
+        try:
+            config = self.ctx.configs.get(event.config)
+            if event.is_interaction:
+                if event.x is None:
+                    raise Rejected(
+                        Reason.MISSING_FIELD, f"no features for item {event.item!r}", "x"
+                    )
+                if event.x.shape[0] != config.dim:
+                    raise Rejected(
+                        Reason.DIMENSION,
+                        f"'x' has {event.x.shape[0]} features; the config has dim {config.dim}",
+                        "x",
+                    )
+        except Rejected as rejected:
+            done(Outcome("rejected", error=rejected))
+            return
+        if event.user != self.user:
+            done(Outcome("rejected", error=Rejected(Reason.INVALID_ID, "wrong user", "u")))
+            return
+        if (self._pending is not None and event.id in self._pending) or self.state.has_seen(
+            _id_hash(event.id)
+        ):
+            log.debug("event.duplicate", user_id=self.user, event_id=event.id)
+            done(DUPLICATE)
+            return
+        if event.config is None:
+            event = dataclasses.replace(event, config=config.version)
+        if self._pending is None:
+            self._pending, self._buffer = set(), []
+        self._pending.add(event.id)
+        self._buffer.append((event, done))
+        if self._inflight is None:
+            self._flush()
+
+    def _flush(self) -> None:
+        batch, self._buffer = self._buffer, []
+        base = self.state.seq
+        rows = [
+            StoredEvent(self.user, base + i, event.id, encode_logged_event(event))
+            for i, (event, _) in enumerate(batch, start=1)
+        ]
+        self._inflight = batch
+        tell = self.actor_ref.tell
+        self.ctx.journal.write(WriteRequest(rows, (), lambda exc: tell(Written(exc))))
+
+    def _written(self, error: BaseException | None) -> None:
+        batch, self._inflight = self._inflight, None
+        assert batch is not None
+        if error is None:
+            configs = self.ctx.configs
+            for event, done in batch:
+                self.state = apply(self.state, event, configs.get(event.config))
+                self._pending.discard(event.id)
+                log.debug("event.applied", user_id=self.user, event_id=event.id,
+                          seq=self.state.seq)
+                done(Outcome("applied", self.state.seq))
+            if self.state.seq - self.snap_seq >= self.ctx.snapshot_every:
+                self._snapshot()
+        elif isinstance(error, AppendConflict):
+            self._resolve_conflict(batch, error)
+        else:
+            log.error("journal.write_failed", user_id=self.user, error=repr(error))
+            for event, done in batch:
+                self._pending.discard(event.id)
+                done(Outcome("failed"))
+        if self._buffer:
+            self._flush()
+        else:
+            self._maybe_finish_passivation()
+
+    def _resolve_conflict(self, batch: list, conflict: AppendConflict) -> None:
+        if conflict.taken_seqs:  # another writer appended to this log: catch up first
+            log.warning("user_actor.stale", user_id=self.user, seq=self.state.seq)
+            self.state, self.snap_seq = rebuild(self.ctx.recorder, self.ctx.configs, self.user)
+        keep = []
+        for event, done in batch:
+            if (self.user, event.id) in conflict.duplicate_ids or self.state.has_seen(
+                _id_hash(event.id)
+            ):
+                log.info("event.duplicate", user_id=self.user, event_id=event.id)
+                self._pending.discard(event.id)
+                done(DUPLICATE)
+            else:
+                keep.append((event, done))
+        self._buffer = keep + self._buffer
+
+    # ------------------------------------------------------------ snapshots, passivation
+
+    def _snapshot(self) -> None:
+        if self._snapshotting or self.state.seq == self.snap_seq:
+            return
+        self._snapshotting = True
+        seq = self.state.seq
+        snap = Snapshot(self.user, seq, SNAPSHOT_SCHEMA, encode_state(self.state))
+        tell = self.actor_ref.tell
+        self.ctx.journal.write(
+            WriteRequest((), (snap,), lambda exc: tell(SnapshotWritten(seq, exc)))
+        )
+
+    def _snapshot_written(self, seq: int, error: BaseException | None) -> None:
+        self._snapshotting = False
+        if error is None:
+            self.snap_seq = max(self.snap_seq, seq)
+        else:
+            log.warning("snapshot.failed", user_id=self.user, seq=seq, error=repr(error))
+        self._maybe_finish_passivation()
+
+    def _maybe_finish_passivation(self) -> None:
+        if not self._passivating or self._inflight is not None or self._buffer:
+            return
+        if self.state.seq != self.snap_seq:
+            self._snapshot()
+        if not self._snapshotting:
+            self._stop()
+
+    # ------------------------------------------------------------ queries
+
+    def _rank(self, query: Query) -> Ranking | Rejected:
+        config = self.ctx.configs.get(self.state.config or None)
+        dim = config.dim
+        n = len(query.candidates)
+        X = np.empty((n, dim + 1))
+        X[:, 0] = 1.0
+        for row, cand in enumerate(query.candidates):
+            if cand.x is None:
+                return Rejected(Reason.MISSING_FIELD, f"no features for item {cand.item!r}", "c")
+            if cand.x.shape[0] != dim:
+                return Rejected(
+                    Reason.DIMENSION, f"item {cand.item!r} has {cand.x.shape[0]} != {dim}", "c"
+                )
+            X[row, 1:] = cand.x
+        w = self.state.w if self.state.w.shape[0] else config.prior(self.state.segment)
+        scores = X @ w
+        order = np.argsort(-scores, kind="stable")
+        if query.top is not None:
+            order = order[: query.top]
+        top = scores[order]
+        e = np.exp(top - top[0])
+        weights = e / e.sum()
+        return Ranking(
+            user=self.user,
+            items=tuple(query.candidates[i].item for i in order),
+            weights=tuple(weights.tolist()),
+            scores=tuple(top.tolist()),
+            seq=self.state.seq,
+            config=config.version,
+        )

@@ -1,0 +1,56 @@
+"""Event and query types, their msgpack codec, validation and schema versions."""
+
+from events.codec import (
+    decode_event,
+    decode_query,
+    decode_reply,
+    encode_error,
+    encode_event,
+    encode_logged_event,
+    encode_query,
+    encode_ranking,
+    event_from_log,
+    event_from_map,
+    event_to_map,
+    query_from_map,
+)
+from events.config import SegmentConfig, TuningConfig
+from events.errors import Reason, Rejected
+from events.limits import DEFAULT_LIMITS, Limits
+from events.types import (
+    INTERACTION_KINDS,
+    KINDS,
+    SCHEMA_VERSION,
+    Candidate,
+    Event,
+    Query,
+    Ranking,
+)
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "INTERACTION_KINDS",
+    "KINDS",
+    "SCHEMA_VERSION",
+    "Candidate",
+    "Event",
+    "Limits",
+    "Query",
+    "Ranking",
+    "Reason",
+    "Rejected",
+    "SegmentConfig",
+    "TuningConfig",
+    "decode_event",
+    "decode_query",
+    "decode_reply",
+    "encode_error",
+    "encode_event",
+    "encode_logged_event",
+    "encode_query",
+    "encode_ranking",
+    "event_from_log",
+    "event_from_map",
+    "event_to_map",
+    "query_from_map",
+]

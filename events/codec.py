@@ -1,0 +1,332 @@
+"""The msgpack codec, with validation.
+
+Wire format (schema version 1): msgpack maps with short keys; see README "Wire format".
+`decode_*` turn untrusted bytes into typed objects or raise `Rejected` with a precise reason;
+no other exception escapes them. Unknown keys are tolerated (kept in `Event.extra` and logged)
+so that a newer publisher does not break an older service.
+
+The log stores events in the same format, features packed as float64 bytes; `event_from_log`
+is the trusted fast path for replay (the row was validated before it was written).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from events.errors import Reason, Rejected
+from events.limits import DEFAULT_LIMITS, Limits
+from events.types import (
+    KINDS,
+    SCHEMA_VERSION,
+    SUPPORTED_VERSIONS,
+    Candidate,
+    Event,
+    Query,
+    Ranking,
+)
+
+_EVENT_KEYS = frozenset({"v", "id", "u", "t", "k", "i", "x", "d", "s", "h", "y", "g", "c"})
+_TOKEN_FORBIDDEN = frozenset(" \t\r\n.*>")
+_F64 = np.dtype("<f8")
+
+
+# ---------------------------------------------------------------- field checks
+
+
+def _unpack(raw: bytes, limits: Limits) -> Mapping[str, Any]:
+    if not isinstance(raw, bytes | bytearray | memoryview):
+        raise Rejected(Reason.MALFORMED, f"expected bytes, got {type(raw).__name__}")
+    if len(raw) > limits.max_payload_bytes:
+        raise Rejected(
+            Reason.OVERSIZE, f"payload of {len(raw)} bytes exceeds {limits.max_payload_bytes}"
+        )
+    try:
+        obj = msgpack.unpackb(raw, raw=False)
+    except Exception as exc:  # msgpack raises several types for garbage and truncation
+        raise Rejected(Reason.MALFORMED, f"not valid msgpack ({type(exc).__name__})") from None
+    if not isinstance(obj, dict):
+        raise Rejected(Reason.MALFORMED, f"expected a msgpack map, got {type(obj).__name__}")
+    _check_version(obj)
+    return obj
+
+
+def _check_version(obj: Mapping[str, Any]) -> None:
+    if "v" not in obj:
+        raise Rejected(Reason.MISSING_FIELD, "schema version 'v' is required", "v")
+    v = obj["v"]
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise Rejected(Reason.WRONG_TYPE, "'v' must be an integer", "v")
+    if v not in SUPPORTED_VERSIONS:
+        raise Rejected(
+            Reason.UNSUPPORTED_VERSION,
+            f"schema version {v} is not supported (supported: {sorted(SUPPORTED_VERSIONS)})",
+            "v",
+        )
+
+
+def _required(obj: Mapping[str, Any], key: str) -> Any:
+    if key not in obj or obj[key] is None:
+        raise Rejected(Reason.MISSING_FIELD, f"'{key}' is required", key)
+    return obj[key]
+
+
+def _string(value: Any, key: str, limits: Limits, *, token: bool = False) -> str:
+    if not isinstance(value, str):
+        raise Rejected(Reason.WRONG_TYPE, f"'{key}' must be a string", key)
+    if not value:
+        raise Rejected(Reason.INVALID_ID, f"'{key}' must not be empty", key)
+    if len(value) > limits.max_id_length:
+        raise Rejected(
+            Reason.OVERSIZE, f"'{key}' is longer than {limits.max_id_length} characters", key
+        )
+    if token and (not value.isprintable() or not _TOKEN_FORBIDDEN.isdisjoint(value)):
+        raise Rejected(
+            Reason.INVALID_ID,
+            f"'{key}' must be a NATS subject token (printable, no spaces, '.', '*' or '>')",
+            key,
+        )
+    return value
+
+
+def _number(
+    value: Any, key: str, lo: float | None = None, hi: float | None = None
+) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise Rejected(Reason.WRONG_TYPE, f"'{key}' must be a number", key)
+    value = float(value)
+    if not math.isfinite(value):
+        raise Rejected(Reason.NOT_FINITE, f"'{key}' must be finite, got {value}", key)
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise Rejected(
+            Reason.OUT_OF_RANGE, f"'{key}'={value} is outside [{lo}, {hi}]", key
+        )
+    return value
+
+
+def _vector(value: Any, key: str, limits: Limits) -> np.ndarray:
+    if isinstance(value, bytes):  # packed little-endian float64, as the log stores it
+        if len(value) % 8:
+            raise Rejected(Reason.WRONG_TYPE, f"'{key}' bytes must be packed float64", key)
+        arr = np.frombuffer(value, dtype=_F64)
+    elif isinstance(value, list | tuple):
+        if any(isinstance(e, bool) or not isinstance(e, int | float) for e in value):
+            raise Rejected(Reason.WRONG_TYPE, f"'{key}' must be a list of numbers", key)
+        arr = np.array(value, dtype=np.float64)
+    else:
+        raise Rejected(Reason.WRONG_TYPE, f"'{key}' must be a list of numbers", key)
+    if arr.shape[0] > limits.max_dimension:
+        raise Rejected(
+            Reason.OVERSIZE, f"'{key}' has {arr.shape[0]} > {limits.max_dimension} entries", key
+        )
+    if not np.isfinite(arr).all():
+        raise Rejected(Reason.NOT_FINITE, f"'{key}' contains NaN or infinity", key)
+    arr.flags.writeable = False
+    return arr
+
+
+def _config_version(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise Rejected(Reason.WRONG_TYPE, "'c' (config version) must be an integer", "c")
+    if value < 1:
+        raise Rejected(Reason.OUT_OF_RANGE, "'c' (config version) must be >= 1", "c")
+    return value
+
+
+# ---------------------------------------------------------------- events
+
+
+def event_from_map(obj: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> Event:
+    """Validate a decoded wire map into an `Event` (raises `Rejected`)."""
+    _check_version(obj)
+    event_id = _string(_required(obj, "id"), "id", limits)
+    user = _string(_required(obj, "u"), "u", limits, token=True)
+    t = _number(_required(obj, "t"), "t", lo=0.0)
+    kind = _required(obj, "k")
+    if not isinstance(kind, str):
+        raise Rejected(Reason.WRONG_TYPE, "'k' (kind) must be a string", "k")
+    if kind not in KINDS:
+        raise Rejected(
+            Reason.UNKNOWN_KIND, f"unknown kind {kind!r} (known: {', '.join(KINDS)})", "k"
+        )
+    fields: dict[str, Any] = {}
+    needs = KINDS[kind]
+    if kind != "segment":
+        fields["item"] = _string(_required(obj, "i"), "i", limits)
+    elif obj.get("i") is not None:
+        fields["item"] = _string(obj["i"], "i", limits)
+    if obj.get("x") is not None:
+        fields["x"] = _vector(obj["x"], "x", limits)
+    for key, name, lo, hi in (
+        ("d", "dwell", 0.0, None),
+        ("s", "depth", 0.0, 1.0),
+        ("h", "hover", 0.0, None),
+        ("y", "target", 0.0, 1.0),
+    ):
+        if key == needs:
+            fields[name] = _number(_required(obj, key), key, lo, hi)
+        elif obj.get(key) is not None:
+            fields[name] = _number(obj[key], key, lo, hi)
+    if needs == "g" or obj.get("g") is not None:
+        fields["segment"] = _string(_required(obj, "g"), "g", limits, token=True)
+    if obj.get("c") is not None:
+        fields["config"] = _config_version(obj["c"])
+    extra = {k: obj[k] for k in obj if k not in _EVENT_KEYS}
+    return Event(id=event_id, user=user, t=t, kind=kind, extra=extra, **fields)
+
+
+def decode_event(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> Event:
+    """Decode and validate one event from untrusted bytes (raises `Rejected`)."""
+    return event_from_map(_unpack(raw, limits), limits)
+
+
+def event_to_map(event: Event, *, pack_x: bool = False) -> dict[str, Any]:
+    out: dict[str, Any] = {**event.extra}
+    out.update(v=SCHEMA_VERSION, id=event.id, u=event.user, t=event.t, k=event.kind)
+    if event.item is not None:
+        out["i"] = event.item
+    if event.x is not None:
+        x = np.ascontiguousarray(event.x, dtype=_F64)
+        out["x"] = x.tobytes() if pack_x else x.tolist()
+    for key, value in (
+        ("d", event.dwell),
+        ("s", event.depth),
+        ("h", event.hover),
+        ("y", event.target),
+        ("g", event.segment),
+        ("c", event.config),
+    ):
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def encode_event(event: Event) -> bytes:
+    """The wire encoding (features as a list of floats, readable from any language)."""
+    return msgpack.packb(event_to_map(event), use_bin_type=True)
+
+
+def encode_logged_event(event: Event) -> bytes:
+    """The log encoding: the wire map with features packed as float64 bytes."""
+    return msgpack.packb(event_to_map(event, pack_x=True), use_bin_type=True)
+
+
+def event_from_log(body: bytes) -> Event:
+    """Trusted fast path for replay: the row was validated before it was written."""
+    obj = msgpack.unpackb(body, raw=False)
+    x = obj.get("x")
+    return Event(
+        id=obj["id"],
+        user=obj["u"],
+        t=obj["t"],
+        kind=obj["k"],
+        item=obj.get("i"),
+        x=None if x is None else np.frombuffer(x, dtype=_F64),
+        dwell=obj.get("d"),
+        depth=obj.get("s"),
+        hover=obj.get("h"),
+        target=obj.get("y"),
+        segment=obj.get("g"),
+        config=obj.get("c"),
+        extra={k: obj[k] for k in obj if k not in _EVENT_KEYS},
+    )
+
+
+# ---------------------------------------------------------------- queries
+
+
+def query_from_map(obj: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> Query:
+    _check_version(obj)
+    user = _string(_required(obj, "u"), "u", limits, token=True)
+    raw = _required(obj, "c")
+    if not isinstance(raw, list):
+        raise Rejected(Reason.WRONG_TYPE, "'c' (candidates) must be a list", "c")
+    if not raw:
+        raise Rejected(Reason.OUT_OF_RANGE, "'c' (candidates) must not be empty", "c")
+    if len(raw) > limits.max_candidates:
+        raise Rejected(
+            Reason.OVERSIZE, f"{len(raw)} candidates exceed {limits.max_candidates}", "c"
+        )
+    candidates = []
+    for entry in raw:
+        if isinstance(entry, str):
+            candidates.append(Candidate(_string(entry, "c[].i", limits)))
+        elif isinstance(entry, list) and len(entry) == 2:
+            candidates.append(
+                Candidate(_string(entry[0], "c[].i", limits), _vector(entry[1], "c[].x", limits))
+            )
+        elif isinstance(entry, dict):
+            x = entry.get("x")
+            candidates.append(
+                Candidate(
+                    _string(_required(entry, "i"), "c[].i", limits),
+                    None if x is None else _vector(x, "c[].x", limits),
+                )
+            )
+        else:
+            raise Rejected(
+                Reason.WRONG_TYPE,
+                "a candidate is an item id, [id, features] or {'i': id, 'x': features}",
+                "c",
+            )
+    top = obj.get("n")
+    if top is not None:
+        if isinstance(top, bool) or not isinstance(top, int):
+            raise Rejected(Reason.WRONG_TYPE, "'n' (top) must be an integer", "n")
+        if not 1 <= top <= limits.max_top:
+            raise Rejected(Reason.OUT_OF_RANGE, f"'n' (top) must be in [1, {limits.max_top}]", "n")
+    return Query(user=user, candidates=tuple(candidates), top=top)
+
+
+def decode_query(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> Query:
+    """Decode and validate one query from untrusted bytes (raises `Rejected`)."""
+    return query_from_map(_unpack(raw, limits), limits)
+
+
+def encode_query(query: Query) -> bytes:
+    cands = [
+        c.item if c.x is None else [c.item, np.asarray(c.x, dtype=float).tolist()]
+        for c in query.candidates
+    ]
+    body: dict[str, Any] = {"v": SCHEMA_VERSION, "u": query.user, "c": cands}
+    if query.top is not None:
+        body["n"] = query.top
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def encode_ranking(ranking: Ranking) -> bytes:
+    return msgpack.packb(
+        {
+            "v": SCHEMA_VERSION,
+            "u": ranking.user,
+            "i": list(ranking.items),
+            "w": list(ranking.weights),
+            "s": list(ranking.scores),
+            "q": ranking.seq,
+            "cv": ranking.config,
+        },
+        use_bin_type=True,
+    )
+
+
+def encode_error(rejected: Rejected) -> bytes:
+    return msgpack.packb({"v": SCHEMA_VERSION, **rejected.to_wire()}, use_bin_type=True)
+
+
+def decode_reply(raw: bytes) -> Ranking:
+    """Client side: a reply into a `Ranking`, or `Rejected` if the service refused."""
+    obj = msgpack.unpackb(raw, raw=False)
+    if "e" in obj:
+        raise Rejected(Reason(obj["e"]), obj.get("m", ""), obj.get("f"))
+    return Ranking(
+        user=obj["u"],
+        items=tuple(obj["i"]),
+        weights=tuple(obj["w"]),
+        scores=tuple(obj["s"]),
+        seq=obj["q"],
+        config=obj["cv"],
+    )

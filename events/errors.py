@@ -1,0 +1,41 @@
+"""Typed rejection reasons.
+
+Every malformed event or query is rejected with one `Reason` (a stable string on the wire, so
+dashboards and dead-letter consumers can group by it), the offending field where there is one,
+and a human-readable detail. Decoding never lets any other exception escape to the caller.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Reason(StrEnum):
+    MALFORMED = "malformed"  # not msgpack, truncated, or not a map
+    UNSUPPORTED_VERSION = "unsupported_version"
+    MISSING_FIELD = "missing_field"
+    WRONG_TYPE = "wrong_type"
+    NOT_FINITE = "not_finite"  # NaN or +-inf
+    OUT_OF_RANGE = "out_of_range"
+    OVERSIZE = "oversize"  # payload, id, vector or candidate list beyond the limits
+    UNKNOWN_KIND = "unknown_kind"
+    INVALID_ID = "invalid_id"  # empty, or not usable as a NATS subject token
+    DIMENSION = "dimension"  # feature vector length differs from the configured dimension
+    UNKNOWN_CONFIG = "unknown_config"
+
+
+class Rejected(ValueError):
+    """An event or query that microtune refuses, with the reason."""
+
+    def __init__(self, reason: Reason, detail: str, field: str | None = None) -> None:
+        super().__init__(f"{reason.value}: {detail}")
+        self.reason = reason
+        self.detail = detail
+        self.field = field
+
+    def to_wire(self) -> dict[str, object]:
+        """The error body of a reply or a dead-letter record."""
+        out: dict[str, object] = {"e": self.reason.value, "m": self.detail}
+        if self.field is not None:
+            out["f"] = self.field
+        return out

@@ -1,0 +1,105 @@
+"""The event and query types.
+
+An `Event` is what a publisher sends and, once enriched (item features resolved, config
+version stamped), exactly what the log stores: a logged event is self-contained, so replay
+never depends on today's catalog or config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+SUPPORTED_VERSIONS = frozenset({1})
+
+# kind -> the kind-specific wire field it requires (None: only the item)
+INTERACTION_KINDS: dict[str, str | None] = {
+    "impression": None,
+    "click": None,
+    "dwell": "d",  # dwell time, seconds
+    "scroll": "s",  # scroll depth, [0, 1]
+    "hover": "h",  # hover time, seconds
+    "feedback": "y",  # explicit target in [0, 1] (a like, a mapped rating, a purchase)
+}
+CONTROL_KINDS: dict[str, str | None] = {
+    "segment": "g",  # the user's segment from now on
+}
+KINDS = {**INTERACTION_KINDS, **CONTROL_KINDS}
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One interaction or control event of one user.
+
+    `x` is the item's feature vector (without the bias term, which the model adds); it may be
+    absent on the wire and is resolved before the event is logged. `config` is the tuning
+    config version in force, stamped at ingest and logged with the event.
+    """
+
+    id: str
+    user: str
+    t: float
+    kind: str
+    item: str | None = None
+    x: np.ndarray | None = None
+    dwell: float | None = None
+    depth: float | None = None
+    hover: float | None = None
+    target: float | None = None
+    segment: str | None = None
+    config: int | None = None
+    extra: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def is_interaction(self) -> bool:
+        return self.kind in INTERACTION_KINDS
+
+    def __eq__(self, other: object) -> bool:  # numpy arrays need an explicit comparison
+        if not isinstance(other, Event):
+            return NotImplemented
+        same_x = (self.x is None and other.x is None) or (
+            self.x is not None and other.x is not None and np.array_equal(self.x, other.x)
+        )
+        return same_x and all(
+            getattr(self, f) == getattr(other, f) for f in _SCALAR_FIELDS
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+_SCALAR_FIELDS = (
+    "id", "user", "t", "kind", "item", "dwell", "depth", "hover", "target", "segment", "config"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A content item to weigh: its id, and its features unless the catalog has them."""
+
+    item: str
+    x: np.ndarray | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    user: str
+    candidates: tuple[Candidate, ...]
+    top: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Ranking:
+    """The answer to a query: weights sum to 1 over the returned items, best first.
+
+    `seq` and `config` identify exactly which state served the answer, so the caller can log
+    which adjustment served each delivery.
+    """
+
+    user: str
+    items: tuple[str, ...]
+    weights: tuple[float, ...]
+    scores: tuple[float, ...]
+    seq: int
+    config: int

@@ -1,0 +1,45 @@
+"""The tables. The log is per user: (user, seq) gap-free from 1, event id unique per user."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Integer,
+    LargeBinary,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    UniqueConstraint,
+)
+
+metadata = MetaData()
+
+events = Table(
+    "mt_events",
+    metadata,
+    Column("user_id", String(128), nullable=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("event_id", String(128), nullable=False),
+    Column("body", LargeBinary, nullable=False),  # msgpack, events.encode_logged_event
+    PrimaryKeyConstraint("user_id", "seq", name="mt_events_pk"),
+    UniqueConstraint("user_id", "event_id", name="mt_events_event_id_uq"),
+)
+
+snapshots = Table(
+    "mt_snapshots",
+    metadata,
+    Column("user_id", String(128), nullable=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("schema", Integer, nullable=False),
+    Column("state", LargeBinary, nullable=False),  # msgpack, actors.state.encode_state
+    PrimaryKeyConstraint("user_id", "seq", name="mt_snapshots_pk"),
+)
+
+configs = Table(
+    "mt_configs",
+    metadata,
+    Column("version", Integer, primary_key=True, autoincrement=False),
+    Column("body", LargeBinary, nullable=False),  # msgpack, TuningConfig.encode
+)
