@@ -61,12 +61,11 @@ class Directory:
                 self._live.move_to_end(user)
             ref.actor_inbox.touched = now
             ref.tell(message)
-            over = len(self._live) - self.max_live
-            if over > 0:
-                # evict a little more than needed so that eviction is not per message
-                self._passivate_lru(over + max(1, self.max_live // 100))
 
     def _activate(self, user: str) -> ActorRef:
+        over = len(self._live) + 1 - self.max_live
+        if over > 0:  # evict a little more than needed, so that eviction is not per message
+            self._passivate_lru(over + self.max_live // 100)
         ref = self._factory(user)
         self._live[user] = ref
         self.activations += 1

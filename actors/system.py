@@ -141,12 +141,16 @@ class Microtune:
     def passivate_all(self, timeout: float = 120.0) -> bool:
         return self.directory.passivate_all(timeout)
 
-    def close(self, timeout: float = 120.0) -> None:
-        """Finish in-flight work, snapshot live actors, stop everything."""
+    def close(self, timeout: float = 120.0, *, snapshot: bool = True) -> None:
+        """Finish in-flight work, snapshot live actors (unless told not to), stop everything.
+
+        `snapshot=False` leaves the store as a crash after the last commit would: the next
+        start activates users from older snapshots plus the events after them.
+        """
         if self._closed:
             return
         self._closed = True
-        if not self.directory.passivate_all(timeout):
+        if snapshot and not self.directory.passivate_all(timeout):
             log.warning("shutdown.passivation_timeout", live=len(self.directory))
         self.journal.close(timeout)
         self.dispatcher.shutdown()

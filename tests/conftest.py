@@ -1,0 +1,56 @@
+"""Shared fixtures: real stores only (SQLite files, and the PostgreSQL server when reachable)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+
+import pytest
+import structlog
+
+PG_URL = os.environ.get(
+    "MICROTUNE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+
+structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+
+
+def _pg_unreachable_reason() -> str | None:
+    try:
+        import psycopg
+    except ImportError:
+        return "psycopg is not installed (pip install 'microtune[postgres]')"
+    try:
+        dsn = PG_URL.replace("postgresql+psycopg://", "postgresql://")
+        with psycopg.connect(dsn, connect_timeout=3):
+            return None
+    except Exception as exc:
+        return f"no PostgreSQL server reachable at {PG_URL}: {str(exc).splitlines()[0]}"
+
+
+_PG_REASON = _pg_unreachable_reason()
+
+
+@pytest.fixture
+def pg_url():
+    """A PostgreSQL URL whose search_path is a fresh schema, dropped afterwards."""
+    if _PG_REASON is not None:
+        pytest.skip(_PG_REASON)
+    import psycopg
+
+    schema = f"mt_test_{uuid.uuid4().hex[:12]}"
+    dsn = PG_URL.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    yield f"{PG_URL}?options=-csearch_path%3D{schema}"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_url(request, tmp_path):
+    """Every store test runs on SQLite (WAL) and on PostgreSQL."""
+    if request.param == "sqlite":
+        return str(tmp_path / "microtune.db")
+    return request.getfixturevalue("pg_url")

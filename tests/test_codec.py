@@ -1,0 +1,176 @@
+"""Validation: a precise reason for every failure; nothing else escapes the decoder."""
+
+from __future__ import annotations
+
+import math
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from events import (
+    Candidate,
+    Event,
+    Limits,
+    Query,
+    Reason,
+    Rejected,
+    decode_event,
+    decode_query,
+    decode_reply,
+    encode_error,
+    encode_event,
+    encode_logged_event,
+    encode_query,
+    event_from_log,
+)
+
+GOOD = {"v": 1, "id": "e1", "u": "alice", "t": 1_700_000_000.5, "k": "click", "i": "item-1"}
+
+
+def pack(obj) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def reason_of(raw: bytes, limits: Limits | None = None) -> Reason:
+    with pytest.raises(Rejected) as info:
+        decode_event(raw, limits) if limits else decode_event(raw)
+    return info.value.reason
+
+
+def test_valid_event_round_trips_with_features():
+    event = decode_event(pack({**GOOD, "k": "dwell", "d": 12.5, "x": [0.5, 1, -2.0]}))
+    assert event.kind == "dwell" and event.dwell == 12.5 and event.x.tolist() == [0.5, 1.0, -2.0]
+    assert decode_event(encode_event(event)) == event
+    assert event_from_log(encode_logged_event(event)) == event
+
+
+@pytest.mark.parametrize(
+    ("body", "reason", "field"),
+    [
+        ({k: v for k, v in GOOD.items() if k != "v"}, Reason.MISSING_FIELD, "v"),
+        ({**GOOD, "v": 99}, Reason.UNSUPPORTED_VERSION, "v"),
+        ({**GOOD, "v": "1"}, Reason.WRONG_TYPE, "v"),
+        ({k: v for k, v in GOOD.items() if k != "id"}, Reason.MISSING_FIELD, "id"),
+        ({k: v for k, v in GOOD.items() if k != "u"}, Reason.MISSING_FIELD, "u"),
+        ({k: v for k, v in GOOD.items() if k != "t"}, Reason.MISSING_FIELD, "t"),
+        ({k: v for k, v in GOOD.items() if k != "i"}, Reason.MISSING_FIELD, "i"),
+        ({**GOOD, "k": "dwell"}, Reason.MISSING_FIELD, "d"),
+        ({**GOOD, "k": "feedback"}, Reason.MISSING_FIELD, "y"),
+        ({**GOOD, "t": "yesterday"}, Reason.WRONG_TYPE, "t"),
+        ({**GOOD, "t": True}, Reason.WRONG_TYPE, "t"),
+        ({**GOOD, "u": 42}, Reason.WRONG_TYPE, "u"),
+        ({**GOOD, "k": 3}, Reason.WRONG_TYPE, "k"),
+        ({**GOOD, "x": "1,2,3"}, Reason.WRONG_TYPE, "x"),
+        ({**GOOD, "x": [1.0, "2"]}, Reason.WRONG_TYPE, "x"),
+        ({**GOOD, "t": math.nan}, Reason.NOT_FINITE, "t"),
+        ({**GOOD, "t": math.inf}, Reason.NOT_FINITE, "t"),
+        ({**GOOD, "x": [1.0, math.nan]}, Reason.NOT_FINITE, "x"),
+        ({**GOOD, "k": "dwell", "d": -math.inf}, Reason.NOT_FINITE, "d"),
+        ({**GOOD, "t": -5}, Reason.OUT_OF_RANGE, "t"),
+        ({**GOOD, "k": "scroll", "s": 1.5}, Reason.OUT_OF_RANGE, "s"),
+        ({**GOOD, "k": "feedback", "y": -0.1}, Reason.OUT_OF_RANGE, "y"),
+        ({**GOOD, "k": "dwell", "d": -1}, Reason.OUT_OF_RANGE, "d"),
+        ({**GOOD, "c": 0}, Reason.OUT_OF_RANGE, "c"),
+        ({**GOOD, "k": "teleport"}, Reason.UNKNOWN_KIND, "k"),
+        ({**GOOD, "u": "a.b"}, Reason.INVALID_ID, "u"),
+        ({**GOOD, "u": "a b"}, Reason.INVALID_ID, "u"),
+        ({**GOOD, "u": ">"}, Reason.INVALID_ID, "u"),
+        ({**GOOD, "id": ""}, Reason.INVALID_ID, "id"),
+        ({**GOOD, "id": "x" * 129}, Reason.OVERSIZE, "id"),
+        ({**GOOD, "x": [0.0] * 257}, Reason.OVERSIZE, "x"),
+    ],
+)
+def test_each_reason(body, reason, field):
+    with pytest.raises(Rejected) as info:
+        decode_event(pack(body))
+    assert info.value.reason is reason
+    assert info.value.field == field
+    assert info.value.detail  # a human-readable explanation
+
+
+def test_oversize_payload_is_rejected_before_decoding():
+    raw = pack({**GOOD, "pad": "x" * 2000})
+    assert reason_of(raw, Limits(max_payload_bytes=1000)) is Reason.OVERSIZE
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"", b"\xc1", b"garbage!", b"\x92\x01", pack([1, 2, 3]), pack("str"), pack({1: 2})],
+)
+def test_garbage_and_non_maps_are_malformed(raw):
+    assert reason_of(raw) is Reason.MALFORMED
+
+
+def test_truncated_msgpack_is_malformed():
+    raw = pack({**GOOD, "x": [1.0] * 10})
+    for cut in range(1, len(raw)):
+        assert reason_of(raw[:cut]) in (Reason.MALFORMED,)
+
+
+def test_unknown_optional_keys_are_tolerated_and_kept():
+    event = decode_event(pack({**GOOD, "campaign": "winter", "zz": [1, 2]}))
+    assert event.extra == {"campaign": "winter", "zz": [1, 2]}
+    assert event_from_log(encode_logged_event(event)).extra == event.extra
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=200))
+def test_random_bytes_never_escape_as_other_exceptions(raw):
+    try:
+        decode_event(raw)
+        decode_query(raw)
+    except Rejected:
+        pass
+
+
+@settings(max_examples=200)
+@given(
+    st.dictionaries(
+        st.sampled_from(["v", "id", "u", "t", "k", "i", "x", "d", "s", "y", "g", "c"]),
+        st.one_of(
+            st.none(), st.booleans(), st.integers(-5, 5), st.floats(), st.text(max_size=4),
+            st.lists(st.floats(), max_size=3), st.binary(max_size=9),
+        ),
+    )
+)
+def test_random_maps_give_a_reason_or_an_event(body):
+    try:
+        event = decode_event(pack(body))
+    except Rejected as rejected:
+        assert isinstance(rejected.reason, Reason)
+    else:
+        assert math.isfinite(event.t)
+
+
+def test_query_round_trip_and_errors():
+    query = Query("alice", (Candidate("a"), Candidate("b", np.array([1.0, 2.0]))), top=1)
+    decoded = decode_query(encode_query(query))
+    assert decoded.user == "alice" and decoded.top == 1
+    assert decoded.candidates[0].x is None and decoded.candidates[1].x.tolist() == [1.0, 2.0]
+    for body, reason in [
+        ({"v": 1, "u": "alice", "c": []}, Reason.OUT_OF_RANGE),
+        ({"v": 1, "u": "alice", "c": "a"}, Reason.WRONG_TYPE),
+        ({"v": 1, "u": "alice", "c": [5]}, Reason.WRONG_TYPE),
+        ({"v": 1, "u": "alice", "c": ["a"] * 1001}, Reason.OVERSIZE),
+        ({"v": 1, "u": "alice", "c": ["a"], "n": 0}, Reason.OUT_OF_RANGE),
+        ({"v": 1, "c": ["a"]}, Reason.MISSING_FIELD),
+        ({"v": 1, "u": "alice", "c": [["a", [math.nan]]]}, Reason.NOT_FINITE),
+    ]:
+        with pytest.raises(Rejected) as info:
+            decode_query(pack(body))
+        assert info.value.reason is reason, body
+
+
+def test_error_reply_decodes_to_rejected():
+    with pytest.raises(Rejected) as info:
+        decode_reply(encode_error(Rejected(Reason.DIMENSION, "bad", "x")))
+    assert info.value.reason is Reason.DIMENSION and info.value.field == "x"
+
+
+def test_event_equality_compares_features():
+    a = Event(id="1", user="u", t=1.0, kind="click", item="i", x=np.array([1.0]))
+    b = Event(id="1", user="u", t=1.0, kind="click", item="i", x=np.array([2.0]))
+    assert a != b
