@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -113,7 +114,7 @@ def test_window_budget_caps_movement():
         state = apply(state, Event(id=str(i), user="u", t=float(i), kind="click", item="a",
                                    x=rng.normal(size=D) * 5), cfg)
         trail.append(state.w.copy())
-    moved = sum(np.linalg.norm(b - a) for a, b in zip(trail, trail[1:], strict=False))
+    moved = sum(np.linalg.norm(b - a) for a, b in itertools.pairwise(trail))
     # a leaky bucket: capacity plus what drains in the elapsed time
     assert moved <= seg.window_budget + 400 * seg.window_budget / seg.window + 1e-9
     assert moved >= seg.window_budget * 0.5  # and it did move
