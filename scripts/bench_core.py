@@ -1,0 +1,188 @@
+"""Benchmark of the event-sourced core (in process: actors + journal + SQLite).
+
+Prints and saves (bench-results/core.json) the figures of DESIGN.md section 6 that the core
+alone determines:
+
+- ingest: events/s through user actors + group-commit journal + apply, with N users, first
+  while the users are activated (cold), then with every user live (warm); at most
+  `--in-flight` events unanswered at any time, as max-ack-pending would allow;
+- memory per live user actor (RSS growth divided by live users);
+- full replay events/s (`replay_all` over the whole log);
+- activation latency of a passivated user (latest snapshot + a 2-event tail), p50/p99.
+
+    python scripts/bench_core.py --users 100000 --events 600000
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import random
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import structlog
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from actors import Microtune, encode_state, replay_all, replay_user
+from actors.messages import Inspect
+from actors.state import SNAPSHOT_SCHEMA
+from actors.user import rebuild
+from events import Event, TuningConfig
+from store import Snapshot
+
+console = Console()
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class Gate:
+    """Bounds the events in flight and counts completions (the callback side is cheap)."""
+
+    def __init__(self, limit: int) -> None:
+        self.sem = threading.BoundedSemaphore(limit)
+        self.done = 0
+        self.failed = 0
+        self.lock = threading.Lock()
+
+    def callback(self, outcome) -> None:
+        if not outcome.ok:
+            with self.lock:
+                self.failed += 1
+        self.done += 1  # one writer at a time per actor; += under the GIL is close enough
+        self.sem.release()
+
+
+def make_events(users: int, count: int, dim: int, seed: int = 1) -> list[Event]:
+    rng = np.random.default_rng(seed)
+    items = rng.normal(size=(1000, dim))
+    kinds = ["click", "impression", "impression", "dwell", "scroll"]
+    user_ids = rng.integers(0, users, size=count)
+    item_ids = rng.integers(0, len(items), size=count)
+    out = []
+    t0 = 1.7e9
+    for n in range(count):
+        kind = kinds[n % len(kinds)]
+        extra = {"dwell": 12.0} if kind == "dwell" else {"depth": 0.6} if kind == "scroll" else {}
+        out.append(Event(id=f"e{n}", user=f"user{user_ids[n]}", t=t0 + n * 0.01, kind=kind,
+                         item=f"item{item_ids[n]}", x=items[item_ids[n]], config=1, **extra))
+    return out
+
+
+def feed(mt: Microtune, events: list[Event], in_flight: int, label: str) -> float:
+    gate = Gate(in_flight)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task(label, total=len(events))
+        start = time.perf_counter()
+        for n, event in enumerate(events):
+            gate.sem.acquire()
+            mt.track(event, gate.callback)
+            if n % 5000 == 0:
+                progress.update(task, completed=gate.done)
+        while gate.done < len(events):
+            time.sleep(0.001)
+        elapsed = time.perf_counter() - start
+    if gate.failed:
+        raise SystemExit(f"{gate.failed} events failed in {label}")
+    return len(events) / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--users", type=int, default=100_000)
+    parser.add_argument("--events", type=int, default=600_000, help="warm-phase events")
+    parser.add_argument("--dim", type=int, default=16)
+    parser.add_argument("--in-flight", type=int, default=20_000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--store", help="SQLAlchemy URL or SQLite path (default: a temp file)")
+    parser.add_argument("--out", default="bench-results/core.json")
+    args = parser.parse_args()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+
+    tmp = tempfile.mkdtemp(prefix="microtune-bench-")
+    store = args.store or str(Path(tmp) / "bench.db")
+    config = TuningConfig(version=1, dim=args.dim)
+    results: dict[str, float | int | str] = {"users": args.users, "dim": args.dim,
+                                             "store": "sqlite" if "://" not in store else store}
+
+    # one event per user (activations), then the warm phase over the same users
+    console.print(f"generating {args.users + args.events:,} events ...")
+    first = [
+        Event(id=f"first{u}", user=f"user{u}", t=1.6e9, kind="impression", item="item0",
+              x=np.zeros(args.dim), config=1)
+        for u in range(args.users)
+    ]
+    warm = make_events(args.users, args.events, args.dim)
+    gc.collect()
+
+    mt = Microtune.open(store, config, workers=args.workers, max_live=args.users + 1)
+    rss0 = rss_bytes()
+    results["cold_events_per_s"] = round(feed(mt, first, args.in_flight, "cold (activating)"))
+    gc.collect()
+    results["live_actors"] = len(mt.directory)
+    results["bytes_per_live_actor"] = round((rss_bytes() - rss0) / len(mt.directory))
+    results["warm_events_per_s"] = round(feed(mt, warm, args.in_flight, "warm"))
+    stats = mt.journal.stats
+    results["journal_commits"] = stats.commits
+    results["events_per_commit"] = round(stats.events / max(1, stats.commits), 1)
+    mt.close(snapshot=False)  # as after a crash: users come back from the log
+
+    # activation: a snapshot two events behind the head, then the tail
+    mt = Microtune.open(store, config, workers=args.workers)
+    sample = random.Random(3).sample(range(args.users), 2000)
+    snaps = []
+    for u in sample:
+        user = f"user{u}"
+        head = mt.recorder.last_seq(user)
+        state = replay_user(mt.recorder, mt.configs, user, until_seq=max(0, head - 2))
+        snaps.append(Snapshot(user, state.seq, SNAPSHOT_SCHEMA, encode_state(state)))
+    mt.recorder.save_snapshots(snaps)
+    lat_rebuild, lat_first_answer = [], []
+    for u in sample[:1000]:
+        t0 = time.perf_counter()
+        rebuild(mt.recorder, mt.configs, f"user{u}")
+        lat_rebuild.append(time.perf_counter() - t0)
+    for u in sample[1000:]:
+        done = threading.Event()
+        t0 = time.perf_counter()
+        mt.directory.tell(f"user{u}", Inspect(lambda _s, d=done: d.set()))
+        done.wait(10)
+        lat_first_answer.append(time.perf_counter() - t0)
+    for name, lat in (("activation", lat_rebuild), ("activation_first_answer", lat_first_answer)):
+        results[f"{name}_p50_ms"] = round(float(np.percentile(lat, 50)) * 1e3, 3)
+        results[f"{name}_p99_ms"] = round(float(np.percentile(lat, 99)) * 1e3, 3)
+
+    # full replay
+    total = mt.recorder.count_events()
+    start = time.perf_counter()
+    users = sum(1 for _ in replay_all(mt.recorder, mt.configs))
+    results["replay_events"] = total
+    results["replay_events_per_s"] = round(total / (time.perf_counter() - start))
+    assert users == args.users
+    mt.close(snapshot=False)
+
+    table = Table(title="microtune core benchmark")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for key, value in results.items():
+        table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
+    console.print(table)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    console.print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()
