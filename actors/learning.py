@@ -8,7 +8,7 @@ input state are never mutated; every update builds new ones.
 The update (DESIGN.md section 4), for an event at event time t, item features x (the bias 1.0
 is prepended here), engagement target y in [0, 1] and importance a:
 
-  decay     f = 0.5 ** (dt / half_life),  dt = max(0, t - t_last)
+  decay     f = 0.5 ** (dt / half_life),  dt = t - t_last (no decay for an older event)
             w = w0 + f (w - w0);  m *= f;  v *= f        old preferences fade toward the prior
   predict   p = sigmoid(w . x)
   gradient  g = a (p - y) x + l2 (w - w0)                 log-loss gradient, L2 toward the prior
@@ -26,13 +26,12 @@ is prepended here), engagement target y in [0, 1] and importance a:
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import numpy as np
 
 from actors.state import RECENT_IDS, UserState, id_hash
 from events.config import SegmentConfig, TuningConfig
-from events.types import Event
+from events.types import INTERACTION_KINDS, Event
 
 _ONE = np.ones(1)
 
@@ -68,96 +67,94 @@ def sigmoid(z: float) -> float:
     return e / (1.0 + e)
 
 
-def _remember(state: UserState, event: Event) -> tuple[np.ndarray, int]:
-    recent = state.recent.copy()
-    recent[state.recent_pos] = id_hash(event.id)
-    return recent, (state.recent_pos + 1) % RECENT_IDS
-
-
 def apply(state: UserState, event: Event, config: TuningConfig) -> UserState:
-    """The state after `event`, which must be the user's next logged event (seq + 1)."""
-    recent, recent_pos = _remember(state, event)
+    """The state after `event`, which must be the user's next logged event (seq + 1).
+
+    Arrays of the input state are never written; in-place operations below act only on
+    arrays this call has just created.
+    """
+    at = 8 * state.recent_pos
+    recent = state.recent[:at] + id_hash(event.id) + state.recent[at + 8:]
+    recent_pos = (state.recent_pos + 1) % RECENT_IDS
     segment = event.segment or state.segment
-    if not event.is_interaction:  # control events: a segment change moves no weight
-        return replace(
-            state, seq=state.seq + 1, config=config.version, segment=segment,
-            recent=recent, recent_pos=recent_pos,
-        )
+    if event.kind not in INTERACTION_KINDS:  # control events: a segment change moves no weight
+        return state._replace(seq=state.seq + 1, config=config.version, segment=segment,
+                              recent=recent, recent_pos=recent_pos)
 
     seg = config.segment(segment)
+    c = config.constants(segment)
     w0 = config.prior(segment)
     t = event.t
     if state.w.shape[0] != w0.shape[0]:  # first learning event: start at the prior
-        w, m, v = w0, np.zeros_like(w0), np.zeros_like(w0)
+        dev = np.zeros_like(w0)  # w - w0
+        m = v = dev
+        f = 1.0
         dt = 0.0
     else:
-        w, m, v = state.w, state.m, state.v
-        dt = max(0.0, t - state.t_last)
-
-    # decay toward the prior by event time
-    if dt > 0.0:
-        f = math.pow(0.5, dt / seg.half_life)
-        w = w0 + f * (w - w0)
-        m = m * f
-        v = v * f
+        dev = state.w - w0
+        m, v = state.m, state.v
+        dt = t - state.t_last
+        if dt > 0.0:  # decay toward the prior by event time: w = w0 + f (w - w0)
+            f = math.pow(0.5, dt / seg.half_life)
+            dev *= f
+        else:  # an older event than the newest one seen: no decay, no clock change
+            dt, f = 0.0, 1.0
+    w = w0 + dev
 
     x = np.concatenate((_ONE, event.x))
     y, importance = engagement(event, seg)
-    p = sigmoid(float(np.dot(w, x)))
-    g = (importance * (p - y)) * x + seg.l2 * (w - w0)
+    p = sigmoid(float((w * x).sum()))  # not np.dot: BLAS releases the GIL (a convoy)
+    g = x * (importance * (p - y))  # log-loss gradient ...
+    if seg.l2:
+        g += c.l2 * dev  # ... plus L2 toward the prior
 
-    steps = state.steps + 1
     b1p, b2p = state.b1p, state.b2p
     if seg.optimizer == "adam":
         b1p *= seg.beta1
         b2p *= seg.beta2
-        m = seg.beta1 * m + (1.0 - seg.beta1) * g
-        v = seg.beta2 * v + (1.0 - seg.beta2) * (g * g)
-        direction = m / (1.0 - b1p)
-        v_hat = v / (1.0 - b2p)
+        m = m * (c.beta1 if f == 1.0 else seg.beta1 * f)  # m = b1 (f m) + (1 - b1) g
+        m += c.one_minus_beta1 * g
+        v = v * (c.beta2 if f == 1.0 else seg.beta2 * f)  # v = b2 (f v) + (1 - b2) g^2
+        v += c.one_minus_beta2 * (g * g)
+        direction = m * (1.0 / (1.0 - b1p))  # bias-corrected m_hat
+        denom = np.sqrt(v * (1.0 / (1.0 - b2p)))  # sqrt(v_hat)
     elif seg.optimizer == "rmsprop":
         b2p *= seg.beta2
-        v = seg.beta2 * v + (1.0 - seg.beta2) * (g * g)
+        m = m * f
+        v = v * (c.beta2 if f == 1.0 else seg.beta2 * f)
+        v += c.one_minus_beta2 * (g * g)
         direction = g
-        v_hat = v / (1.0 - b2p)
-    else:  # adagrad
-        v = v + g * g
+        denom = np.sqrt(v * (1.0 / (1.0 - b2p)))
+    else:  # adagrad: v is the (decayed) running sum of squares
+        m = m * f
+        v = v * f
+        v += g * g
         direction = g
-        v_hat = v
-
-    rate = np.clip(seg.lr / (np.sqrt(v_hat) + seg.eps), seg.lr_min, seg.lr_max)
+        denom = np.sqrt(v)
+    denom += c.eps
+    rate = np.divide(c.lr, denom, out=denom)  # per-coordinate rate lr / (sqrt(v_hat) + eps)
+    np.maximum(rate, c.lr_min, out=rate)  # AdaBound-style bounds
+    np.minimum(rate, c.lr_max, out=rate)
     step = rate * direction
 
     # per-event step bound, then the moving-window movement budget (leaky bucket)
-    norm = math.sqrt(float(np.dot(step, step)))
+    norm = math.sqrt(float((step * step).sum()))
     if norm > seg.max_step:
-        step = step * (seg.max_step / norm)
+        step *= seg.max_step / norm
         norm = seg.max_step
     level = max(0.0, state.bucket - dt * (seg.window_budget / seg.window))
     room = seg.window_budget - level
     if norm > room:
-        step = step * (room / norm) if room > 0.0 else np.zeros_like(step)
+        step *= max(room, 0.0) / norm
         norm = max(room, 0.0)
+    w -= step
 
-    return UserState(
-        user=state.user,
-        seq=state.seq + 1,
-        config=config.version,
-        segment=segment,
-        t_last=max(state.t_last, t),
-        steps=steps,
-        b1p=b1p,
-        b2p=b2p,
-        bucket=level + norm,
-        w=w - step,
-        m=m,
-        v=v,
-        recent=recent,
-        recent_pos=recent_pos,
-    )
+    return UserState(state.user, state.seq + 1, config.version, segment,
+                     max(state.t_last, t), state.steps + 1, b1p, b2p, level + norm,
+                     w, m, v, recent, recent_pos)
 
 
 def predict(state: UserState, x: np.ndarray, config: TuningConfig) -> float:
     """The predicted engagement probability of an item for this user (no update)."""
     w = state.w if state.w.shape[0] else config.prior(state.segment)
-    return sigmoid(float(np.dot(w, np.concatenate((_ONE, x)))))
+    return sigmoid(float((w * np.concatenate((_ONE, x))).sum()))

@@ -8,7 +8,7 @@ raw float64 so that a decoded snapshot is bit-identical to the state that was en
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import msgpack
 import numpy as np
@@ -17,29 +17,21 @@ SNAPSHOT_SCHEMA = 1
 RECENT_IDS = 32  # event-id hashes kept for dedupe; older repeats are caught by the log's key
 
 _F64 = np.dtype("<f8")
-_U64 = np.dtype("<u8")
 _EMPTY = np.zeros(0)  # shared defaults: never mutated
 _EMPTY.flags.writeable = False
-_NO_IDS = np.zeros(RECENT_IDS, dtype=_U64)
-_NO_IDS.flags.writeable = False
+_NO_IDS = bytes(8 * RECENT_IDS)
 
 
-def _empty() -> np.ndarray:
-    return _EMPTY
+def id_hash(event_id: str) -> bytes:
+    """A stable 8-byte hash of an event id (Python's hash() is salted per process)."""
+    return hashlib.blake2b(event_id.encode(), digest_size=8).digest()
 
 
-def _no_ids() -> np.ndarray:
-    return _NO_IDS
+class UserState(NamedTuple):
+    """Everything `apply` needs and produces for one user. Arrays are never mutated.
 
-
-def id_hash(event_id: str) -> int:
-    """A stable 64-bit hash of an event id (Python's hash() is salted per process)."""
-    return int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=8).digest(), "little")
-
-
-@dataclass(frozen=True, slots=True, eq=False)
-class UserState:
-    """Everything `apply` needs and produces for one user. Arrays are never mutated."""
+    Compare states by their encoding (`encode_state`), not with `==` (arrays inside).
+    """
 
     user: str
     seq: int = 0  # seq of the last applied event
@@ -51,15 +43,18 @@ class UserState:
     b2p: float = 1.0  # beta2 ** steps
     bucket: float = 0.0  # movement in the current window (leaky bucket level)
     # weights (bias first; empty until the first learning event), first and second moments
-    # (Adagrad: the running sum of squares), and a ring of the last RECENT_IDS event-id hashes
-    w: np.ndarray = field(default_factory=_empty)
-    m: np.ndarray = field(default_factory=_empty)
-    v: np.ndarray = field(default_factory=_empty)
-    recent: np.ndarray = field(default_factory=_no_ids)
+    # (Adagrad: the running sum of squares), and a ring of the last RECENT_IDS event-id
+    # hashes, 8 bytes each (immutable bytes: the membership test is one C search)
+    w: np.ndarray = _EMPTY
+    m: np.ndarray = _EMPTY
+    v: np.ndarray = _EMPTY
+    recent: bytes = _NO_IDS
     recent_pos: int = 0
 
-    def has_seen(self, event_hash: int) -> bool:
-        return bool((self.recent == event_hash).any())
+    def has_seen(self, event_hash: bytes) -> bool:
+        # A match at an offset that is not a multiple of 8 would need 8 random bytes to line
+        # up across two hashes: as unlikely as a collision of the hashes themselves.
+        return event_hash in self.recent
 
 
 class SnapshotError(ValueError):
@@ -82,7 +77,7 @@ def encode_state(state: UserState) -> bytes:
             "w": np.ascontiguousarray(state.w, _F64).tobytes(),
             "m": np.ascontiguousarray(state.m, _F64).tobytes(),
             "v": np.ascontiguousarray(state.v, _F64).tobytes(),
-            "r": np.ascontiguousarray(state.recent, _U64).tobytes(),
+            "r": state.recent,
             "rp": state.recent_pos,
         },
         use_bin_type=True,
@@ -99,8 +94,8 @@ def decode_state(raw: bytes) -> UserState:
         obj = msgpack.unpackb(raw, raw=False)
         if obj.get("sv") != SNAPSHOT_SCHEMA:
             raise SnapshotError(f"snapshot schema {obj.get('sv')!r} is not {SNAPSHOT_SCHEMA}")
-        recent = _array(obj["r"], _U64)
-        if recent.shape[0] != RECENT_IDS:
+        recent = obj["r"]
+        if not isinstance(recent, bytes) or len(recent) != 8 * RECENT_IDS:
             raise SnapshotError("snapshot id ring has the wrong size")
         w, m, v = (_array(obj[k], _F64) for k in ("w", "m", "v"))
         if not w.shape == m.shape == v.shape:

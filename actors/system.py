@@ -67,7 +67,7 @@ class Microtune:
         recorder: Recorder,
         config: TuningConfig = DEFAULT_CONFIG,
         *,
-        workers: int = 2,
+        workers: int = 1,
         max_live: int = 200_000,
         idle_timeout: float = 600.0,
         snapshot_every: int = 1000,

@@ -7,7 +7,10 @@ never depends on today's catalog or config.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -27,15 +30,16 @@ CONTROL_KINDS: dict[str, str | None] = {
     "segment": "g",  # the user's segment from now on
 }
 KINDS = {**INTERACTION_KINDS, **CONTROL_KINDS}
+_NO_EXTRA: Mapping[str, Any] = MappingProxyType({})
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
+class Event(NamedTuple):
     """One interaction or control event of one user.
 
     `x` is the item's feature vector (without the bias term, which the model adds); it may be
     absent on the wire and is resolved before the event is logged. `config` is the tuning
-    config version in force, stamped at ingest and logged with the event.
+    config version in force, stamped at ingest and logged with the event. (A NamedTuple:
+    immutable and cheap to build, which matters at hundreds of thousands per second.)
     """
 
     id: str
@@ -50,7 +54,7 @@ class Event:
     target: float | None = None
     segment: str | None = None
     config: int | None = None
-    extra: dict = field(default_factory=dict, compare=False, repr=False)
+    extra: Mapping[str, Any] = _NO_EXTRA  # unknown wire keys, kept and logged
 
     @property
     def is_interaction(self) -> bool:
@@ -65,6 +69,10 @@ class Event:
         return same_x and all(
             getattr(self, f) == getattr(other, f) for f in _SCALAR_FIELDS
         )
+
+    def __ne__(self, other: object) -> bool:
+        eq = self.__eq__(other)
+        return eq if eq is NotImplemented else not eq
 
     __hash__ = None  # type: ignore[assignment]
 

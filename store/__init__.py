@@ -8,6 +8,7 @@ from store.recorder import (
     Snapshot,
     SQLiteRecorder,
     StoredEvent,
+    StoreUnavailable,
     open_recorder,
 )
 
@@ -19,6 +20,7 @@ __all__ = [
     "Recorder",
     "SQLiteRecorder",
     "Snapshot",
+    "StoreUnavailable",
     "StoredEvent",
     "WriteRequest",
     "open_recorder",

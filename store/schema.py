@@ -25,6 +25,7 @@ events = Table(
     Column("body", LargeBinary, nullable=False),  # msgpack, events.encode_logged_event
     PrimaryKeyConstraint("user_id", "seq", name="mt_events_pk"),
     UniqueConstraint("user_id", "event_id", name="mt_events_event_id_uq"),
+    sqlite_with_rowid=False,  # the (user, seq) key is the table: one B-tree fewer per insert
 )
 
 snapshots = Table(
@@ -35,6 +36,7 @@ snapshots = Table(
     Column("schema", Integer, nullable=False),
     Column("state", LargeBinary, nullable=False),  # msgpack, actors.state.encode_state
     PrimaryKeyConstraint("user_id", "seq", name="mt_snapshots_pk"),
+    sqlite_with_rowid=False,
 )
 
 configs = Table(

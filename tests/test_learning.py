@@ -149,7 +149,7 @@ def test_apply_is_pure():
     x = np.ones(D)
     s1 = apply(UserState("u"), Event(id="a", user="u", t=1.0, kind="click", item="i", x=x), cfg)
     w_before = s1.w.copy()
-    recent_before = s1.recent.copy()
+    recent_before = s1.recent
     s2 = apply(s1, Event(id="b", user="u", t=2.0, kind="click", item="i", x=x), cfg)
-    assert np.array_equal(s1.w, w_before) and np.array_equal(s1.recent, recent_before)
+    assert np.array_equal(s1.w, w_before) and s1.recent == recent_before
     assert not np.array_equal(s2.w, s1.w)
