@@ -28,6 +28,7 @@ from actors.user import UserActor, UserContext
 from events.config import TuningConfig
 from events.errors import Rejected
 from events.types import Event, Query, Ranking
+from store.catalog import Catalog
 from store.journal import Journal
 from store.recorder import Recorder, open_recorder
 
@@ -75,6 +76,7 @@ class Microtune:
     ) -> None:
         self.recorder = recorder
         self.configs = ConfigRegistry(recorder, config)
+        self.catalog = Catalog(recorder)
         self.journal = Journal(recorder, max_batch_rows=max_batch_rows)
         self.dispatcher = Dispatcher(workers=workers)
         self.context = UserContext(recorder, self.journal, self.configs, snapshot_every)

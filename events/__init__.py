@@ -1,6 +1,7 @@
 """Event and query types, their msgpack codec, validation and schema versions."""
 
 from events.codec import (
+    decode_content,
     decode_event,
     decode_query,
     decode_reply,
@@ -41,6 +42,7 @@ __all__ = [
     "Rejected",
     "SegmentConfig",
     "TuningConfig",
+    "decode_content",
     "decode_event",
     "decode_query",
     "decode_reply",

@@ -179,9 +179,21 @@ def event_from_map(obj: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> E
     return Event(id=event_id, user=user, t=t, kind=kind, extra=extra, **fields)
 
 
-def decode_event(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> Event:
-    """Decode and validate one event from untrusted bytes (raises `Rejected`)."""
-    return event_from_map(_unpack(raw, limits), limits)
+def decode_event(
+    raw: bytes, limits: Limits = DEFAULT_LIMITS, *, subject_user: str | None = None
+) -> Event:
+    """Decode and validate one event from untrusted bytes (raises `Rejected`).
+
+    `subject_user`: the user token of the subject it came on; the body's `u` must match.
+    """
+    event = event_from_map(_unpack(raw, limits), limits)
+    if subject_user is not None and event.user != subject_user:
+        raise Rejected(
+            Reason.INVALID_ID,
+            f"the subject's user {subject_user!r} differs from the body's 'u' {event.user!r}",
+            "u",
+        )
+    return event
 
 
 def event_to_map(event: Event, *, pack_x: bool = False) -> dict[str, Any]:
@@ -282,9 +294,42 @@ def query_from_map(obj: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> Q
     return Query(user=user, candidates=tuple(candidates), top=top)
 
 
-def decode_query(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> Query:
-    """Decode and validate one query from untrusted bytes (raises `Rejected`)."""
-    return query_from_map(_unpack(raw, limits), limits)
+def decode_query(
+    raw: bytes, limits: Limits = DEFAULT_LIMITS, *, subject_user: str | None = None
+) -> Query:
+    """Decode and validate one query from untrusted bytes (raises `Rejected`).
+
+    `subject_user`: the user token of the subject it came on; the body's `u` may be left out,
+    and must match if given.
+    """
+    obj = _unpack(raw, limits)
+    if subject_user is not None:
+        if obj.get("u") is None:
+            obj = {**obj, "u": subject_user}
+        elif obj["u"] != subject_user:
+            raise Rejected(
+                Reason.INVALID_ID,
+                f"the subject's user {subject_user!r} differs from the body's 'u' {obj['u']!r}",
+                "u",
+            )
+    return query_from_map(obj, limits)
+
+
+def decode_content(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> list[tuple[str, np.ndarray]]:
+    """A catalog upsert: {"v": 1, "i": item, "x": [...]} or {"v": 1, "b": [{"i", "x"}, ...]}."""
+    obj = _unpack(raw, limits)
+    entries = obj.get("b")
+    if entries is None:
+        entries = [obj]
+    elif not isinstance(entries, list):
+        raise Rejected(Reason.WRONG_TYPE, "'b' must be a list of {'i', 'x'} maps", "b")
+    out = []
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise Rejected(Reason.WRONG_TYPE, "'b' must be a list of {'i', 'x'} maps", "b")
+        out.append((_string(_required(entry, "i"), "i", limits),
+                    _vector(_required(entry, "x"), "x", limits)))
+    return out
 
 
 def encode_query(query: Query) -> bytes:

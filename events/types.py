@@ -82,16 +82,14 @@ _SCALAR_FIELDS = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Candidate:
+class Candidate(NamedTuple):
     """A content item to weigh: its id, and its features unless the catalog has them."""
 
     item: str
     x: np.ndarray | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Query:
+class Query(NamedTuple):
     user: str
     candidates: tuple[Candidate, ...]
     top: int | None = None

@@ -1,5 +1,6 @@
 """The append-only event log, snapshots and config versions (SQLite by default, PostgreSQL)."""
 
+from store.catalog import Catalog
 from store.journal import Journal, JournalStats, WriteRequest
 from store.recorder import (
     AppendConflict,
@@ -14,6 +15,7 @@ from store.recorder import (
 
 __all__ = [
     "AppendConflict",
+    "Catalog",
     "Journal",
     "JournalStats",
     "PostgresRecorder",

@@ -45,3 +45,10 @@ configs = Table(
     Column("version", Integer, primary_key=True, autoincrement=False),
     Column("body", LargeBinary, nullable=False),  # msgpack, TuningConfig.encode
 )
+
+catalog = Table(
+    "mt_catalog",
+    metadata,
+    Column("item_id", String(128), primary_key=True),
+    Column("features", LargeBinary, nullable=False),  # float64 little-endian
+)

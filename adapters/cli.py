@@ -1,0 +1,178 @@
+"""The `microtune` command line.
+
+Settings come from, highest first: flags, `MICROTUNE_*` environment variables, a TOML file
+(`--config-file` or `MICROTUNE_CONFIG_FILE`), then the defaults shown by `--help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from adapters.logs import configure_logging
+
+log = structlog.get_logger(__name__)
+
+# name -> (default, help); each is also MICROTUNE_<NAME> and a key of the TOML file
+SERVE_SETTINGS: dict[str, tuple[Any, str]] = {
+    "data_dir": ("microtune-data", "where the SQLite store and the embedded server's data live"),
+    "store": (None, "store URL (sqlite:///path, postgresql://...); default: in data_dir"),
+    "nats_url": (None, "join this NATS server; default: start an embedded one"),
+    "embedded_port": (4223, "port of the embedded NATS server (loopback)"),
+    "nats_user": (None, "NATS user name"),
+    "nats_password": (None, "NATS password"),
+    "nats_token": (None, "NATS token"),
+    "nats_creds": (None, "NATS credentials file"),
+    "tls_ca": (None, "CA certificate file for TLS to NATS"),
+    "tls_cert": (None, "client certificate file for TLS to NATS"),
+    "tls_key": (None, "client key file for TLS to NATS"),
+    "prefix": ("microtune", "subject prefix"),
+    "dim": (16, "item feature dimension (a new store only; it is fixed per store)"),
+    "max_ack_pending": (20000, "JetStream messages unanswered at most (backpressure)"),
+    "max_live": (200000, "live user actors at most; the least recently used are passivated"),
+    "idle_timeout": (600.0, "seconds before an idle user actor is passivated"),
+    "log_level": ("info", "debug, info, warning, error"),
+    "log_format": ("json", "json or console"),
+}
+
+
+def _settings_parser(name: str, settings: dict[str, tuple[Any, str]], file_values: dict):
+    parser = argparse.ArgumentParser(
+        prog=f"microtune {name}",
+        description=__doc__.splitlines()[0],
+        epilog="Every setting may also come from MICROTUNE_<NAME> or the TOML file.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config-file", default=os.environ.get("MICROTUNE_CONFIG_FILE"),
+                        help="TOML file with settings (and a [tuning] table)")
+    for key, (default, help_text) in settings.items():
+        env = os.environ.get(f"MICROTUNE_{key.upper()}")
+        value = env if env is not None else file_values.get(key, default)
+        kind = type(default) if default is not None else str
+        parser.add_argument(f"--{key.replace('_', '-')}", default=value, type=kind,
+                            help=f"{help_text} [env MICROTUNE_{key.upper()}]")
+    return parser
+
+
+def _file_values(argv: list[str]) -> dict:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config-file", default=os.environ.get("MICROTUNE_CONFIG_FILE"))
+    known, _ = pre.parse_known_args(argv)
+    if not known.config_file:
+        return {}
+    with open(known.config_file, "rb") as f:
+        return tomllib.load(f)
+
+
+def _tuning(values: dict, dim: int):
+    from events.config import TuningConfig
+
+    body = values.get("tuning")
+    if not body:
+        return TuningConfig(version=1, dim=dim)
+    return TuningConfig.from_map({"version": 1, "dim": dim, **body})
+
+
+def serve(argv: list[str]) -> int:
+    file_values = _file_values(argv)
+    args = _settings_parser("serve", SERVE_SETTINGS, file_values).parse_args(argv)
+    configure_logging(args.log_level, json=args.log_format == "json")
+    return asyncio.run(_serve(args, _tuning(file_values, args.dim)))
+
+
+async def _serve(args: argparse.Namespace, tuning) -> int:
+    from actors.system import Microtune
+    from adapters.embedded import EmbeddedNats
+    from adapters.nats_service import Service, ServiceConfig
+
+    data_dir = Path(args.data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    store = args.store or str(data_dir / "microtune.db")
+    embedded = None
+    url = args.nats_url
+    if not url:
+        embedded = EmbeddedNats(data_dir / "nats", port=args.embedded_port).start()
+        url = embedded.url
+    options: dict[str, Any] = {}
+    if args.nats_user:
+        options.update(user=args.nats_user, password=args.nats_password)
+    if args.nats_token:
+        options["token"] = args.nats_token
+    if args.nats_creds:
+        options["user_credentials"] = args.nats_creds
+    if args.tls_ca or args.tls_cert:
+        import ssl
+
+        ctx = ssl.create_default_context(cafile=args.tls_ca)
+        if args.tls_cert:
+            ctx.load_cert_chain(args.tls_cert, args.tls_key)
+        options["tls"] = ctx
+
+    system = Microtune.open(store, tuning, max_live=args.max_live,
+                            idle_timeout=args.idle_timeout)
+    service = Service(system, ServiceConfig(prefix=args.prefix,
+                                            max_ack_pending=args.max_ack_pending))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await service.start(url, **options)
+        p = args.prefix
+        print(
+            f"microtune is serving on {url} (store: {store}, feature dim "
+            f"{system.configs.current.dim})\n"
+            f"  publish events:  JetStream subject {p}.events.<user>, msgpack "
+            "{v:1, id, u, t, k, i, x?, ...}\n"
+            f"  query weights:   request on {p}.query.<user>, msgpack {{v:1, c:[item ids or "
+            "[id, features]], n?}\n"
+            f"  catalog:         {p}.content, msgpack {{v:1, i, x}}; rejections on {p}.rejected\n"
+            f"  try it:          microtune demo --nats-url {url}\n"
+            "  stop with Ctrl-C (finishes in-flight work, snapshots users).",
+            flush=True,
+        )
+        idle_sweep = asyncio.create_task(_sweep_idle(system, stop))
+        await stop.wait()
+        idle_sweep.cancel()
+        log.info("service.stopping")
+        await service.stop()
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    return 0
+
+
+async def _sweep_idle(system, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        await asyncio.sleep(min(30.0, max(1.0, system.directory.idle_timeout / 4)))
+        count = system.directory.passivate_idle()
+        if count:
+            log.info("directory.passivated_idle", users=count)
+
+
+COMMANDS = {"serve": serve}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from adapters import demo
+
+    COMMANDS["demo"] = demo.main
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: microtune {" + ",".join(COMMANDS) + "} [--help]\n\n"
+              "  serve  run the service (embedded NATS + SQLite by default)\n"
+              "  demo   simulated users against a running service, with a live view")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

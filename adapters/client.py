@@ -1,0 +1,68 @@
+"""A small client helper for Python services: `track`, `rank`, `upsert_items`.
+
+Any language can do the same with its own NATS client and the wire format in the README;
+this only saves Python users the encoding. `track` sets the `Nats-Msg-Id` header to the event
+id, so JetStream itself also drops a re-publish within its duplicate window.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from events.codec import decode_reply, event_from_map, event_to_map
+from events.errors import Reason, Rejected
+from events.types import SCHEMA_VERSION, Ranking
+
+
+def _check_user(user: str) -> None:
+    # the same rule the service applies: reject before publishing, with the reason
+    event_from_map({"v": SCHEMA_VERSION, "id": "x", "u": user, "t": 0, "k": "segment", "g": "g"})
+
+
+def event_body(user: str, *, id: str, t: float, kind: str, item: str | None = None,
+               x: Sequence[float] | None = None, **fields: Any) -> bytes:
+    """Encode (and validate) an event as the wire format; raises `Rejected`."""
+    names = {"dwell": "d", "depth": "s", "hover": "h", "target": "y", "segment": "g"}
+    body = {"v": SCHEMA_VERSION, "id": id, "u": user, "t": t, "k": kind}
+    if item is not None:
+        body["i"] = item
+    if x is not None:
+        body["x"] = [float(v) for v in x]
+    for key, value in fields.items():
+        body[names.get(key, key)] = value
+    event = event_from_map(body)
+    return msgpack.packb(event_to_map(event), use_bin_type=True)
+
+
+async def track(js, user: str, *, prefix: str = "microtune", **event: Any) -> None:
+    """Publish one event to JetStream and wait for the server's ack (it is then durable)."""
+    body = event_body(user, **event)
+    await js.publish(f"{prefix}.events.{user}", body, headers={"Nats-Msg-Id": event["id"]})
+
+
+async def rank(nc, user: str, candidates: Iterable[str | tuple[str, Sequence[float]]], *,
+               top: int | None = None, prefix: str = "microtune",
+               timeout: float = 2.0) -> Ranking:
+    """Ask for this user's content weights; raises `Rejected` if the service refuses."""
+    _check_user(user)
+    cands = [c if isinstance(c, str) else [c[0], [float(v) for v in c[1]]] for c in candidates]
+    body: dict[str, Any] = {"v": SCHEMA_VERSION, "c": cands}
+    if top is not None:
+        body["n"] = top
+    reply = await nc.request(f"{prefix}.query.{user}", msgpack.packb(body, use_bin_type=True),
+                             timeout=timeout)
+    return decode_reply(reply.data)
+
+
+async def upsert_items(js, items: Mapping[str, Sequence[float]], *,
+                       prefix: str = "microtune") -> None:
+    """Put items' feature vectors in the catalog (one message, durable)."""
+    if not items:
+        raise Rejected(Reason.OUT_OF_RANGE, "no items")
+    batch = [{"i": k, "x": [float(v) for v in np.asarray(x)]} for k, x in items.items()]
+    await js.publish(f"{prefix}.content",
+                     msgpack.packb({"v": SCHEMA_VERSION, "b": batch}, use_bin_type=True))

@@ -1,0 +1,61 @@
+"""The content catalog: item id -> feature vector, persisted, cached in memory.
+
+Events and queries may name an item without its features; ingest resolves them here, and the
+features are logged with the event, so replay never depends on today's catalog.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+from store.recorder import Recorder
+from store.schema import catalog
+
+_F64 = np.dtype("<f8")
+
+
+class Catalog:
+    def __init__(self, recorder: Recorder) -> None:
+        self._recorder = recorder
+        self._lock = threading.Lock()
+        with recorder.engine.connect() as conn:
+            self._items: dict[str, np.ndarray] = {
+                item: _frozen(np.frombuffer(raw, dtype=_F64))
+                for item, raw in conn.execute(select(catalog.c.item_id, catalog.c.features))
+            }
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, item: str) -> np.ndarray | None:
+        return self._items.get(item)
+
+    def upsert(self, items: Iterable[tuple[str, np.ndarray]]) -> int:
+        """Insert or replace items' features (persisted before they are served)."""
+        rows = [
+            {"item_id": item, "features": np.ascontiguousarray(x, _F64).tobytes()}
+            for item, x in items
+        ]
+        if not rows:
+            return 0
+        dialect = self._recorder.engine.dialect.name
+        insert = pg_insert(catalog) if dialect == "postgresql" else sqlite_insert(catalog)
+        stmt = insert.on_conflict_do_update(
+            index_elements=[catalog.c.item_id], set_={"features": insert.excluded.features}
+        )
+        with self._lock, self._recorder.engine.begin() as conn:
+            conn.execute(stmt, rows)
+            for row in rows:
+                self._items[row["item_id"]] = _frozen(np.frombuffer(row["features"], _F64))
+        return len(rows)
+
+
+def _frozen(x: np.ndarray) -> np.ndarray:
+    x.flags.writeable = False
+    return x
