@@ -94,6 +94,8 @@ class Service:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._subs: list = []
         self._query_sub = None
+        self._admin_sub = None
+        self._events_sub = None
         # answers from actor threads: ("ack", msg, outcome) or ("reply", subject, bytes)
         self._answers: collections.deque = collections.deque()
         self._drain_scheduled = False
@@ -123,9 +125,7 @@ class Service:
         self.js = self.nc.jetstream()
         await self._ensure_streams()
         cfg = self.config
-        self._subs.append(await self._consume(
-            cfg.events_stream, f"{self.events_subject}.>", cfg.durable, self._on_event,
-            cfg.max_ack_pending))
+        await self.resume_consuming()
         self._subs.append(await self._consume(
             cfg.content_stream, self.content_subject, f"{cfg.durable}-content",
             self._on_content, 1000))
@@ -136,8 +136,22 @@ class Service:
         log.info("service.started", servers=servers, prefix=cfg.prefix,
                  max_ack_pending=cfg.max_ack_pending)
 
+    async def stop_consuming(self) -> None:
+        """Stop taking events (the durable consumer keeps its place); queries go on."""
+        if self._events_sub is not None:
+            await self._events_sub.unsubscribe()
+            self._events_sub = None
+
+    async def resume_consuming(self) -> None:
+        if self._events_sub is None:
+            cfg = self.config
+            self._events_sub = await self._consume(
+                cfg.events_stream, f"{self.events_subject}.>", cfg.durable, self._on_event,
+                cfg.max_ack_pending)
+
     async def stop(self, timeout: float = 60.0) -> None:
         """Stop consuming, finish what is in flight, ack it, snapshot live users, disconnect."""
+        await self.stop_consuming()
         for sub in self._subs:
             await sub.unsubscribe()
         self._subs.clear()
