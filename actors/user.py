@@ -250,17 +250,16 @@ class UserActor(PooledActor):
     def _rank(self, query: Query) -> Ranking | Rejected:
         config = self.ctx.configs.get(self.state.config or None)
         dim = config.dim
-        n = len(query.candidates)
-        X = np.empty((n, dim + 1))
-        X[:, 0] = 1.0
-        for row, cand in enumerate(query.candidates):
+        for cand in query.candidates:
             if cand.x is None:
                 return Rejected(Reason.MISSING_FIELD, f"no features for item {cand.item!r}", "c")
             if cand.x.shape[0] != dim:
                 return Rejected(
                     Reason.DIMENSION, f"item {cand.item!r} has {cand.x.shape[0]} != {dim}", "c"
                 )
-            X[row, 1:] = cand.x
+        X = np.empty((len(query.candidates), dim + 1))
+        X[:, 0] = 1.0
+        X[:, 1:] = np.stack([cand.x for cand in query.candidates])
         w = self.state.w if self.state.w.shape[0] else config.prior(self.state.segment)
         scores = X @ w
         order = np.argsort(-scores, kind="stable")

@@ -263,6 +263,19 @@ def query_from_map(obj: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> Q
         raise Rejected(
             Reason.OVERSIZE, f"{len(raw)} candidates exceed {limits.max_candidates}", "c"
         )
+    candidates = _candidates_fast(raw, limits)
+    if candidates is None:
+        candidates = _candidates(raw, limits)
+    top = obj.get("n")
+    if top is not None:
+        if isinstance(top, bool) or not isinstance(top, int):
+            raise Rejected(Reason.WRONG_TYPE, "'n' (top) must be an integer", "n")
+        if not 1 <= top <= limits.max_top:
+            raise Rejected(Reason.OUT_OF_RANGE, f"'n' (top) must be in [1, {limits.max_top}]", "n")
+    return Query(user=user, candidates=tuple(candidates), top=top)
+
+
+def _candidates(raw: list, limits: Limits) -> list[Candidate]:
     candidates = []
     for entry in raw:
         if isinstance(entry, str):
@@ -285,13 +298,29 @@ def query_from_map(obj: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> Q
                 "a candidate is an item id, [id, features] or {'i': id, 'x': features}",
                 "c",
             )
-    top = obj.get("n")
-    if top is not None:
-        if isinstance(top, bool) or not isinstance(top, int):
-            raise Rejected(Reason.WRONG_TYPE, "'n' (top) must be an integer", "n")
-        if not 1 <= top <= limits.max_top:
-            raise Rejected(Reason.OUT_OF_RANGE, f"'n' (top) must be in [1, {limits.max_top}]", "n")
-    return Query(user=user, candidates=tuple(candidates), top=top)
+    return candidates
+
+
+def _candidates_fast(raw: list, limits: Limits) -> list[Candidate] | None:
+    """All candidates as [id, features] with equal lengths: one matrix, one finiteness check.
+
+    Returns None when the shape is anything else; the careful path then finds the reason.
+    """
+    try:
+        if not all(type(e) is list and len(e) == 2 and type(e[1]) is list for e in raw):
+            return None
+        rows = [e[1] for e in raw]
+        if bool in {type(v) for row in rows for v in row}:
+            return None
+        matrix = np.array(rows, dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    if matrix.ndim != 2 or matrix.shape[1] > limits.max_dimension:
+        return None
+    if not np.isfinite(matrix).all():
+        return None
+    matrix.flags.writeable = False
+    return [Candidate(_string(e[0], "c[].i", limits), matrix[k]) for k, e in enumerate(raw)]
 
 
 def decode_query(

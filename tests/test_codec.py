@@ -174,3 +174,21 @@ def test_event_equality_compares_features():
     a = Event(id="1", user="u", t=1.0, kind="click", item="i", x=np.array([1.0]))
     b = Event(id="1", user="u", t=1.0, kind="click", item="i", x=np.array([2.0]))
     assert a != b
+
+
+def test_query_fast_path_agrees_with_the_careful_path():
+    rows = [[f"c{i}", [float(i), -1.5, 2]] for i in range(50)]
+    fast = decode_query(pack({"v": 1, "u": "a", "c": rows}))
+    mixed = decode_query(pack({"v": 1, "u": "a", "c": [*rows, "c-last"]}))  # careful path
+    assert [c.item for c in fast.candidates] == [c.item for c in mixed.candidates][:50]
+    for a, b in zip(fast.candidates, mixed.candidates, strict=False):
+        assert a.x.tolist() == b.x.tolist()
+    for bad, reason in [
+        ([["a", [1.0, True]], ["b", [1.0, 2.0]]], Reason.WRONG_TYPE),
+        ([["a", [1.0, 2.0]], ["b", [1.0]], ["c", [1.0, "x"]]], Reason.WRONG_TYPE),
+        ([["a", [1.0, math.inf]], ["b", [1.0, 2.0]]], Reason.NOT_FINITE),
+        ([["a", [1.0] * 300]], Reason.OVERSIZE),
+    ]:
+        with pytest.raises(Rejected) as info:
+            decode_query(pack({"v": 1, "u": "a", "c": bad}))
+        assert info.value.reason is reason
