@@ -196,20 +196,25 @@ def _serve(url: str, data_dir: Path) -> subprocess.Popen:
 def test_service_killed_mid_batch_and_restarted_loses_nothing_doubles_nothing(server, tmp_path):
     data = tmp_path / "svc"
     proc = _serve(server.url, data)
-    total = 3000
+    total = 6000
 
     async def publish_and_kill():
         nc = await nats.connect(server.url)
         js = nc.jetstream()
-        futures = [await js.publish_async(f"microtune.events.u{i % 20}",
-                                          body(f"u{i % 20}", f"e{i}", float(i)))
-                   for i in range(total)]
-        await asyncio.gather(*futures)
+
+        async def publish():
+            futures = [await js.publish_async(f"microtune.events.u{i % 20}",
+                                              body(f"u{i % 20}", f"e{i}", float(i)))
+                       for i in range(total)]
+            await asyncio.gather(*futures)
+
+        publishing = asyncio.create_task(publish())
         recorder = open_recorder(data / "microtune.db")
         await until(lambda: recorder.count_events() > 200, what="some progress")
         os.kill(proc.pid, signal.SIGKILL)  # in the middle of the stream
         proc.wait()
         done_before = recorder.count_events()
+        await publishing  # the broker keeps everything the service did not ack
         recorder.close()
         await nc.close()
         return done_before
