@@ -1,0 +1,35 @@
+"""Settings precedence (flags > MICROTUNE_* > TOML file > defaults) and the tuning table."""
+
+from __future__ import annotations
+
+from adapters.cli import SERVE_SETTINGS, _file_values, _settings_parser, _tuning
+
+TOML = """
+dim = 32
+max_ack_pending = 500
+prefix = "from-file"
+[tuning.segments.default]
+optimizer = "adagrad"
+lr_max = 0.2
+[tuning.segments.responsive]
+lr_min = 0.01
+lr_max = 0.1
+"""
+
+
+def test_flags_beat_environment_beat_file_beat_defaults(tmp_path, monkeypatch):
+    path = tmp_path / "microtune.toml"
+    path.write_text(TOML)
+    monkeypatch.setenv("MICROTUNE_PREFIX", "from-env")
+    argv = ["--config-file", str(path), "--max-ack-pending", "700"]
+    values = _file_values(argv)
+    args = _settings_parser("serve", SERVE_SETTINGS, values).parse_args(argv)
+    assert args.max_ack_pending == 700  # flag
+    assert args.prefix == "from-env"  # environment over file
+    assert args.dim == 32  # file over default
+    assert args.embedded_port == 4223  # default
+    tuning = _tuning(values, args.dim)
+    assert tuning.dim == 32
+    assert tuning.segment("default").optimizer == "adagrad"
+    assert tuning.segment("responsive").lr_max == 0.1
+    assert tuning.segment("nobody").lr_max == 0.2  # unknown segments use default
