@@ -11,6 +11,7 @@ is the trusted fast path for replay (the row was validated before it was written
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -33,6 +34,7 @@ from events.types import (
 _EVENT_KEYS = frozenset({"v", "id", "u", "t", "k", "i", "x", "d", "s", "h", "y", "g", "c"})
 _TOKEN_FORBIDDEN = frozenset(" \t\r\n.*>")
 _F64 = np.dtype("<f8")
+_NUMBER_TYPES = frozenset({int, float})
 
 
 # ---------------------------------------------------------------- field checks
@@ -114,7 +116,7 @@ def _vector(value: Any, key: str, limits: Limits) -> np.ndarray:
             raise Rejected(Reason.WRONG_TYPE, f"'{key}' bytes must be packed float64", key)
         arr = np.frombuffer(value, dtype=_F64)
     elif isinstance(value, list | tuple):
-        if any(isinstance(e, bool) or not isinstance(e, int | float) for e in value):
+        if not _NUMBER_TYPES.issuperset(map(type, value)):  # bool is not a number here
             raise Rejected(Reason.WRONG_TYPE, f"'{key}' must be a list of numbers", key)
         arr = np.array(value, dtype=np.float64)
     else:
@@ -310,7 +312,7 @@ def _candidates_fast(raw: list, limits: Limits) -> list[Candidate] | None:
         if not all(type(e) is list and len(e) == 2 and type(e[1]) is list for e in raw):
             return None
         rows = [e[1] for e in raw]
-        if bool in {type(v) for row in rows for v in row}:
+        if not _NUMBER_TYPES.issuperset(map(type, itertools.chain.from_iterable(rows))):
             return None
         matrix = np.array(rows, dtype=np.float64)
     except (TypeError, ValueError):
