@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import os
 import random
@@ -28,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 import structlog
+from bench_report import report
 from rich.console import Console
 from rich.progress import Progress
-from rich.table import Table
 
 from actors import Microtune, encode_state, replay_all, replay_user
 from actors.messages import Inspect
@@ -195,17 +194,7 @@ def main() -> None:
     assert users == args.users
     mt.close(snapshot=False)
 
-    table = Table(title="microtune core benchmark")
-    table.add_column("figure")
-    table.add_column("value", justify="right")
-    for key, value in results.items():
-        table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
-    console.print(table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    console.print(f"written to {out}")
-
+    report("microtune core benchmark", results, args.out, console)
 
 if __name__ == "__main__":
     main()

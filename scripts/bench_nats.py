@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import multiprocessing as mp
 import tempfile
@@ -22,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import structlog
+from bench_report import report
 from rich.console import Console
 from rich.progress import Progress
-from rich.table import Table
 
 from actors import Microtune
 from adapters.embedded import EmbeddedNats
@@ -158,16 +157,7 @@ def main() -> None:
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     results = asyncio.run(main_async(args))
-    table = Table(title="microtune end-to-end benchmark (NATS + SQLite)")
-    table.add_column("figure")
-    table.add_column("value", justify="right")
-    for key, value in results.items():
-        table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
-    console.print(table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-
+    report("microtune end-to-end benchmark (NATS + SQLite)", results, args.out, console)
 
 if __name__ == "__main__":
     main()
