@@ -96,6 +96,7 @@ class Service:
         self._query_sub = None
         self._admin_sub = None
         self._events_sub = None
+        self._closing = False
         # answers from actor threads: ("ack", msg, outcome) or ("reply", subject, bytes)
         self._answers: collections.deque = collections.deque()
         self._drain_scheduled = False
@@ -167,6 +168,7 @@ class Service:
         if self.nc is not None and self.nc.is_connected:
             await self.nc.flush(timeout=5)
         await asyncio.to_thread(self.system.close)
+        self._closing = True
         if self.nc is not None:
             await self.nc.close()
         log.info("service.stopped", **self.stats.to_map())
@@ -362,7 +364,10 @@ class Service:
         log.warning("nats.error", error=repr(exc))
 
     async def _on_disconnected(self) -> None:
-        log.warning("nats.disconnected")
+        if self._closing:
+            log.info("nats.closed")
+        else:
+            log.warning("nats.disconnected")
 
     async def _on_reconnected(self) -> None:
         log.info("nats.reconnected", url=str(self.nc.connected_url.netloc))
