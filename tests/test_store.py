@@ -146,3 +146,31 @@ def test_config_registry_reloads_history_and_refuses_dimension_change(store_url)
     again = ConfigRegistry(rec, CFG)
     assert sorted(again.versions()) == [1, 2] and again.current.version == 2
     rec.close()
+
+
+def test_journal_survives_a_dropped_database_connection(pg_url):
+    """The server kills the journal's connection: the next commit fails, is retried on a new
+    connection, and every requester hears back once, with its rows written once."""
+    import psycopg
+    from conftest import PG_URL
+
+    recorder = open_recorder(pg_url)
+    journal = Journal(recorder)
+    journal.write(WriteRequest([row("ann", 1)]))
+    journal.flush()
+    writer_pid = recorder._writer.driver_connection.info.backend_pid
+    dsn = PG_URL.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        assert admin.execute("SELECT pg_terminate_backend(%s)", (writer_pid,)).fetchone()[0]
+    outcomes = []
+    finished = threading.Semaphore(0)
+    for seq in (2, 3):
+        journal.write(WriteRequest([row("ann", seq)], (), lambda exc: (
+            outcomes.append(exc), finished.release())))
+    for _ in range(2):
+        assert finished.acquire(timeout=30)
+    journal.close()
+    assert outcomes == [None, None]
+    assert journal.stats.retries >= 1
+    assert [r.seq for r in recorder.read("ann")] == [1, 2, 3]
+    recorder.close()
