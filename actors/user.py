@@ -112,22 +112,34 @@ class UserActor(PooledActor):
 
     # ------------------------------------------------------------ messages
 
+    def _handle_receive(self, message: Any) -> Any:
+        # Our own messages by type first (one dict lookup); pykka's (stop, proxy calls) after.
+        handler = _HANDLERS.get(type(message))
+        if handler is None:
+            return super()._handle_receive(message)
+        return handler(self, message)
+
     def on_receive(self, message: Any) -> Any:
-        if isinstance(message, Track):
-            self._track(message.event, message.done)
-        elif isinstance(message, Written):
-            self._written(message.error)
-        elif isinstance(message, Rank):
-            message.done(self._rank(message.query))
-        elif isinstance(message, SnapshotWritten):
-            self._snapshot_written(message.seq, message.error)
-        elif isinstance(message, Passivate):
-            self._passivating = True
-            self._maybe_finish_passivation()
-        elif isinstance(message, Inspect):
-            message.done(self.state)
-        else:
-            log.warning("user_actor.unknown_message", user_id=self.user, message=repr(message))
+        log.warning("user_actor.unknown_message", user_id=self.user, message=repr(message))
+
+    def _on_track(self, message: Track) -> None:
+        self._track(message.event, message.done)
+
+    def _on_written(self, message: Written) -> None:
+        self._written(message.error)
+
+    def _on_rank(self, message: Rank) -> None:
+        message.done(self._rank(message.query))
+
+    def _on_snapshot_written(self, message: SnapshotWritten) -> None:
+        self._snapshot_written(message.seq, message.error)
+
+    def _on_passivate(self, _message: Passivate) -> None:
+        self._passivating = True
+        self._maybe_finish_passivation()
+
+    def _on_inspect(self, message: Inspect) -> None:
+        message.done(self.state)
 
     def _track(self, event: Event, done: Callable[[Outcome], None]) -> None:
         try:
@@ -175,7 +187,8 @@ class UserActor(PooledActor):
         ]
         self._inflight = batch
         tell = self.actor_ref.tell
-        self.ctx.journal.write(WriteRequest(rows, (), lambda exc: tell(Written(exc))))
+        self.ctx.journal.write(WriteRequest(
+            rows, (), lambda exc: tell(_WRITTEN_OK if exc is None else Written(exc))))
 
     def _written(self, error: BaseException | None) -> None:
         batch, self._inflight = self._inflight, None
@@ -276,3 +289,14 @@ class UserActor(PooledActor):
             seq=self.state.seq,
             config=config.version,
         )
+
+
+_WRITTEN_OK = Written(None)
+_HANDLERS = {
+    Track: UserActor._on_track,
+    Written: UserActor._on_written,
+    Rank: UserActor._on_rank,
+    SnapshotWritten: UserActor._on_snapshot_written,
+    Passivate: UserActor._on_passivate,
+    Inspect: UserActor._on_inspect,
+}
