@@ -242,13 +242,8 @@ class Service:
         self.stats.rejected[rejected.reason.value] += 1
         log.warning("message.rejected", subject=msg.subject, reason=rejected.reason.value,
                     detail=rejected.detail, field=rejected.field)
-        record = msgpack.packb(
-            {"v": 1, **rejected.to_wire(), "s": msg.subject, "raw": bytes(msg.data),
-             "at": time.time()},
-            use_bin_type=True,
-        )
         try:
-            await self.js.publish(self.rejected_subject, record)
+            await self.js.publish(self.rejected_subject, _rejection_record(msg, rejected))
         except Exception as exc:  # not stored: leave the original unacked, it comes back
             log.error("rejected.store_failed", error=repr(exc), subject=msg.subject)
             return
@@ -270,9 +265,7 @@ class Service:
             self.stats.rejected[rejected.reason.value] += 1
             if msg.reply:
                 await self.nc.publish(msg.reply, encode_error(rejected))
-            await self.nc.publish(self.rejected_subject, msgpack.packb(
-                {"v": 1, **rejected.to_wire(), "s": msg.subject, "raw": bytes(msg.data),
-                 "at": time.time()}, use_bin_type=True))
+            await self.nc.publish(self.rejected_subject, _rejection_record(msg, rejected))
             return
         if msg.reply:
             self.system.rank_async(query, lambda result, r=msg.reply: self._answer(
@@ -371,6 +364,15 @@ class Service:
 
     async def _on_reconnected(self) -> None:
         log.info("nats.reconnected", url=str(self.nc.connected_url.netloc))
+
+
+def _rejection_record(msg: Msg, rejected: Rejected) -> bytes:
+    """What `<prefix>.rejected` keeps: the reason, the subject, the raw bytes, when."""
+    return msgpack.packb(
+        {"v": 1, **rejected.to_wire(), "s": msg.subject, "raw": bytes(msg.data),
+         "at": time.time()},
+        use_bin_type=True,
+    )
 
 
 def _encode_answer(result: Ranking | Rejected) -> bytes:

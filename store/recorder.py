@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import structlog
-from sqlalchemy import Engine, bindparam, create_engine, event, func, select, text
+from sqlalchemy import Engine, bindparam, create_engine, event, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -353,7 +353,3 @@ def _first_line(exc: BaseException) -> str:
     text_ = str(exc).strip()
     return text_.splitlines()[0] if text_ else repr(exc)
 
-
-def ping(recorder: Recorder) -> None:
-    with recorder.engine.connect() as conn:
-        conn.execute(text("SELECT 1"))
