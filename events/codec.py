@@ -321,8 +321,13 @@ def _candidates_fast(raw: list, limits: Limits) -> list[Candidate] | None:
         return None
     if not np.isfinite(matrix).all():
         return None
+    ids = [e[0] for e in raw]
+    if not all(type(i) is str for i in ids) or not 0 < min(map(len, ids)) <= max(
+        map(len, ids)
+    ) <= limits.max_id_length:
+        return None
     matrix.flags.writeable = False
-    return [Candidate(_string(e[0], "c[].i", limits), matrix[k]) for k, e in enumerate(raw)]
+    return [Candidate(i, x) for i, x in zip(ids, matrix, strict=True)]
 
 
 def decode_query(

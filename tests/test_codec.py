@@ -188,6 +188,9 @@ def test_query_fast_path_agrees_with_the_careful_path():
         ([["a", [1.0, 2.0]], ["b", [1.0]], ["c", [1.0, "x"]]], Reason.WRONG_TYPE),
         ([["a", [1.0, math.inf]], ["b", [1.0, 2.0]]], Reason.NOT_FINITE),
         ([["a", [1.0] * 300]], Reason.OVERSIZE),
+        ([["", [1.0]], ["b", [2.0]]], Reason.INVALID_ID),
+        ([["a" * 200, [1.0]], ["b", [2.0]]], Reason.OVERSIZE),
+        ([[7, [1.0]], ["b", [2.0]]], Reason.WRONG_TYPE),
     ]:
         with pytest.raises(Rejected) as info:
             decode_query(pack({"v": 1, "u": "a", "c": bad}))
