@@ -10,14 +10,18 @@ replay may start from a snapshot at or before the target seq.
 
 from __future__ import annotations
 
+import hashlib
+import multiprocessing as mp
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from typing import NamedTuple
 
 from actors.configs import ConfigRegistry
 from actors.learning import apply
-from actors.state import SnapshotError, UserState, decode_state
+from actors.state import SnapshotError, UserState, decode_state, encode_state
 from events.codec import event_from_log
 from events.config import TuningConfig
-from store.recorder import Recorder
+from store.recorder import Recorder, open_recorder
 
 
 def _config_for(configs: ConfigRegistry, override: TuningConfig | None):
@@ -57,11 +61,13 @@ def replay_all(
     *,
     users: Iterable[str] | None = None,
     config: TuningConfig | None = None,
+    from_user: str | None = None,
+    to_user: str | None = None,
 ) -> Iterator[UserState]:
     """Every user's state rebuilt from the full log, one user at a time."""
     config_for = _config_for(configs, config)
     state: UserState | None = None
-    for row in recorder.read_all(users):
+    for row in recorder.read_all(users, from_user=from_user, to_user=to_user):
         if state is None or row.user != state.user:
             if state is not None:
                 yield state
@@ -70,3 +76,66 @@ def replay_all(
         state = apply(state, event, config_for(event.config))
     if state is not None:
         yield state
+
+
+class ReplaySummary(NamedTuple):
+    users: int
+    events: int
+    digest: str  # sha256 over (user, encoded state) in user order: equal replays, equal digests
+
+
+def _replay_range(store: str, from_user: str | None, to_user: str | None,
+                  config: bytes | None) -> tuple[int, int, list[bytes]]:
+    recorder = open_recorder(store)
+    try:
+        configs = ConfigRegistry(recorder, TuningConfig(version=1, dim=1))
+        override = None if config is None else TuningConfig.decode(config)
+        users = events = 0
+        digests = []
+        for state in replay_all(recorder, configs, config=override,
+                                from_user=from_user, to_user=to_user):
+            users += 1
+            events += state.seq
+            digests.append(hashlib.sha256(state.user.encode() + encode_state(state)).digest())
+        return users, events, digests
+    finally:
+        recorder.close()
+
+
+def replay_parallel(store: str, *, workers: int = 2,
+                    config: TuningConfig | None = None) -> ReplaySummary:
+    """Replay every user in `workers` processes, each over a contiguous range of users.
+
+    The same `apply` runs in each process; states are summarised by a digest, which equals
+    the digest of a sequential replay (`summarize(replay_all(...))`).
+    """
+    recorder = open_recorder(store)
+    try:
+        users = list(recorder.users())
+    finally:
+        recorder.close()
+    if not users:
+        return ReplaySummary(0, 0, hashlib.sha256().hexdigest())
+    step = -(-len(users) // workers)
+    bounds = [users[i] for i in range(0, len(users), step)] + [None]
+    ranges = [(bounds[i] if i else None, bounds[i + 1]) for i in range(len(bounds) - 1)]
+    raw_config = None if config is None else config.encode()
+    with ProcessPoolExecutor(len(ranges), mp_context=mp.get_context("spawn")) as pool:
+        parts = list(pool.map(_replay_range, [store] * len(ranges), *zip(*ranges, strict=True),
+                              [raw_config] * len(ranges)))
+    digest = hashlib.sha256()
+    for _, _, digests in parts:
+        for d in digests:
+            digest.update(d)
+    return ReplaySummary(sum(p[0] for p in parts), sum(p[1] for p in parts), digest.hexdigest())
+
+
+def summarize(states: Iterable[UserState]) -> ReplaySummary:
+    """The `ReplaySummary` of states in user order (to compare with `replay_parallel`)."""
+    digest = hashlib.sha256()
+    users = events = 0
+    for state in states:
+        users += 1
+        events += state.seq
+        digest.update(hashlib.sha256(state.user.encode() + encode_state(state)).digest())
+    return ReplaySummary(users, events, digest.hexdigest())

@@ -7,7 +7,7 @@ alone determines:
   while the users are activated (cold), then with every user live (warm); at most
   `--in-flight` events unanswered at any time, as max-ack-pending would allow;
 - memory per live user actor (RSS growth divided by live users);
-- full replay events/s (`replay_all` over the whole log);
+- full replay events/s (`replay_all` over the whole log, and in 2 processes);
 - activation latency of a passivated user (latest snapshot + a 2-event tail), p50/p99.
 
     python scripts/bench_core.py --users 100000 --events 600000
@@ -33,6 +33,7 @@ from rich.progress import Progress
 
 from actors import Microtune, encode_state, replay_all, replay_user
 from actors.messages import Inspect
+from actors.replay import replay_parallel
 from actors.state import SNAPSHOT_SCHEMA
 from actors.user import rebuild
 from events import Event, TuningConfig
@@ -193,6 +194,11 @@ def main() -> None:
     results["replay_events_per_s"] = round(total / (time.perf_counter() - start))
     assert users == args.users
     mt.close(snapshot=False)
+    start = time.perf_counter()
+    summary = replay_parallel(store, workers=2)
+    results["replay_2_processes_events_per_s"] = round(
+        summary.events / (time.perf_counter() - start))
+    assert summary.events == total
 
     report("microtune core benchmark", results, args.out, console)
 

@@ -214,11 +214,24 @@ class Recorder:
             for seq, event_id, body in result:
                 yield StoredEvent(user, seq, event_id, body)
 
-    def read_all(self, users: Iterable[str] | None = None) -> Iterator[StoredEvent]:
-        """Every event ordered by (user, seq), streamed: never the whole log in memory."""
+    def read_all(
+        self,
+        users: Iterable[str] | None = None,
+        *,
+        from_user: str | None = None,
+        to_user: str | None = None,
+    ) -> Iterator[StoredEvent]:
+        """Every event ordered by (user, seq), streamed: never the whole log in memory.
+
+        `from_user` <= user < `to_user` restricts to a range of users (for parallel replay).
+        """
         query = select(events.c.user_id, events.c.seq, events.c.event_id, events.c.body)
         if users is not None:
             query = query.where(events.c.user_id.in_(list(users)))
+        if from_user is not None:
+            query = query.where(events.c.user_id >= from_user)
+        if to_user is not None:
+            query = query.where(events.c.user_id < to_user)
         query = query.order_by(events.c.user_id, events.c.seq)
         with self.engine.connect() as conn:
             result = conn.execution_options(stream_results=True, yield_per=5000).execute(query)
