@@ -111,7 +111,3 @@ class Directory:
             return self._all_stopped.wait_for(
                 lambda: not self._live and not self._passivating, timeout
             )
-
-    def is_live(self, user: str) -> bool:
-        with self._lock:
-            return user in self._live

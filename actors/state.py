@@ -84,11 +84,6 @@ def encode_state(state: UserState) -> bytes:
     )
 
 
-def _array(raw: bytes, dtype: np.dtype) -> np.ndarray:
-    arr = np.frombuffer(raw, dtype=dtype)  # read-only view of the bytes: no copy
-    return arr
-
-
 def decode_state(raw: bytes) -> UserState:
     try:
         obj = msgpack.unpackb(raw, raw=False)
@@ -97,7 +92,8 @@ def decode_state(raw: bytes) -> UserState:
         recent = obj["r"]
         if not isinstance(recent, bytes) or len(recent) != 8 * RECENT_IDS:
             raise SnapshotError("snapshot id ring has the wrong size")
-        w, m, v = (_array(obj[k], _F64) for k in ("w", "m", "v"))
+        # read-only views of the snapshot's bytes: no copy
+        w, m, v = (np.frombuffer(obj[k], dtype=_F64) for k in ("w", "m", "v"))
         if not w.shape == m.shape == v.shape:
             raise SnapshotError("snapshot vectors differ in length")
         return UserState(
