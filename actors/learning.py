@@ -26,9 +26,11 @@ is prepended here), engagement target y in [0, 1] and importance a:
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 
+from actors import hygiene
 from actors.state import RECENT_IDS, UserState, id_hash
 from events.config import SegmentConfig, TuningConfig
 from events.types import INTERACTION_KINDS, Event
@@ -67,24 +69,155 @@ def sigmoid(z: float) -> float:
     return e / (1.0 + e)
 
 
-def apply(state: UserState, event: Event, config: TuningConfig) -> UserState:
+class Step(NamedTuple):
+    """What `apply` did with one event (or one impression's deadline), when asked to trace.
+
+    `verdict`: applied, pending (waiting for the lateness window), late, late_dropped, bot,
+    outlier_clipped, outlier_dropped, impression_pending, impression_negative, control.
+    For a learning step also the target y, importance, the prediction before the update, the
+    mean per-coordinate rate and the step taken (w moved by -step, decay aside).
+    """
+
+    event_id: str
+    kind: str
+    t: float
+    verdict: str
+    y: float | None = None
+    importance: float | None = None
+    p: float | None = None
+    rate: float | None = None
+    step: np.ndarray | None = None
+    observed: tuple[tuple[str, float], ...] = ()  # (segment statistic, value)
+
+
+def apply(
+    state: UserState, event: Event, config: TuningConfig, trace: list[Step] | None = None
+) -> UserState:
     """The state after `event`, which must be the user's next logged event (seq + 1).
 
-    Arrays of the input state are never written; in-place operations below act only on
-    arrays this call has just created.
+    With hygiene on (the segment's default), an interaction waits in the user's reorder
+    buffer, and this call learns from whatever the event releases (README "Data hygiene").
+    Released events learn under `config`, the config of the event that releases them. Arrays
+    of the input state are never written; in-place operations below act only on arrays this
+    call has just created. `trace`, when given, receives a `Step` per decision.
     """
     at = 8 * state.recent_pos
-    recent = state.recent[:at] + id_hash(event.id) + state.recent[at + 8:]
-    recent_pos = (state.recent_pos + 1) % RECENT_IDS
-    segment = event.segment or state.segment
-    if event.kind not in INTERACTION_KINDS:  # control events: a segment change moves no weight
-        return state._replace(seq=state.seq + 1, config=config.version, segment=segment,
-                              recent=recent, recent_pos=recent_pos)
+    state = state._replace(
+        seq=state.seq + 1, config=config.version, segment=event.segment or state.segment,
+        recent=state.recent[:at] + id_hash(event.id) + state.recent[at + 8:],
+        recent_pos=(state.recent_pos + 1) % RECENT_IDS)
+    if event.kind not in INTERACTION_KINDS:  # control events move no weight
+        if event.kind == "clear_bot" and state.hyg is not None:
+            state = state._replace(hyg=hygiene.clear_bot(state.hyg))
+        if trace is not None:
+            trace.append(Step(event.id, event.kind, event.t, "control"))
+        return state
+    seg = config.segment(state.segment)
+    if not seg.hygiene:  # raw: every event learns at once, at its own time
+        y, importance = engagement(event, seg)
+        return _learn(state, event.id, event.kind, event.x, y, importance, event.t, config,
+                      trace)
 
+    h = state.hyg or hygiene.EMPTY
+    tc, h = hygiene.corrected_time(h, event, seg)
+    if tc < h.frontier:  # later than the lateness window
+        h = h._replace(late=h.late + 1)
+        if seg.late_policy == "drop":
+            if trace is not None:
+                trace.append(Step(event.id, event.kind, tc, "late_dropped"))
+            return state._replace(hyg=h)
+        if trace is not None:
+            trace.append(Step(event.id, event.kind, tc, "late"))
+        tc = h.frontier
+    elif trace is not None:
+        trace.append(Step(event.id, event.kind, tc, "pending"))
+    h = hygiene.buffer(h, tc, state.seq, event)
+    watermark = h.t_max - seg.lateness
+    return _release(state._replace(hyg=h), config, watermark, watermark, trace)
+
+
+def settle(state: UserState, config: TuningConfig) -> UserState:
+    """The state with every buffered event released (impressions still wait for their
+    deadline): what a query answers with. Not a logged transition; nothing stores it."""
+    h = state.hyg
+    if h is None or not h.pending:
+        return state
+    return _release(state, config, math.inf, h.t_max - config.segment(state.segment).lateness,
+                    None)
+
+
+def _release(state: UserState, config: TuningConfig, events_until: float,
+             due_until: float, trace: list[Step] | None) -> UserState:
+    """Release buffered events and due impressions in event-time order (events first)."""
+    while True:
+        h = state.hyg
+        event_t = h.pending[0][0] if h.pending else math.inf
+        due_t = h.impressions[0][0] if h.impressions else math.inf
+        if h.pending and event_t <= events_until and event_t <= due_t:
+            tc, _seq, event = h.pending[0]
+            state = _released(state._replace(hyg=h._replace(pending=h.pending[1:])), tc,
+                              event, config, trace)
+        elif h.impressions and due_t <= due_until:
+            due, _item, x, event_id = h.impressions[0]
+            state = state._replace(hyg=h._replace(impressions=h.impressions[1:]))
+            state = _impression_negative(state, event_id, x, due, config, trace)
+        else:
+            return state
+
+
+def _impression_negative(state: UserState, event_id: str, x: np.ndarray, t: float,
+                         config: TuningConfig, trace: list[Step] | None) -> UserState:
+    seg = config.segment(state.segment)
+    return _learn(state, event_id, "impression", x, 0.0, seg.impression_importance, t, config,
+                  trace, "impression_negative")
+
+
+def _released(state: UserState, tc: float, event: Event, config: TuningConfig,
+              trace: list[Step] | None) -> UserState:
+    """One event leaves the buffer: sessions, windows, bots, impressions, outliers, learning."""
+    seg = config.segment(state.segment)
+    h = hygiene.observe_session(state.hyg, tc, event, seg)
+    h = hygiene.count_window(h, tc, event.kind, seg)
+    if not h.bot:
+        h = hygiene.check_bot(h, tc, event, seg)
+    h = h._replace(frontier=max(h.frontier, tc))
+    if h.bot:  # logged, counted, never learned from
+        h = h._replace(ignored=h.ignored + 1, impressions=())
+        if trace is not None:
+            trace.append(Step(event.id, event.kind, tc, "bot"))
+        return state._replace(hyg=h)
+    if event.kind == "impression":
+        h = hygiene.add_impression(h, tc, event, seg)
+        if trace is not None:
+            trace.append(Step(event.id, event.kind, tc, "impression_pending"))
+        state = state._replace(hyg=h)
+        if len(h.impressions) > hygiene.MAX_IMPRESSIONS:  # bounded: the oldest is due now
+            _due, _item, x, event_id = h.impressions[0]
+            state = state._replace(hyg=h._replace(impressions=h.impressions[1:]))
+            state = _impression_negative(state, event_id, x, tc, config, trace)
+        return state
+    h, _cancelled = hygiene.cancel_impression(h, event.item)
+    sig = hygiene.signal(event, seg, hygiene.recent_actions(h))
+    if sig.verdict == "outlier_dropped":
+        h = h._replace(outliers=h.outliers + 1)
+        if trace is not None:
+            trace.append(Step(event.id, event.kind, tc, sig.verdict, observed=sig.observed))
+        return state._replace(hyg=h)
+    if sig.verdict == "outlier_clipped":
+        h = h._replace(outliers=h.outliers + 1)
+    verdict = "applied" if sig.verdict == "clean" else sig.verdict
+    return _learn(state._replace(hyg=h), event.id, event.kind, event.x, sig.y, sig.importance,
+                  tc, config, trace, verdict, sig.observed)
+
+
+def _learn(state: UserState, event_id: str, kind: str, x_item: np.ndarray, y: float,
+           importance: float, t: float, config: TuningConfig, trace: list[Step] | None,
+           verdict: str = "applied", observed: tuple = ()) -> UserState:
+    """One learning update (the module docstring's formulas) at event time t."""
+    segment = state.segment
     seg = config.segment(segment)
     c = config.constants(segment)
     w0 = config.prior(segment)
-    t = event.t
     if state.w.shape[0] != w0.shape[0]:  # first learning event: start at the prior
         dev = np.zeros_like(w0)  # w - w0
         m = v = dev
@@ -101,8 +234,7 @@ def apply(state: UserState, event: Event, config: TuningConfig) -> UserState:
             dt, f = 0.0, 1.0
     w = w0 + dev
 
-    x = np.concatenate((_ONE, event.x))
-    y, importance = engagement(event, seg)
+    x = np.concatenate((_ONE, x_item))
     p = sigmoid(float((w * x).sum()))  # not np.dot: BLAS releases the GIL (a convoy)
     g = x * (importance * (p - y))  # log-loss gradient ...
     if seg.l2:
@@ -149,12 +281,16 @@ def apply(state: UserState, event: Event, config: TuningConfig) -> UserState:
         norm = max(room, 0.0)
     w -= step
 
-    return UserState(state.user, state.seq + 1, config.version, segment,
-                     max(state.t_last, t), state.steps + 1, b1p, b2p, level + norm,
-                     w, m, v, recent, recent_pos)
+    if trace is not None:
+        trace.append(Step(event_id, kind, t, verdict, y, importance, p,
+                          float(rate.mean()), step, observed))
+    return state._replace(t_last=max(state.t_last, t), steps=state.steps + 1, b1p=b1p,
+                          b2p=b2p, bucket=level + norm, w=w, m=m, v=v)
 
 
 def predict(state: UserState, x: np.ndarray, config: TuningConfig) -> float:
-    """The predicted engagement probability of an item for this user (no update)."""
+    """The predicted engagement probability of an item for this user (no update; buffered
+    events count, as `settle` releases them)."""
+    state = settle(state, config)
     w = state.w if state.w.shape[0] else config.prior(state.segment)
     return sigmoid(float((w * np.concatenate((_ONE, x))).sum()))

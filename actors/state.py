@@ -13,7 +13,9 @@ from typing import NamedTuple
 import msgpack
 import numpy as np
 
-SNAPSHOT_SCHEMA = 1
+from actors.hygiene import Hygiene, from_wire, to_wire
+
+SNAPSHOT_SCHEMA = 2  # 2: the hygiene state
 RECENT_IDS = 32  # event-id hashes kept for dedupe; older repeats are caught by the log's key
 
 _F64 = np.dtype("<f8")
@@ -50,6 +52,7 @@ class UserState(NamedTuple):
     v: np.ndarray = _EMPTY
     recent: bytes = _NO_IDS
     recent_pos: int = 0
+    hyg: Hygiene | None = None  # data hygiene (actors/hygiene.py); None until needed
 
     def has_seen(self, event_hash: bytes) -> bool:
         # A match at an offset that is not a multiple of 8 would need 8 random bytes to line
@@ -79,6 +82,7 @@ def encode_state(state: UserState) -> bytes:
             "v": np.ascontiguousarray(state.v, _F64).tobytes(),
             "r": state.recent,
             "rp": state.recent_pos,
+            "hy": None if state.hyg is None else to_wire(state.hyg),
         },
         use_bin_type=True,
     )
@@ -111,6 +115,7 @@ def decode_state(raw: bytes) -> UserState:
             v=v,
             recent=recent,
             recent_pos=obj["rp"],
+            hyg=None if obj["hy"] is None else from_wire(obj["hy"]),
         )
     except SnapshotError:
         raise

@@ -11,14 +11,15 @@ an older repeat is refused by the log's (user, event id) key, and the actor drop
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import structlog
 
+from actors import hygiene
 from actors.configs import ConfigRegistry
-from actors.learning import apply
+from actors.learning import apply, settle
 from actors.messages import (
     DUPLICATE,
     Inspect,
@@ -30,6 +31,7 @@ from actors.messages import (
     Written,
 )
 from actors.runtime import Dispatcher, PooledActor
+from actors.segment_stats import SegmentStats
 from actors.state import SNAPSHOT_SCHEMA, SnapshotError, UserState, decode_state, encode_state
 from actors.state import id_hash as _id_hash
 from events.codec import encode_logged_event, event_from_log
@@ -52,6 +54,7 @@ class UserContext:
     journal: Journal
     configs: ConfigRegistry
     snapshot_every: int = 1000  # events between periodic snapshots
+    stats: SegmentStats = field(default_factory=SegmentStats)  # stamped on events (hygiene)
     on_stopped: Callable[[str], None] = lambda _user: None  # the directory's hook
 
 
@@ -87,6 +90,7 @@ class UserActor(PooledActor):
         self._pending: set[str] | None = None
         self._passivating = False
         self._snapshotting = False
+        self._settled: UserState | None = None  # what queries see (a cache, by seq)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -171,6 +175,12 @@ class UserActor(PooledActor):
             return
         if event.config is None:
             event = event._replace(config=config.version)
+        if event.norms is None and event.is_interaction:
+            segment = event.segment or self.state.segment
+            if config.segment(segment).hygiene:  # what apply may compare with, logged
+                h = self.state.hyg
+                event = event._replace(norms=self.ctx.stats.stamp(
+                    segment, event, hygiene.recent_actions(h) if h is not None else 0))
         if self._pending is None:
             self._pending, self._buffer = set(), []
         self._pending.add(event.id)
@@ -260,8 +270,18 @@ class UserActor(PooledActor):
 
     # ------------------------------------------------------------ queries
 
+    def _view(self) -> UserState:
+        """The state with the reorder buffer released: queries answer with every event the
+        user has sent, not only those past the lateness window. Not logged; cached by seq."""
+        settled = self._settled
+        if settled is None or settled.seq != self.state.seq:
+            config = self.ctx.configs.get(self.state.config or None)
+            settled = self._settled = settle(self.state, config)
+        return settled
+
     def _rank(self, query: Query) -> Ranking | Rejected:
-        config = self.ctx.configs.get(self.state.config or None)
+        state = self._view()
+        config = self.ctx.configs.get(state.config or None)
         dim = config.dim
         for cand in query.candidates:
             if cand.x is None:
@@ -273,7 +293,7 @@ class UserActor(PooledActor):
         X = np.empty((len(query.candidates), dim + 1))
         X[:, 0] = 1.0
         X[:, 1:] = np.stack([cand.x for cand in query.candidates])
-        w = self.state.w if self.state.w.shape[0] else config.prior(self.state.segment)
+        w = state.w if state.w.shape[0] else config.prior(state.segment)
         scores = X @ w
         order = np.argsort(-scores, kind="stable")
         if query.top is not None:
@@ -286,8 +306,11 @@ class UserActor(PooledActor):
             items=tuple(query.candidates[i].item for i in order),
             weights=tuple(weights.tolist()),
             scores=tuple(top.tolist()),
-            seq=self.state.seq,
+            seq=state.seq,
             config=config.version,
+            windows=hygiene.window_counts(state.hyg or hygiene.EMPTY,
+                                          config.segment(state.segment))
+            if query.windows else None,
         )
 
 

@@ -223,6 +223,7 @@ class Service:
         try:
             user = msg.subject[len(self.events_subject) + 1:]
             event = decode_event(msg.data, self.config.limits, subject_user=user)
+            event = event._replace(received=broker_time(msg.reply))
             if event.is_interaction and event.x is None:
                 x = self.system.catalog.get(event.item)
                 if x is None:
@@ -364,6 +365,19 @@ class Service:
 
     async def _on_reconnected(self) -> None:
         log.info("nats.reconnected", url=str(self.nc.connected_url.netloc))
+
+
+def broker_time(reply: str | None) -> float | None:
+    """When the broker stored a JetStream message (seconds), from its ack subject: the
+    receive time hygiene aligns client clocks with. It stays the same on redelivery."""
+    if not reply:
+        return None
+    tokens = reply.split(".")
+    index = 7 if len(tokens) == 9 else Msg.Ack.Timestamp  # v1 and v2 ack subjects
+    try:
+        return int(tokens[index]) / 1e9
+    except (IndexError, ValueError):
+        return None
 
 
 def _rejection_record(msg: Msg, rejected: Rejected) -> bytes:

@@ -22,6 +22,7 @@ import numpy as np
 from events.errors import Reason, Rejected
 from events.limits import DEFAULT_LIMITS, Limits
 from events.types import (
+    INTERACTION_KINDS,
     KINDS,
     SCHEMA_VERSION,
     SUPPORTED_VERSIONS,
@@ -31,7 +32,9 @@ from events.types import (
     Ranking,
 )
 
-_EVENT_KEYS = frozenset({"v", "id", "u", "t", "k", "i", "x", "d", "s", "h", "y", "g", "c"})
+_EVENT_KEYS = frozenset(
+    {"v", "id", "u", "t", "k", "i", "x", "d", "s", "h", "y", "g", "c", "r", "sid", "a", "ns"}
+)
 _TOKEN_FORBIDDEN = frozenset(" \t\r\n.*>")
 _F64 = np.dtype("<f8")
 _NUMBER_TYPES = frozenset({int, float})
@@ -157,7 +160,7 @@ def event_from_map(obj: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> E
         )
     fields: dict[str, Any] = {}
     needs = KINDS[kind]
-    if kind != "segment":
+    if kind in INTERACTION_KINDS:
         fields["item"] = _string(_required(obj, "i"), "i", limits)
     elif obj.get("i") is not None:
         fields["item"] = _string(obj["i"], "i", limits)
@@ -177,6 +180,15 @@ def event_from_map(obj: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> E
         fields["segment"] = _string(_required(obj, "g"), "g", limits, token=True)
     if obj.get("c") is not None:
         fields["config"] = _config_version(obj["c"])
+    if obj.get("r") is not None:  # the service stamps its own receive time over this
+        fields["received"] = _number(obj["r"], "r", lo=0.0)
+    if obj.get("sid") is not None:
+        fields["session"] = _string(obj["sid"], "sid", limits)
+    if obj.get("a") is not None:
+        if not isinstance(obj["a"], bool):
+            raise Rejected(Reason.WRONG_TYPE, "'a' (automated) must be true or false", "a")
+        fields["automated"] = obj["a"]
+    # 'ns' (segment statistics) is stamped by the service; a publisher's is ignored
     extra = {k: obj[k] for k in obj if k not in _EVENT_KEYS}
     return Event(id=event_id, user=user, t=t, kind=kind, extra=extra, **fields)
 
@@ -213,9 +225,15 @@ def event_to_map(event: Event, *, pack_x: bool = False) -> dict[str, Any]:
         ("y", event.target),
         ("g", event.segment),
         ("c", event.config),
+        ("r", event.received),
+        ("sid", event.session),
     ):
         if value is not None:
             out[key] = value
+    if event.automated:
+        out["a"] = True
+    if event.norms:
+        out["ns"] = {k: list(v) for k, v in event.norms.items()}
     return out
 
 
@@ -233,6 +251,7 @@ def event_from_log(body: bytes) -> Event:
     """Trusted fast path for replay: the row was validated before it was written."""
     obj = msgpack.unpackb(body, raw=False)
     x = obj.get("x")
+    norms = obj.get("ns")
     return Event(
         id=obj["id"],
         user=obj["u"],
@@ -246,6 +265,10 @@ def event_from_log(body: bytes) -> Event:
         target=obj.get("y"),
         segment=obj.get("g"),
         config=obj.get("c"),
+        received=obj.get("r"),
+        session=obj.get("sid"),
+        automated=obj.get("a", False),
+        norms=None if norms is None else {k: tuple(v) for k, v in norms.items()},
         extra={k: obj[k] for k in obj if k not in _EVENT_KEYS},
     )
 
@@ -274,7 +297,10 @@ def query_from_map(obj: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> Q
             raise Rejected(Reason.WRONG_TYPE, "'n' (top) must be an integer", "n")
         if not 1 <= top <= limits.max_top:
             raise Rejected(Reason.OUT_OF_RANGE, f"'n' (top) must be in [1, {limits.max_top}]", "n")
-    return Query(user=user, candidates=tuple(candidates), top=top)
+    windows = obj.get("w", False)
+    if not isinstance(windows, bool):
+        raise Rejected(Reason.WRONG_TYPE, "'w' (recent windows) must be true or false", "w")
+    return Query(user=user, candidates=tuple(candidates), top=top, windows=windows)
 
 
 def _candidates(raw: list, limits: Limits) -> list[Candidate]:
@@ -376,22 +402,24 @@ def encode_query(query: Query) -> bytes:
     body: dict[str, Any] = {"v": SCHEMA_VERSION, "u": query.user, "c": cands}
     if query.top is not None:
         body["n"] = query.top
+    if query.windows:
+        body["w"] = True
     return msgpack.packb(body, use_bin_type=True)
 
 
 def encode_ranking(ranking: Ranking) -> bytes:
-    return msgpack.packb(
-        {
-            "v": SCHEMA_VERSION,
-            "u": ranking.user,
-            "i": list(ranking.items),
-            "w": list(ranking.weights),
-            "s": list(ranking.scores),
-            "q": ranking.seq,
-            "cv": ranking.config,
-        },
-        use_bin_type=True,
-    )
+    body = {
+        "v": SCHEMA_VERSION,
+        "u": ranking.user,
+        "i": list(ranking.items),
+        "w": list(ranking.weights),
+        "s": list(ranking.scores),
+        "q": ranking.seq,
+        "cv": ranking.config,
+    }
+    if ranking.windows is not None:
+        body["rw"] = dict(ranking.windows)
+    return msgpack.packb(body, use_bin_type=True)
 
 
 def encode_error(rejected: Rejected) -> bytes:
@@ -410,4 +438,5 @@ def decode_reply(raw: bytes) -> Ranking:
         scores=tuple(obj["s"]),
         seq=obj["q"],
         config=obj["cv"],
+        windows=obj.get("rw"),
     )

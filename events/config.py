@@ -17,6 +17,13 @@ import numpy as np
 from events.errors import Reason, Rejected
 
 OPTIMIZERS = ("adam", "rmsprop", "adagrad")
+LATE_POLICIES = ("apply", "drop")
+OUTLIER_RULES = ("z", "iqr")
+OUTLIER_ACTIONS = ("drop", "clip")
+_NON_NUMERIC = frozenset(
+    {"optimizer", "prior", "hygiene", "late_policy", "outlier_rule", "outlier_action",
+     "normalize"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,11 +46,40 @@ class SegmentConfig:
     max_step: float = 1.0  # bound on the L2 norm of one event's step
     window: float = 3600.0  # moving-window movement budget: at most `window_budget` ...
     window_budget: float = 10.0  # ... of L2 movement per `window` seconds (leaky bucket)
-    # engagement signal -> (target y, importance); issue 4 refines these
-    impression_importance: float = 0.2  # an impression is a weak negative
-    dwell_scale: float = 30.0  # y = 1 - exp(-dwell / dwell_scale)
-    hover_scale: float = 5.0  # y = 0.5 * min(1, hover / hover_scale)
+    # engagement signal -> (target y, importance); see actors/hygiene.py and README
+    impression_importance: float = 0.2  # an impression not clicked in time is a weak negative
+    click_importance: float = 1.0
+    dwell_importance: float = 1.0
+    scroll_importance: float = 0.5
+    hover_importance: float = 0.3
+    feedback_importance: float = 1.0
+    dwell_scale: float = 30.0  # without segment statistics: y = 1 - exp(-dwell / dwell_scale)
+    hover_scale: float = 5.0  # without segment statistics: y = 0.5 min(1, hover / hover_scale)
     prior: tuple[float, ...] | None = None  # w0, bias first; None = zeros
+    # data hygiene (README "Data hygiene"); hygiene=False learns from every event at once, raw
+    hygiene: bool = True
+    lateness: float = 5.0  # events out of order by up to this (event time) are reordered
+    late_policy: str = "apply"  # an event later than that: "apply" at the frontier, or "drop"
+    skew_tolerance: float = 2.0  # a clock offset within this is delivery delay, not skew
+    max_skew: float = 86400.0  # a larger offset is delayed delivery (offline queue, backfill)
+    session_timeout: float = 1800.0  # a longer gap starts a new session
+    impression_timeout: float = 30.0  # an impression not engaged within this is a negative
+    bot_max_rate: float = 5.0  # user actions per second sustained ...
+    bot_burst: float = 60.0  # ... beyond a burst of this many marks a bot
+    bot_short_dwell: float = 0.1  # dwell (seconds) below this ...
+    bot_short_dwell_streak: int = 8  # ... this many times in a row marks a bot
+    bot_regular_cv: float = 0.05  # inter-action intervals this regular (std / mean) ...
+    bot_regular_min: int = 20  # ... after at least this many intervals mark a bot
+    outlier_rule: str = "z"  # "z": robust z-score of the log value; "iqr": Tukey fences
+    outlier_z: float = 3.5  # |z| beyond this is an outlier (Iglewicz-Hoaglin)
+    outlier_iqr: float = 3.0  # fences at q1 - k IQR and q3 + k IQR (log space)
+    outlier_action: str = "drop"  # or "clip" to the bound
+    dwell_max: float = 7200.0  # until the segment has statistics: longer dwell is an outlier
+    hover_max: float = 120.0  # likewise for hover
+    normalize: bool = True  # dwell/hover y = sigmoid(norm_slope z) against segment statistics
+    norm_slope: float = 1.0
+    freq_power: float = 0.5  # importance *= min(1, segment median / user's count) ** power
+    recent_window: float = 300.0  # the recent-window counts cover this many seconds
 
 
 class Constants(NamedTuple):
@@ -148,11 +184,18 @@ def _validate(cfg: TuningConfig) -> None:
     if "default" not in cfg.segments:
         raise bad("a 'default' segment is required")
     for name, s in cfg.segments.items():
-        nums = [getattr(s, f.name) for f in fields(s) if f.name not in ("optimizer", "prior")]
-        if not all(isinstance(n, int | float) and math.isfinite(n) for n in nums):
-            raise bad(f"segment {name!r}: every number must be finite")
-        if s.optimizer not in OPTIMIZERS:
-            raise bad(f"segment {name!r}: optimizer must be one of {OPTIMIZERS}")
+        nums = [getattr(s, f.name) for f in fields(s) if f.name not in _NON_NUMERIC]
+        if not all(isinstance(n, int | float) and math.isfinite(n) and n >= 0 for n in nums):
+            raise bad(f"segment {name!r}: every number must be finite and >= 0")
+        for key, allowed in (("optimizer", OPTIMIZERS), ("late_policy", LATE_POLICIES),
+                             ("outlier_rule", OUTLIER_RULES),
+                             ("outlier_action", OUTLIER_ACTIONS)):
+            if getattr(s, key) not in allowed:
+                raise bad(f"segment {name!r}: {key} must be one of {allowed}")
+        if not (isinstance(s.hygiene, bool) and isinstance(s.normalize, bool)):
+            raise bad(f"segment {name!r}: hygiene and normalize are true or false")
+        if min(s.session_timeout, s.recent_window, s.dwell_max, s.hover_max) <= 0:
+            raise bad(f"segment {name!r}: session_timeout, recent_window, *_max > 0")
         if not 0 < s.lr_min <= s.lr_max:
             raise bad(f"segment {name!r}: need 0 < lr_min <= lr_max")
         if not (0 <= s.beta1 < 1 and 0 <= s.beta2 < 1):

@@ -28,7 +28,11 @@ INTERACTION_KINDS: dict[str, str | None] = {
 }
 CONTROL_KINDS: dict[str, str | None] = {
     "segment": "g",  # the user's segment from now on
+    "clear_bot": None,  # admin: clear a bot verdict (the user learns again)
 }
+# what a user does (the bot heuristics watch these; impressions and explicit feedback are
+# produced by pages and rating forms, not by the pace of a hand)
+ACTION_KINDS = frozenset({"click", "dwell", "scroll", "hover"})
 KINDS = {**INTERACTION_KINDS, **CONTROL_KINDS}
 _NO_EXTRA: Mapping[str, Any] = MappingProxyType({})
 
@@ -54,6 +58,10 @@ class Event(NamedTuple):
     target: float | None = None
     segment: str | None = None
     config: int | None = None
+    received: float | None = None  # server receive time (the broker's), stamped at ingest
+    session: str | None = None  # the client's own session/connection id (a tab, a socket)
+    automated: bool = False  # the publisher declares this traffic automated
+    norms: Mapping[str, tuple[float, float, float]] | None = None  # segment statistics used
     extra: Mapping[str, Any] = _NO_EXTRA  # unknown wire keys, kept and logged
 
     @property
@@ -78,7 +86,8 @@ class Event(NamedTuple):
 
 
 _SCALAR_FIELDS = (
-    "id", "user", "t", "kind", "item", "dwell", "depth", "hover", "target", "segment", "config"
+    "id", "user", "t", "kind", "item", "dwell", "depth", "hover", "target", "segment", "config",
+    "received", "session", "automated", "norms",
 )
 
 
@@ -93,6 +102,7 @@ class Query(NamedTuple):
     user: str
     candidates: tuple[Candidate, ...]
     top: int | None = None
+    windows: bool = False  # also answer the user's recent-window counts
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,3 +119,4 @@ class Ranking:
     scores: tuple[float, ...]
     seq: int
     config: int
+    windows: Mapping[str, int] | None = None  # kind -> count in the recent window, on request

@@ -7,7 +7,7 @@ import math
 import msgpack
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from events import (
@@ -116,7 +116,7 @@ def test_unknown_optional_keys_are_tolerated_and_kept():
     assert event_from_log(encode_logged_event(event)).extra == event.extra
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=200))
 def test_random_bytes_never_escape_as_other_exceptions(raw):
     try:
@@ -126,7 +126,7 @@ def test_random_bytes_never_escape_as_other_exceptions(raw):
         pass
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.dictionaries(
         st.sampled_from(["v", "id", "u", "t", "k", "i", "x", "d", "s", "y", "g", "c"]),

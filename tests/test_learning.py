@@ -13,6 +13,8 @@ from actors.state import UserState
 from events import Event, SegmentConfig, TuningConfig
 
 D = 8
+RAW = {"hygiene": False}  # the update rule alone: every event learns at once (tests of hygiene:
+# tests/test_hygiene.py)
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -68,7 +70,7 @@ def test_learns_a_known_preference_and_follows_a_change(optimizer, seed):
 def test_old_preferences_fade_toward_the_prior_by_event_time():
     prior = tuple(float(i) for i in range(D + 1))
     cfg = TuningConfig(version=1, dim=D, segments={
-        "default": SegmentConfig(half_life=3600.0, prior=prior)})
+        "default": SegmentConfig(half_life=3600.0, prior=prior, **RAW)})
     rng = np.random.default_rng(1)
     state = UserState("u")
     for i in range(50):
@@ -84,7 +86,7 @@ def test_old_preferences_fade_toward_the_prior_by_event_time():
 
 
 def test_clock_never_runs_backwards_for_decay():
-    cfg = TuningConfig(version=1, dim=D)
+    cfg = TuningConfig(version=1, dim=D, segments={"default": SegmentConfig(**RAW)})
     x = np.ones(D)
     s = apply(UserState("u"), Event(id="a", user="u", t=5000.0, kind="click", item="i", x=x), cfg)
     late = apply(s, Event(id="b", user="u", t=100.0, kind="click", item="i", x=x), cfg)
@@ -105,7 +107,7 @@ def test_per_event_step_is_bounded():
 
 def test_window_budget_caps_movement():
     seg = SegmentConfig(max_step=1.0, window=3600.0, window_budget=2.0, lr_min=0.5, lr_max=0.5,
-                        optimizer="adagrad", half_life=1e12)
+                        optimizer="adagrad", half_life=1e12, **RAW)
     cfg = TuningConfig(version=1, dim=D, segments={"default": seg})
     rng = np.random.default_rng(0)
     state = UserState("u")
@@ -123,7 +125,8 @@ def test_window_budget_caps_movement():
 def test_rate_bounds_clip_the_adaptive_rate():
     r = 0.01
     cfg = TuningConfig(version=1, dim=D, segments={"default": SegmentConfig(
-        optimizer="adagrad", lr_min=r, lr_max=r, l2=0.0, max_step=100.0, window_budget=1e9)})
+        optimizer="adagrad", lr_min=r, lr_max=r, l2=0.0, max_step=100.0, window_budget=1e9,
+        **RAW)})
     x = np.arange(D, dtype=float) / D
     s = apply(UserState("u"), Event(id="a", user="u", t=1.0, kind="click", item="i", x=x), cfg)
     full_x = np.concatenate(([1.0], x))
@@ -145,7 +148,7 @@ def test_engagement_targets():
 
 
 def test_apply_is_pure():
-    cfg = TuningConfig(version=1, dim=D)
+    cfg = TuningConfig(version=1, dim=D, segments={"default": SegmentConfig(**RAW)})
     x = np.ones(D)
     s1 = apply(UserState("u"), Event(id="a", user="u", t=1.0, kind="click", item="i", x=x), cfg)
     w_before = s1.w.copy()

@@ -126,7 +126,7 @@ def test_live_state_equals_replay_bit_for_bit(ops, snapshot_every, max_live):
                         continue
                     seen.add(event.id)
                     cfg = mt.configs.get(version)
-                    expected = apply(expected, event, cfg)
+                    expected = apply(expected, event._replace(config=version), cfg)
                 assert live == encode_state(expected)
                 assert [r.seq for r in mt.recorder.read(user)] == list(range(1, len(seen) + 1))
         finally:
