@@ -51,177 +51,210 @@ _KIND_INDEX = {k: i for i, k in enumerate(COUNTED_KINDS)}
 _ACTION_INDEXES = tuple(_KIND_INDEX[k] for k in sorted(ACTION_KINDS))
 
 
-class Hygiene(NamedTuple):
-    """A user's hygiene state (part of `UserState`; in snapshots)."""
-
-    offsets: tuple[float, ...] = ()  # the last SKEW_SAMPLES r - t, oldest first
-    t_max: float = -1.0  # newest corrected event time admitted
-    frontier: float = -1.0  # corrected time of the last released event
-    # waiting for release: (tc, seq, event), sorted
-    pending: tuple[tuple[float, int, Event], ...] = ()
-    # waiting impressions: (due, item, x, event id), sorted by due (items are unique)
-    impressions: tuple[tuple[float, str, np.ndarray, str], ...] = ()
-    session: int = 0  # sessions so far; the current one is number `session`
-    session_start: float = -1.0
-    session_last: float = -1.0
-    session_events: int = 0
-    session_ids: tuple[str, ...] = ()  # client session ids joined into this session
-    bot: str = ""  # the verdict's reason; empty: a human
-    rate_level: float = 0.0  # leaky bucket of user actions (drains bot_max_rate per second)
-    last_action: float = -1.0
-    short_streak: int = 0  # dwell events in a row below bot_short_dwell
-    interval_mean: float = 0.0  # running mean and variance of inter-action intervals
-    interval_var: float = 0.0
-    intervals: int = 0
-    windows: tuple[tuple[int, tuple[int, ...]], ...] = ()  # (bucket, counts by kind)
-    late: int = 0  # events later than the lateness window
-    outliers: int = 0
-    ignored: int = 0  # events of a marked bot
+_FIELDS = (
+    "offsets", "t_max", "frontier", "pending", "impressions", "session", "session_start",
+    "session_last", "session_events", "session_ids", "bot", "rate_level", "last_action",
+    "short_streak", "interval_mean", "interval_var", "intervals", "windows", "late",
+    "outliers", "ignored",
+)
 
 
-EMPTY = Hygiene()
+class Hygiene:
+    """A user's hygiene state (part of `UserState`; in snapshots).
 
+    Mutable, so that one `apply` changes it field by field without rebuilding it a dozen
+    times; purity is kept by the one rule that `apply` mutates only its own `copy()`. The
+    tuple fields are immutable and shared between copies.
+    """
 
-# ---------------------------------------------------------------- 1, 2: time and order
+    __slots__ = _FIELDS
 
+    def __init__(self) -> None:
+        self.offsets: tuple[float, ...] = ()  # the last SKEW_SAMPLES r - t, oldest first
+        self.t_max = -1.0  # newest corrected event time admitted
+        self.frontier = -1.0  # corrected time of the last released event
+        # waiting for release: (tc, seq, event), sorted
+        self.pending: tuple[tuple[float, int, Event], ...] = ()
+        # waiting impressions: (due, item, x, event id), sorted by due (items are unique)
+        self.impressions: tuple[tuple[float, str, np.ndarray, str], ...] = ()
+        self.session = 0  # sessions so far; the current one is number `session`
+        self.session_start = -1.0
+        self.session_last = -1.0
+        self.session_events = 0
+        self.session_ids: tuple[str, ...] = ()  # client session ids joined into this session
+        self.bot = ""  # the verdict's reason; empty: a human
+        self.rate_level = 0.0  # leaky bucket of user actions (drains bot_max_rate per second)
+        self.last_action = -1.0
+        self.short_streak = 0  # dwell events in a row below bot_short_dwell
+        self.interval_mean = 0.0  # running mean and variance of inter-action intervals
+        self.interval_var = 0.0
+        self.intervals = 0
+        self.windows: tuple[tuple[int, tuple[int, ...]], ...] = ()  # (bucket, counts by kind)
+        self.late = 0  # events later than the lateness window
+        self.outliers = 0
+        self.ignored = 0  # events of a marked bot
 
-def corrected_time(h: Hygiene, event: Event, seg: SegmentConfig) -> tuple[float, Hygiene]:
-    """The event's corrected time, and the state with its offset recorded."""
-    t, r = event.t, event.received
-    if r is None:  # no receive time (a library caller, an old log): trust the client
-        return t, h
-    offsets = (*h.offsets[-(SKEW_SAMPLES - 1):], r - t)
-    h = h._replace(offsets=offsets)
-    skew = sorted(offsets)[min(SKEW_RANK, len(offsets) - 1)]
-    tc = t + skew if seg.skew_tolerance < abs(skew) <= seg.max_skew else t
-    if tc > r + seg.skew_tolerance:  # nothing happens after it was received
-        tc = r
-    return tc, h
+    def copy(self) -> Hygiene:
+        new = _new(Hygiene)
+        _copy_fields(self, new)
+        return new
 
+    def __repr__(self) -> str:
+        return "Hygiene(" + ", ".join(f"{n}={getattr(self, n)!r}" for n in _FIELDS) + ")"
 
-def skew(h: Hygiene) -> float:
-    """The current clock-offset estimate (0 without samples), for the debug view."""
-    if not h.offsets:
-        return 0.0
-    return sorted(h.offsets)[min(SKEW_RANK, len(h.offsets) - 1)]
+    # ------------------------------------------------------------ 1, 2: time and order
 
+    def align(self, event: Event, seg: SegmentConfig) -> float:
+        """The event's corrected time; records its clock offset."""
+        t, r = event.t, event.received
+        if r is None:  # no receive time (a library caller, an old log): trust the client
+            return t
+        offsets = self.offsets = (*self.offsets[-(SKEW_SAMPLES - 1):], r - t)
+        skew = sorted(offsets)[min(SKEW_RANK, len(offsets) - 1)]
+        tc = t + skew if seg.skew_tolerance < abs(skew) <= seg.max_skew else t
+        if tc > r + seg.skew_tolerance:  # nothing happens after it was received
+            tc = r
+        return tc
 
-def buffer(h: Hygiene, tc: float, seq: int, event: Event) -> Hygiene:
-    pending = list(h.pending)
-    bisect.insort(pending, (tc, seq, event), key=lambda p: (p[0], p[1]))
-    return h._replace(pending=tuple(pending), t_max=max(h.t_max, tc))
+    def skew(self) -> float:
+        """The current clock-offset estimate (0 without samples), for the debug view."""
+        if not self.offsets:
+            return 0.0
+        return sorted(self.offsets)[min(SKEW_RANK, len(self.offsets) - 1)]
 
+    def buffer(self, tc: float, seq: int, event: Event) -> None:
+        entry = (tc, seq, event)
+        pending = self.pending
+        if not pending or (tc, seq) >= pending[-1][:2]:  # the common case: in order
+            self.pending = (*pending, entry)
+        else:
+            waiting = list(pending)
+            bisect.insort(waiting, entry, key=lambda p: (p[0], p[1]))
+            self.pending = tuple(waiting)
+        if tc > self.t_max:
+            self.t_max = tc
 
-# ---------------------------------------------------------------- 3: sessions, windows, bots
+    # ------------------------------------------------------------ 3: sessions, windows, bots
 
+    def observe_session(self, tc: float, event: Event, seg: SegmentConfig) -> None:
+        if self.session_last < 0 or tc - self.session_last > seg.session_timeout:
+            self.session += 1
+            self.session_start = self.session_last = tc
+            self.session_events = 1
+            self.session_ids = (event.session,) if event.session else ()
+            return
+        ids = self.session_ids
+        if event.session and event.session not in ids and len(ids) < MAX_SESSION_FRAGMENTS:
+            self.session_ids = (*ids, event.session)  # a fragment (a tab, a reconnect) joins
+        if tc > self.session_last:
+            self.session_last = tc
+        self.session_events += 1
 
-def observe_session(h: Hygiene, tc: float, event: Event, seg: SegmentConfig) -> Hygiene:
-    if h.session_last < 0 or tc - h.session_last > seg.session_timeout:
-        ids = (event.session,) if event.session else ()
-        return h._replace(session=h.session + 1, session_start=tc, session_last=tc,
-                          session_events=1, session_ids=ids)
-    ids = h.session_ids
-    if event.session and event.session not in ids and len(ids) < MAX_SESSION_FRAGMENTS:
-        ids = (*ids, event.session)  # a fragment (another tab, a reconnect) joins
-    return h._replace(session_last=max(h.session_last, tc),
-                      session_events=h.session_events + 1, session_ids=ids)
-
-
-def count_window(h: Hygiene, tc: float, kind: str, seg: SegmentConfig) -> Hygiene:
-    bucket = int(tc // (seg.recent_window / WINDOW_BUCKETS))
-    keep = [b for b in h.windows if b[0] > bucket - WINDOW_BUCKETS]
-    index = _KIND_INDEX[kind]
-    if keep and keep[-1][0] == bucket:
-        counts = list(keep[-1][1])
-        counts[index] += 1
-        keep[-1] = (bucket, tuple(counts))
-    else:
+    def count_window(self, tc: float, kind: str, seg: SegmentConfig) -> None:
+        bucket = int(tc // (seg.recent_window / WINDOW_BUCKETS))
+        windows = self.windows
+        index = _KIND_INDEX[kind]
+        if windows and windows[-1][0] == bucket:
+            counts = list(windows[-1][1])
+            counts[index] += 1
+            self.windows = (*windows[:-1], (bucket, tuple(counts)))
+            return
+        keep = [b for b in windows if b[0] > bucket - WINDOW_BUCKETS]
         counts = [0] * len(COUNTED_KINDS)
         counts[index] = 1
         keep.append((bucket, tuple(counts)))
-    return h._replace(windows=tuple(keep))
+        keep.sort(key=lambda b: b[0])
+        self.windows = tuple(keep)
+
+    def window_counts(self, seg: SegmentConfig, now: float | None = None) -> dict[str, int]:
+        """Counts by kind over the recent window ending at `now` (default: the user's newest
+        released event), at the window's bucket granularity."""
+        if now is None:
+            now = self.frontier
+        bucket = int(now // (seg.recent_window / WINDOW_BUCKETS))
+        totals = [0] * len(COUNTED_KINDS)
+        for b, counts in self.windows:
+            if bucket - WINDOW_BUCKETS < b <= bucket:
+                for i, c in enumerate(counts):
+                    totals[i] += c
+        return dict(zip(COUNTED_KINDS, totals, strict=True))
+
+    def recent_actions(self) -> int:
+        """User actions in the current recent window (at the newest released event)."""
+        if not self.windows:
+            return 0
+        first = self.windows[-1][0] - WINDOW_BUCKETS
+        total = 0
+        for b, counts in self.windows:
+            if b > first:
+                for i in _ACTION_INDEXES:
+                    total += counts[i]
+        return total
+
+    def check_bot(self, tc: float, event: Event, seg: SegmentConfig) -> None:
+        """Feed the bot detectors a released event; `bot` becomes the reason on a verdict."""
+        if event.automated:
+            self.bot = "declared: the publisher flagged the event as automated"
+            return
+        if event.kind not in ACTION_KINDS:
+            return
+        dt = tc - self.last_action if self.last_action >= 0 else None
+        level = (max(0.0, self.rate_level - dt * seg.bot_max_rate) if dt is not None
+                 else 0.0) + 1.0
+        self.rate_level, self.last_action = level, tc
+        if event.kind == "dwell":
+            self.short_streak = (self.short_streak + 1 if event.dwell < seg.bot_short_dwell
+                                 else 0)
+        if dt is not None and dt > 0:
+            self.intervals += 1
+            if self.intervals == 1:
+                self.interval_mean, self.interval_var = dt, 0.0
+            else:  # exponentially weighted mean and variance
+                diff = dt - self.interval_mean
+                self.interval_mean += REGULAR_ALPHA * diff
+                self.interval_var = (1.0 - REGULAR_ALPHA) * (
+                    self.interval_var + REGULAR_ALPHA * diff * diff)
+        mean, sd, n = self.interval_mean, math.sqrt(self.interval_var), self.intervals
+        if level > seg.bot_burst:
+            self.bot = (f"rate: over {seg.bot_max_rate:g} actions/s beyond a burst of "
+                        f"{seg.bot_burst:g}")
+        elif self.short_streak >= seg.bot_short_dwell_streak:
+            self.bot = (f"short dwell: {self.short_streak} dwells under "
+                        f"{seg.bot_short_dwell:g} s in a row")
+        elif n >= seg.bot_regular_min and sd < seg.bot_regular_cv * mean:
+            self.bot = (f"regular intervals: {n} intervals of {mean:.3g} s with "
+                        f"std/mean {sd / mean:.3g}")
+
+    def clear_bot(self) -> None:
+        """The admin's `clear_bot` event: no verdict, detectors from scratch."""
+        self.bot = ""
+        self.rate_level, self.short_streak = 0.0, 0
+        self.interval_mean, self.interval_var, self.intervals = 0.0, 0.0, 0
+
+    # ------------------------------------------------------------ 4: impressions
+
+    def add_impression(self, tc: float, event: Event, seg: SegmentConfig) -> None:
+        """Wait for engagement; an impression of an item already waiting restarts its wait."""
+        waiting = [i for i in self.impressions if i[1] != event.item]
+        bisect.insort(waiting, (tc + seg.impression_timeout, event.item, event.x, event.id),
+                      key=lambda i: (i[0], i[1]))
+        self.impressions = tuple(waiting)
+
+    def cancel_impression(self, item: str) -> bool:
+        """An engagement with `item`: its waiting impression is no negative."""
+        waiting = tuple(i for i in self.impressions if i[1] != item)
+        if len(waiting) == len(self.impressions):
+            return False
+        self.impressions = waiting
+        return True
 
 
-def window_counts(h: Hygiene, seg: SegmentConfig, now: float | None = None) -> dict[str, int]:
-    """Counts by kind over the recent window ending at `now` (default: the user's newest
-    released event), at the window's bucket granularity."""
-    if now is None:
-        now = h.frontier
-    bucket = int(now // (seg.recent_window / WINDOW_BUCKETS))
-    totals = [0] * len(COUNTED_KINDS)
-    for b, counts in h.windows:
-        if bucket - WINDOW_BUCKETS < b <= bucket:
-            for i, c in enumerate(counts):
-                totals[i] += c
-    return dict(zip(COUNTED_KINDS, totals, strict=True))
-
-
-def recent_actions(h: Hygiene) -> int:
-    """User actions in the current recent window (at the newest released event)."""
-    if not h.windows:
-        return 0
-    last = h.windows[-1][0]
-    return sum(counts[i] for b, counts in h.windows if b > last - WINDOW_BUCKETS
-               for i in _ACTION_INDEXES)
-
-
-def check_bot(h: Hygiene, tc: float, event: Event, seg: SegmentConfig) -> Hygiene:
-    """Update the bot detectors with a released event; set `bot` to the reason on a verdict."""
-    if event.automated:
-        return h._replace(bot="declared: the publisher flagged the event as automated")
-    if event.kind not in ACTION_KINDS:
-        return h
-    dt = tc - h.last_action if h.last_action >= 0 else None
-    level = (max(0.0, h.rate_level - dt * seg.bot_max_rate) if dt is not None else 0.0) + 1.0
-    streak = h.short_streak
-    if event.kind == "dwell":
-        streak = streak + 1 if event.dwell < seg.bot_short_dwell else 0
-    mean, var, n = h.interval_mean, h.interval_var, h.intervals
-    if dt is not None and dt > 0:
-        n += 1
-        if n == 1:
-            mean, var = dt, 0.0
-        else:  # exponentially weighted mean and variance
-            diff = dt - mean
-            mean += REGULAR_ALPHA * diff
-            var = (1.0 - REGULAR_ALPHA) * (var + REGULAR_ALPHA * diff * diff)
-    h = h._replace(rate_level=level, last_action=tc, short_streak=streak,
-                   interval_mean=mean, interval_var=var, intervals=n)
-    if level > seg.bot_burst:
-        return h._replace(bot=f"rate: over {seg.bot_max_rate:g} actions/s beyond a burst of "
-                              f"{seg.bot_burst:g}")
-    if streak >= seg.bot_short_dwell_streak:
-        return h._replace(bot=f"short dwell: {streak} dwells under {seg.bot_short_dwell:g} s "
-                              "in a row")
-    if n >= seg.bot_regular_min and math.sqrt(var) < seg.bot_regular_cv * mean:
-        return h._replace(bot=f"regular intervals: {n} intervals of {mean:.3g} s with "
-                              f"std/mean {math.sqrt(var) / mean:.3g}")
-    return h
-
-
-def clear_bot(h: Hygiene) -> Hygiene:
-    """The admin's `clear_bot` event: no verdict, detectors from scratch."""
-    return h._replace(bot="", rate_level=0.0, short_streak=0, interval_mean=0.0,
-                      interval_var=0.0, intervals=0)
-
-
-# ---------------------------------------------------------------- 4: impressions
-
-
-def add_impression(h: Hygiene, tc: float, event: Event, seg: SegmentConfig) -> Hygiene:
-    """Wait for engagement; an impression of an item already waiting restarts its wait."""
-    waiting = [i for i in h.impressions if i[1] != event.item]
-    bisect.insort(waiting, (tc + seg.impression_timeout, event.item, event.x, event.id),
-                  key=lambda i: (i[0], i[1]))
-    return h._replace(impressions=tuple(waiting))
-
-
-def cancel_impression(h: Hygiene, item: str) -> tuple[Hygiene, bool]:
-    """An engagement with `item`: its waiting impression is no negative."""
-    waiting = tuple(i for i in h.impressions if i[1] != item)
-    if len(waiting) == len(h.impressions):
-        return h, False
-    return h._replace(impressions=waiting), True
+EMPTY = Hygiene()  # never mutated: apply copies it first
+_new = object.__new__
+# one straight-line function copying every slot: 3x faster than a getattr/setattr loop
+_namespace: dict = {}
+exec("def _copy_fields(a, b):\n" + "".join(f"    b.{n} = a.{n}\n" for n in _FIELDS), _namespace)
+_copy_fields = _namespace["_copy_fields"]
 
 
 # ---------------------------------------------------------------- 5: outliers, engagement
@@ -313,28 +346,26 @@ def signal(event: Event, seg: SegmentConfig, recent: int) -> Signal:
 
 def to_wire(h: Hygiene) -> list:
     """A msgpack-ready form; floats stay float64, so a round trip is bit-identical."""
-    return [
-        list(h.offsets), h.t_max, h.frontier,
-        [[tc, seq, encode_logged_event(e)] for tc, seq, e in h.pending],
-        [[due, item, np.ascontiguousarray(x, _F64).tobytes(), eid]
-         for due, item, x, eid in h.impressions],
-        h.session, h.session_start, h.session_last, h.session_events, list(h.session_ids),
-        h.bot, h.rate_level, h.last_action, h.short_streak,
-        h.interval_mean, h.interval_var, h.intervals,
-        [[b, list(c)] for b, c in h.windows],
-        h.late, h.outliers, h.ignored,
-    ]
+    out = [getattr(h, name) for name in _FIELDS]
+    out[0] = list(h.offsets)
+    out[3] = [[tc, seq, encode_logged_event(e)] for tc, seq, e in h.pending]
+    out[4] = [[due, item, np.ascontiguousarray(x, _F64).tobytes(), eid]
+              for due, item, x, eid in h.impressions]
+    out[9] = list(h.session_ids)
+    out[17] = [[b, list(c)] for b, c in h.windows]
+    return out
 
 
 def from_wire(obj: list) -> Hygiene:
-    (offsets, t_max, frontier, pending, impressions, session, session_start, session_last,
-     session_events, session_ids, bot, rate_level, last_action, short_streak, interval_mean,
-     interval_var, intervals, windows, late, outliers, ignored) = obj
-    return Hygiene(
-        tuple(offsets), t_max, frontier,
-        tuple((tc, seq, event_from_log(body)) for tc, seq, body in pending),
-        tuple((due, item, np.frombuffer(x, _F64), eid) for due, item, x, eid in impressions),
-        session, session_start, session_last, session_events, tuple(session_ids),
-        bot, rate_level, last_action, short_streak, interval_mean, interval_var, intervals,
-        tuple((b, tuple(c)) for b, c in windows), late, outliers, ignored,
-    )
+    if len(obj) != len(_FIELDS):
+        raise ValueError(f"hygiene state has {len(obj)} fields, not {len(_FIELDS)}")
+    h = Hygiene.__new__(Hygiene)
+    for name, value in zip(_FIELDS, obj, strict=True):
+        setattr(h, name, value)
+    h.offsets = tuple(h.offsets)
+    h.pending = tuple((tc, seq, event_from_log(body)) for tc, seq, body in h.pending)
+    h.impressions = tuple((due, item, np.frombuffer(x, _F64), eid)
+                          for due, item, x, eid in h.impressions)
+    h.session_ids = tuple(h.session_ids)
+    h.windows = tuple((b, tuple(c)) for b, c in h.windows)
+    return h

@@ -102,15 +102,20 @@ def apply(
     call has just created. `trace`, when given, receives a `Step` per decision.
     """
     at = 8 * state.recent_pos
-    state = state._replace(
-        seq=state.seq + 1, config=config.version, segment=event.segment or state.segment,
-        recent=state.recent[:at] + id_hash(event.id) + state.recent[at + 8:],
-        recent_pos=(state.recent_pos + 1) % RECENT_IDS)
+    # positional construction: NamedTuple._replace costs microseconds on this hot path
+    (user, seq, _config, segment, t_last, steps, b1p, b2p, bucket, w, m, v, recent, _pos,
+     hyg) = state
+    state = UserState(user, seq + 1, config.version, event.segment or segment, t_last, steps,
+                      b1p, b2p, bucket, w, m, v,
+                      recent[:at] + id_hash(event.id) + recent[at + 8:],
+                      (state.recent_pos + 1) % RECENT_IDS, hyg)
     if event.kind not in INTERACTION_KINDS:  # control events move no weight
-        if event.kind == "clear_bot" and state.hyg is not None:
-            state = state._replace(hyg=hygiene.clear_bot(state.hyg))
         if trace is not None:
             trace.append(Step(event.id, event.kind, event.t, "control"))
+        if event.kind == "clear_bot" and state.hyg is not None:
+            h = state.hyg.copy()
+            h.clear_bot()
+            return _with_hygiene(state, h)
         return state
     seg = config.segment(state.segment)
     if not seg.hygiene:  # raw: every event learns at once, at its own time
@@ -118,51 +123,51 @@ def apply(
         return _learn(state, event.id, event.kind, event.x, y, importance, event.t, config,
                       trace)
 
-    h = state.hyg or hygiene.EMPTY
-    tc, h = hygiene.corrected_time(h, event, seg)
+    h = (state.hyg or hygiene.EMPTY).copy()  # this call's own: mutated below, nowhere else
+    tc = h.align(event, seg)
     if tc < h.frontier:  # later than the lateness window
-        h = h._replace(late=h.late + 1)
+        h.late += 1
         if seg.late_policy == "drop":
             if trace is not None:
                 trace.append(Step(event.id, event.kind, tc, "late_dropped"))
-            return state._replace(hyg=h)
+            return _with_hygiene(state, h)
         if trace is not None:
             trace.append(Step(event.id, event.kind, tc, "late"))
         tc = h.frontier
     elif trace is not None:
         trace.append(Step(event.id, event.kind, tc, "pending"))
-    h = hygiene.buffer(h, tc, state.seq, event)
+    h.buffer(tc, state.seq, event)
     watermark = h.t_max - seg.lateness
-    return _release(state._replace(hyg=h), config, watermark, watermark, trace)
+    return _release(state, h, config, watermark, watermark, trace)
 
 
-def settle(state: UserState, config: TuningConfig) -> UserState:
+def settle(state: UserState, config: TuningConfig,
+           trace: list[Step] | None = None) -> UserState:
     """The state with every buffered event released (impressions still wait for their
     deadline): what a query answers with. Not a logged transition; nothing stores it."""
-    h = state.hyg
-    if h is None or not h.pending:
+    if state.hyg is None or not state.hyg.pending:
         return state
-    return _release(state, config, math.inf, h.t_max - config.segment(state.segment).lateness,
-                    None)
+    h = state.hyg.copy()
+    return _release(state, h, config, math.inf,
+                    h.t_max - config.segment(state.segment).lateness, trace)
 
 
-def _release(state: UserState, config: TuningConfig, events_until: float,
+def _release(state: UserState, h: hygiene.Hygiene, config: TuningConfig, events_until: float,
              due_until: float, trace: list[Step] | None) -> UserState:
-    """Release buffered events and due impressions in event-time order (events first)."""
+    """Release buffered events and due impressions in event-time order (events first);
+    `h` is the caller's own copy, which ends up in the returned state."""
     while True:
-        h = state.hyg
-        event_t = h.pending[0][0] if h.pending else math.inf
-        due_t = h.impressions[0][0] if h.impressions else math.inf
-        if h.pending and event_t <= events_until and event_t <= due_t:
+        if h.pending and h.pending[0][0] <= events_until and (
+                not h.impressions or h.pending[0][0] <= h.impressions[0][0]):
             tc, _seq, event = h.pending[0]
-            state = _released(state._replace(hyg=h._replace(pending=h.pending[1:])), tc,
-                              event, config, trace)
-        elif h.impressions and due_t <= due_until:
+            h.pending = h.pending[1:]
+            state = _released(state, h, tc, event, config, trace)
+        elif h.impressions and h.impressions[0][0] <= due_until:
             due, _item, x, event_id = h.impressions[0]
-            state = state._replace(hyg=h._replace(impressions=h.impressions[1:]))
+            h.impressions = h.impressions[1:]
             state = _impression_negative(state, event_id, x, due, config, trace)
         else:
-            return state
+            return _with_hygiene(state, h)
 
 
 def _impression_negative(state: UserState, event_id: str, x: np.ndarray, t: float,
@@ -172,42 +177,43 @@ def _impression_negative(state: UserState, event_id: str, x: np.ndarray, t: floa
                   trace, "impression_negative")
 
 
-def _released(state: UserState, tc: float, event: Event, config: TuningConfig,
-              trace: list[Step] | None) -> UserState:
-    """One event leaves the buffer: sessions, windows, bots, impressions, outliers, learning."""
+def _released(state: UserState, h: hygiene.Hygiene, tc: float, event: Event,
+              config: TuningConfig, trace: list[Step] | None) -> UserState:
+    """One event leaves the buffer: sessions, windows, bots, impressions, outliers, learning.
+    Mutates `h` (the caller's own copy); returns the state, learned or not."""
     seg = config.segment(state.segment)
-    h = hygiene.observe_session(state.hyg, tc, event, seg)
-    h = hygiene.count_window(h, tc, event.kind, seg)
+    h.observe_session(tc, event, seg)
+    h.count_window(tc, event.kind, seg)
     if not h.bot:
-        h = hygiene.check_bot(h, tc, event, seg)
-    h = h._replace(frontier=max(h.frontier, tc))
+        h.check_bot(tc, event, seg)
+    if tc > h.frontier:
+        h.frontier = tc
     if h.bot:  # logged, counted, never learned from
-        h = h._replace(ignored=h.ignored + 1, impressions=())
+        h.ignored += 1
+        h.impressions = ()
         if trace is not None:
             trace.append(Step(event.id, event.kind, tc, "bot"))
-        return state._replace(hyg=h)
+        return state
     if event.kind == "impression":
-        h = hygiene.add_impression(h, tc, event, seg)
+        h.add_impression(tc, event, seg)
         if trace is not None:
             trace.append(Step(event.id, event.kind, tc, "impression_pending"))
-        state = state._replace(hyg=h)
         if len(h.impressions) > hygiene.MAX_IMPRESSIONS:  # bounded: the oldest is due now
             _due, _item, x, event_id = h.impressions[0]
-            state = state._replace(hyg=h._replace(impressions=h.impressions[1:]))
+            h.impressions = h.impressions[1:]
             state = _impression_negative(state, event_id, x, tc, config, trace)
         return state
-    h, _cancelled = hygiene.cancel_impression(h, event.item)
-    sig = hygiene.signal(event, seg, hygiene.recent_actions(h))
+    h.cancel_impression(event.item)
+    sig = hygiene.signal(event, seg, h.recent_actions())
+    if sig.verdict != "clean":
+        h.outliers += 1
     if sig.verdict == "outlier_dropped":
-        h = h._replace(outliers=h.outliers + 1)
         if trace is not None:
             trace.append(Step(event.id, event.kind, tc, sig.verdict, observed=sig.observed))
-        return state._replace(hyg=h)
-    if sig.verdict == "outlier_clipped":
-        h = h._replace(outliers=h.outliers + 1)
+        return state
     verdict = "applied" if sig.verdict == "clean" else sig.verdict
-    return _learn(state._replace(hyg=h), event.id, event.kind, event.x, sig.y, sig.importance,
-                  tc, config, trace, verdict, sig.observed)
+    return _learn(state, event.id, event.kind, event.x, sig.y, sig.importance, tc, config,
+                  trace, verdict, sig.observed)
 
 
 def _learn(state: UserState, event_id: str, kind: str, x_item: np.ndarray, y: float,
@@ -284,8 +290,13 @@ def _learn(state: UserState, event_id: str, kind: str, x_item: np.ndarray, y: fl
     if trace is not None:
         trace.append(Step(event_id, kind, t, verdict, y, importance, p,
                           float(rate.mean()), step, observed))
-    return state._replace(t_last=max(state.t_last, t), steps=state.steps + 1, b1p=b1p,
-                          b2p=b2p, bucket=level + norm, w=w, m=m, v=v)
+    return UserState(state.user, state.seq, state.config, segment, max(state.t_last, t),
+                     state.steps + 1, b1p, b2p, level + norm, w, m, v, state.recent,
+                     state.recent_pos, state.hyg)
+
+
+def _with_hygiene(state: UserState, h: hygiene.Hygiene) -> UserState:
+    return UserState(*state[:-1], h)
 
 
 def predict(state: UserState, x: np.ndarray, config: TuningConfig) -> float:

@@ -173,14 +173,15 @@ class UserActor(PooledActor):
             log.debug("event.duplicate", user_id=self.user, event_id=event.id)
             done(DUPLICATE)
             return
-        if event.config is None:
-            event = event._replace(config=config.version)
-        if event.norms is None and event.is_interaction:
+        norms = event.norms
+        if norms is None and event.is_interaction:
             segment = event.segment or self.state.segment
             if config.segment(segment).hygiene:  # what apply may compare with, logged
                 h = self.state.hyg
-                event = event._replace(norms=self.ctx.stats.stamp(
-                    segment, event, hygiene.recent_actions(h) if h is not None else 0))
+                norms = self.ctx.stats.stamp(segment, event,
+                                             h.recent_actions() if h is not None else 0)
+        if event.config is None or norms is not event.norms:
+            event = event._replace(config=config.version, norms=norms)
         if self._pending is None:
             self._pending, self._buffer = set(), []
         self._pending.add(event.id)
@@ -308,8 +309,7 @@ class UserActor(PooledActor):
             scores=tuple(top.tolist()),
             seq=state.seq,
             config=config.version,
-            windows=hygiene.window_counts(state.hyg or hygiene.EMPTY,
-                                          config.segment(state.segment))
+            windows=(state.hyg or hygiene.EMPTY).window_counts(config.segment(state.segment))
             if query.windows else None,
         )
 
