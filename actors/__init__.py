@@ -1,6 +1,7 @@
 """User actors, the pure state transition, the directory and the pooled runtime."""
 
-from actors.learning import apply, engagement, predict
+from actors.hygiene import engagement
+from actors.learning import apply, predict
 from actors.messages import Outcome
 from actors.replay import replay_all, replay_user
 from actors.state import UserState, decode_state, encode_state

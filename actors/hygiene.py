@@ -276,15 +276,49 @@ def _sigmoid(z: float) -> float:
     return e / (1.0 + e)
 
 
-def _duration(value: float, key: str, norms: Mapping | None, cap: float, scale: float,
-              seg: SegmentConfig, fallback) -> tuple[float, str]:
-    """(y, verdict) for a duration (dwell, hover) against the segment's log-statistics."""
-    q = norms.get(key) if norms else None
+def _dwell_y(d: float, seg: SegmentConfig) -> float:
+    return 1.0 - math.exp(-d / seg.dwell_scale)
+
+
+def _hover_y(h: float, seg: SegmentConfig) -> float:
+    return 0.5 * min(1.0, h / seg.hover_scale)
+
+
+def engagement(event: Event, seg: SegmentConfig) -> tuple[float, float]:
+    """The raw engagement target y in [0, 1] and importance of one interaction, with no
+    hygiene (a segment with hygiene=False learns from this at once):
+
+    click 1; impression 0 (a weak negative); dwell d: 1 - exp(-d / dwell_scale);
+    scroll depth s: s; hover h: 0.5 min(1, h / hover_scale); feedback: its y. The importance
+    is the kind's `*_importance`.
+    """
+    kind = event.kind
+    if kind == "click":
+        return 1.0, seg.click_importance
+    if kind == "impression":
+        return 0.0, seg.impression_importance
+    if kind == "dwell":
+        return _dwell_y(event.dwell, seg), seg.dwell_importance
+    if kind == "scroll":
+        return event.depth, seg.scroll_importance
+    if kind == "hover":
+        return _hover_y(event.hover, seg), seg.hover_importance
+    if kind == "feedback":
+        return event.target, seg.feedback_importance
+    raise ValueError(f"{kind!r} is not an interaction kind")
+
+
+def _duration(value: float, key: str, norms: Mapping | None, cap: float, seg: SegmentConfig,
+              curve) -> tuple[float, str, float]:
+    """(y, verdict, log value) of a duration (dwell, hover) against the segment's statistics
+    of its log: robust z (median, IQR / 1.349) or Tukey fences, then y = sigmoid(slope z).
+    Without statistics yet: an absolute cap and the raw curve."""
     lv = math.log(max(value, MIN_SECONDS))
-    if q is None:  # the segment has no statistics yet: an absolute cap, the fixed curve
+    q = norms.get(key) if norms else None
+    if q is None:
         if value <= cap:
-            return fallback(value), "clean"
-        return fallback(cap), "outlier_clipped"
+            return curve(value, seg), "clean", lv
+        return curve(cap, seg), "outlier_clipped", lv
     q1, q2, q3 = q
     iqr = q3 - q1
     sigma = max(iqr / IQR_TO_SIGMA, MIN_SCALE)
@@ -293,44 +327,36 @@ def _duration(value: float, key: str, norms: Mapping | None, cap: float, scale: 
     else:
         lo, hi = q1 - seg.outlier_iqr * iqr, q3 + seg.outlier_iqr * iqr
     verdict = "clean"
+    clipped = lv
     if not lo <= lv <= hi:
         verdict = "outlier_clipped"
-        lv = min(max(lv, lo), hi)
+        clipped = min(max(lv, lo), hi)
     if not seg.normalize:
-        return fallback(math.exp(lv)), verdict
-    return _sigmoid(seg.norm_slope * (lv - q2) / sigma), verdict
+        return curve(math.exp(clipped), seg), verdict, lv
+    return _sigmoid(seg.norm_slope * (clipped - q2) / sigma), verdict, lv
 
 
 def signal(event: Event, seg: SegmentConfig, recent: int) -> Signal:
     """The engagement target y in [0, 1] and importance of a released, non-impression event.
 
-    click 1; dwell and hover sigmoid(norm_slope z) of the log duration against the segment's
-    statistics (without them: 1 - exp(-d / dwell_scale), 0.5 min(1, h / hover_scale));
-    scroll depth; feedback its y. Outliers (dwell, hover) are clipped to the bound or dropped.
-    Importance: the kind's weight, times min(1, median / recent) ** freq_power, where recent is
-    the user's actions in the recent window and median the segment's.
+    As `engagement`, except: dwell and hover are tested against the segment's statistics
+    (outliers clipped to the bound, or dropped) and normalised to sigmoid(norm_slope z); and a
+    user action's importance is damped by min(1, segment median / recent) ** freq_power, where
+    recent is the user's actions in the recent window (the segment median of the same count).
     """
     kind = event.kind
     observed: tuple[tuple[str, float], ...] = ()
     verdict = "clean"
-    if kind == "click":
-        y, importance = 1.0, seg.click_importance
-    elif kind == "dwell":
-        y, verdict = _duration(event.dwell, "d", event.norms, seg.dwell_max, seg.dwell_scale,
-                               seg, lambda d: 1.0 - math.exp(-d / seg.dwell_scale))
+    if kind == "dwell":
+        y, verdict, lv = _duration(event.dwell, "d", event.norms, seg.dwell_max, seg, _dwell_y)
         importance = seg.dwell_importance
-        observed = (("d", math.log(max(event.dwell, MIN_SECONDS))),)
+        observed = (("d", lv),)
     elif kind == "hover":
-        y, verdict = _duration(event.hover, "h", event.norms, seg.hover_max, seg.hover_scale,
-                               seg, lambda h: 0.5 * min(1.0, h / seg.hover_scale))
+        y, verdict, lv = _duration(event.hover, "h", event.norms, seg.hover_max, seg, _hover_y)
         importance = seg.hover_importance
-        observed = (("h", math.log(max(event.hover, MIN_SECONDS))),)
-    elif kind == "scroll":
-        y, importance = event.depth, seg.scroll_importance
-    elif kind == "feedback":
-        y, importance = event.target, seg.feedback_importance
+        observed = (("h", lv),)
     else:
-        raise ValueError(f"{kind!r} is not an engagement kind")
+        y, importance = engagement(event, seg)
     if verdict == "outlier_clipped" and seg.outlier_action == "drop":
         verdict = "outlier_dropped"
     if kind in ACTION_KINDS and recent > 0:

@@ -31,34 +31,12 @@ from typing import NamedTuple
 import numpy as np
 
 from actors import hygiene
+from actors.hygiene import engagement
 from actors.state import RECENT_IDS, UserState, id_hash
-from events.config import SegmentConfig, TuningConfig
+from events.config import TuningConfig
 from events.types import INTERACTION_KINDS, Event
 
 _ONE = np.ones(1)
-
-
-def engagement(event: Event, seg: SegmentConfig) -> tuple[float, float]:
-    """The engagement target y in [0, 1] and the importance of one interaction.
-
-    click -> (1, 1); impression (seen, not clicked) -> (0, impression_importance);
-    dwell d -> (1 - exp(-d / dwell_scale), 1); scroll depth s -> (s, 1);
-    hover h -> (0.5 min(1, h / hover_scale), 0.5); feedback y -> (y, 1).
-    """
-    kind = event.kind
-    if kind == "click":
-        return 1.0, 1.0
-    if kind == "impression":
-        return 0.0, seg.impression_importance
-    if kind == "dwell":
-        return 1.0 - math.exp(-event.dwell / seg.dwell_scale), 1.0
-    if kind == "scroll":
-        return event.depth, 1.0
-    if kind == "hover":
-        return 0.5 * min(1.0, event.hover / seg.hover_scale), 0.5
-    if kind == "feedback":
-        return event.target, 1.0
-    raise ValueError(f"{kind!r} is not an interaction kind")
 
 
 def sigmoid(z: float) -> float:

@@ -56,8 +56,10 @@ class SegmentStats:
         stat = self._stats.get((segment, key))
         return None if stat is None else stat.figures
 
-    def stamp(self, segment: str, event: Event, recent_actions: int) -> dict | None:
-        """The figures this event's signal needs, then count the event into them.
+    def stamp(self, segment: str, event: Event, recent_actions: int, *,
+              observe: bool = True) -> dict | None:
+        """The figures this event's signal needs, then (if `observe`: not for a user marked
+        as a bot) count the event into them.
 
         `recent_actions`: the user's actions in the recent window before this event.
         """
@@ -79,7 +81,8 @@ class SegmentStats:
                     stat = self._stats[(segment, key)] = _Quartiles()
                 if stat.figures is not None:
                     norms[key] = stat.figures
-                stat.observe(value)
+                if observe:
+                    stat.observe(value)
         return norms or None
 
     def summary(self) -> dict[str, dict[str, tuple[float, float, float] | None]]:

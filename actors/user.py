@@ -178,8 +178,9 @@ class UserActor(PooledActor):
             segment = event.segment or self.state.segment
             if config.segment(segment).hygiene:  # what apply may compare with, logged
                 h = self.state.hyg
-                norms = self.ctx.stats.stamp(segment, event,
-                                             h.recent_actions() if h is not None else 0)
+                norms = self.ctx.stats.stamp(
+                    segment, event, h.recent_actions() if h is not None else 0,
+                    observe=h is None or not h.bot)  # a bot's signals would skew them
         if event.config is None or norms is not event.norms:
             event = event._replace(config=config.version, norms=norms)
         if self._pending is None:

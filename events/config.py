@@ -50,8 +50,8 @@ class SegmentConfig:
     impression_importance: float = 0.2  # an impression not clicked in time is a weak negative
     click_importance: float = 1.0
     dwell_importance: float = 1.0
-    scroll_importance: float = 0.5
-    hover_importance: float = 0.3
+    scroll_importance: float = 1.0
+    hover_importance: float = 0.5
     feedback_importance: float = 1.0
     dwell_scale: float = 30.0  # without segment statistics: y = 1 - exp(-dwell / dwell_scale)
     hover_scale: float = 5.0  # without segment statistics: y = 0.5 min(1, hover / hover_scale)
@@ -65,7 +65,7 @@ class SegmentConfig:
     session_timeout: float = 1800.0  # a longer gap starts a new session
     impression_timeout: float = 30.0  # an impression not engaged within this is a negative
     bot_max_rate: float = 5.0  # user actions per second sustained ...
-    bot_burst: float = 60.0  # ... beyond a burst of this many marks a bot
+    bot_burst: float = 30.0  # ... beyond a burst of this many marks a bot
     bot_short_dwell: float = 0.1  # dwell (seconds) below this ...
     bot_short_dwell_streak: int = 8  # ... this many times in a row marks a bot
     bot_regular_cv: float = 0.05  # inter-action intervals this regular (std / mean) ...

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from helpers import canonical
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -28,11 +29,13 @@ CONFIG = TuningConfig(version=1, dim=DIM, segments={
     "default": SegmentConfig(half_life=600.0),
     "fast": SegmentConfig(optimizer="rmsprop", lr=0.2, lr_min=0.05, lr_max=0.4, max_step=0.3,
                           half_life=120.0, window=60.0, window_budget=0.5),
-    "slow": SegmentConfig(optimizer="adagrad", half_life=86400.0),
+    "slow": SegmentConfig(optimizer="adagrad", half_life=86400.0, late_policy="drop",
+                          outlier_action="clip", lateness=30.0, impression_timeout=5.0),
+    "raw": SegmentConfig(hygiene=False),
 })
 
 kinds = st.sampled_from(["click", "impression", "dwell", "scroll", "hover", "feedback",
-                         "segment"])
+                         "segment", "clear_bot"])
 
 
 @st.composite
@@ -40,7 +43,9 @@ def event_op(draw):
     kind = draw(kinds)
     fields = {}
     if kind == "segment":
-        fields["segment"] = draw(st.sampled_from(["default", "fast", "slow"]))
+        fields["segment"] = draw(st.sampled_from(["default", "fast", "slow", "raw"]))
+    elif kind == "clear_bot":
+        pass
     else:
         fields["item"] = "i"
         fields["x"] = ITEMS[draw(st.integers(0, len(ITEMS) - 1))]
@@ -50,11 +55,16 @@ def event_op(draw):
             "hover": {"hover": draw(st.floats(0, 30))},
             "feedback": {"target": draw(st.floats(0, 1))},
         }.get(kind, {}))
+    t = draw(st.floats(0, 5000, allow_nan=False))  # unordered event times
+    delay = draw(st.one_of(st.none(), st.floats(-10, 3 * 3600)))  # skewed or late clocks
     return ("event", Event(
         id=f"id{draw(st.integers(0, 25))}",  # a small id pool: repeats are common
         user=draw(st.sampled_from(USERS)),
-        t=draw(st.floats(0, 5000, allow_nan=False)),  # unordered event times
+        t=t,
         kind=kind,
+        received=None if delay is None else t + delay,
+        session=draw(st.sampled_from([None, "tab1", "tab2"])),
+        automated=draw(st.integers(0, 15)) == 0,  # hygiene: a declared bot, now and then
         **fields,
     ))
 
@@ -119,6 +129,8 @@ def test_live_state_equals_replay_bit_for_bit(ops, snapshot_every, max_live):
                 from_snapshot = replay_user(mt.recorder, mt.configs, user)
                 assert live == encode_state(full)
                 assert live == encode_state(from_snapshot)
+                # and without the codec: a field that snapshots lose would show here
+                assert canonical(full) == canonical(from_snapshot) == canonical(mt.state(user))
 
                 expected, seen = UserState(user), set()
                 for event, version in sent[user]:
@@ -128,6 +140,7 @@ def test_live_state_equals_replay_bit_for_bit(ops, snapshot_every, max_live):
                     cfg = mt.configs.get(version)
                     expected = apply(expected, event._replace(config=version), cfg)
                 assert live == encode_state(expected)
+                assert canonical(expected) == canonical(full)
                 assert [r.seq for r in mt.recorder.read(user)] == list(range(1, len(seen) + 1))
         finally:
             mt.close()
