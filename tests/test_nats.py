@@ -22,6 +22,7 @@ from actors.configs import ConfigRegistry
 from adapters.embedded import EmbeddedNats
 from adapters.nats_service import Service, ServiceConfig
 from events import TuningConfig
+from events.codec import event_from_log as decode_event
 from store import open_recorder
 
 DIM = 4
@@ -286,3 +287,32 @@ def test_a_plain_nats_client_in_another_process_gets_the_weights_it_should(serve
 
     asyncio.run(scenario())
 
+
+
+def test_the_broker_receive_time_is_logged_and_corrects_a_skewed_client_clock(server, tmp_path):
+    async def scenario():
+        system, service = await running(tmp_path, server.url)
+        nc = await nats.connect(server.url)
+        js = nc.jetstream()
+        skew = -4 * 3600.0  # the device clock is four hours behind
+        sent = time.time()
+        for i in range(6):
+            await js.publish("microtune.events.ann", body("ann", f"e{i}", time.time() + skew,
+                                                          sid="tab-1"))
+            await asyncio.sleep(0.01)
+        await until(lambda: service.stats.applied == 6)
+        logged = [decode_event(r.body) for r in system.recorder.read("ann")]
+        assert all(sent - 1 <= e.received <= time.time() + 1 for e in logged)
+        assert all(e.session == "tab-1" for e in logged)
+        state = system.state("ann")
+        assert state.hyg.skew() == pytest.approx(-skew, abs=5)
+        assert state.hyg.t_max == pytest.approx(time.time(), abs=30)  # in broker time
+
+        # recent-window counts on request, through the wire format
+        reply = await nc.request("microtune.query.ann", msgpack.packb(
+            {"v": 1, "c": [["a", [1.0, 0, 0, 0]]], "w": True}), timeout=2)
+        assert msgpack.unpackb(reply.data)["rw"]["click"] == 6
+        await nc.close()
+        await service.stop()
+
+    asyncio.run(scenario())
