@@ -18,6 +18,7 @@ from typing import Any
 
 import structlog
 
+from actors import runtime
 from actors.configs import ConfigRegistry
 from actors.directory import Directory
 from actors.messages import Inspect, Outcome, Rank, Track
@@ -73,7 +74,10 @@ class Microtune:
         idle_timeout: float = 600.0,
         snapshot_every: int = 1000,
         max_batch_rows: int = 5000,
+        tune_gc: bool = True,
     ) -> None:
+        if tune_gc:  # process-wide; see actors.runtime.tune_gc
+            runtime.tune_gc()
         self.recorder = recorder
         self.configs = ConfigRegistry(recorder, config)
         self.catalog = Catalog(recorder)
