@@ -38,7 +38,9 @@ class Directory:
         self.idle_timeout = idle_timeout
         self._lock = threading.Lock()
         self._live: OrderedDict[str, ActorRef] = OrderedDict()  # least recently used first
-        self._passivating: dict[str, list[Any]] = {}
+        self._passivating: dict[str, list[Any]] = {}  # user -> messages held meanwhile
+        self._suspended: set[str] = set()  # held until `resume`, even after the actor stopped
+        self._stopped_suspended: set[str] = set()
         self._all_stopped = threading.Condition(self._lock)
         self.activations = 0
         self.passivations = 0
@@ -80,11 +82,43 @@ class Directory:
     def stopped(self, user: str) -> None:
         """Called by a user actor when it has stopped (passivated or failed)."""
         with self._lock:
+            if user in self._suspended:  # messages wait for `resume`
+                self._stopped_suspended.add(user)
+                self._all_stopped.notify_all()
+                return
             waiting = self._passivating.pop(user, None)
             if waiting is None:  # stopped without being asked (a failure)
                 self._live.pop(user, None)
             else:
                 self.passivations += 1
+            if waiting:
+                ref = self._activate(user)
+                for message in waiting:
+                    ref.tell(message)
+            if not self._live and not self._passivating:
+                self._all_stopped.notify_all()
+
+    def suspend(self, user: str, timeout: float = 60.0) -> bool:
+        """Stop the user's actor WITHOUT a snapshot (after its in-flight writes) and hold every
+        message for the user until `resume`: nothing of the user is written meanwhile (an
+        erasure runs in between). False if the actor did not stop in time."""
+        with self._lock:
+            if not self._all_stopped.wait_for(lambda: user not in self._passivating, timeout):
+                return False
+            self._passivating[user] = []
+            self._suspended.add(user)
+            ref = self._live.pop(user, None)
+            if ref is None:
+                return True
+            ref.tell(Passivate(snapshot=False))
+            return self._all_stopped.wait_for(lambda: user in self._stopped_suspended, timeout)
+
+    def resume(self, user: str) -> None:
+        """Deliver what was held for a suspended user (to a fresh actor)."""
+        with self._lock:
+            self._suspended.discard(user)
+            self._stopped_suspended.discard(user)
+            waiting = self._passivating.pop(user, [])
             if waiting:
                 ref = self._activate(user)
                 for message in waiting:

@@ -32,9 +32,9 @@ import numpy as np
 
 from actors import hygiene
 from actors.hygiene import engagement
-from actors.state import RECENT_IDS, UserState, id_hash
+from actors.state import RECENT_IDS, UserState, decode_state, id_hash
 from events.config import TuningConfig
-from events.types import INTERACTION_KINDS, Event
+from events.types import ADMIN_KINDS, INTERACTION_KINDS, Event
 
 _ONE = np.ones(1)
 
@@ -79,6 +79,8 @@ def apply(
     of the input state are never written; in-place operations below act only on arrays this
     call has just created. `trace`, when given, receives a `Step` per decision.
     """
+    if event.kind in ADMIN_KINDS:
+        return _restore(state, event, config, trace)
     at = 8 * state.recent_pos
     # positional construction: NamedTuple._replace costs microseconds on this hot path
     (user, seq, _config, segment, t_last, steps, b1p, b2p, bucket, w, m, v, recent, _pos,
@@ -117,6 +119,23 @@ def apply(
     h.buffer(tc, state.seq, event)
     watermark = h.t_max - seg.lateness
     return _release(state, h, config, watermark, watermark, trace)
+
+
+def _restore(state: UserState, event: Event, config: TuningConfig,
+             trace: list[Step] | None) -> UserState:
+    """`restore` (the first event of an imported user): the exported state, as it was.
+    `rollback`: the state at `to_seq`, carried by the event, as this user's next state; only
+    the seq, the config version and the dedupe ring go on (ids seen since stay seen)."""
+    target = decode_state(event.restored)
+    if trace is not None:
+        trace.append(Step(event.id, event.kind, event.t, event.kind))
+    if event.kind == "restore":
+        return target
+    at = 8 * state.recent_pos
+    return UserState(state.user, state.seq + 1, config.version, target.segment, target.t_last,
+                     target.steps, target.b1p, target.b2p, target.bucket, target.w, target.m,
+                     target.v, state.recent[:at] + id_hash(event.id) + state.recent[at + 8:],
+                     (state.recent_pos + 1) % RECENT_IDS, target.hyg)
 
 
 def settle(state: UserState, config: TuningConfig,

@@ -52,7 +52,10 @@ class SnapshotWritten(NamedTuple):
 
 
 class Passivate(NamedTuple):
-    """Write a snapshot (if the state moved since the last one) and stop."""
+    """Finish in-flight writes, write a snapshot (if the state moved since the last one) and
+    stop. `snapshot=False`: stop without one (the user is about to be erased)."""
+
+    snapshot: bool = True
 
 
 class Inspect(NamedTuple):

@@ -12,16 +12,21 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing as mp
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from typing import NamedTuple
+
+import structlog
 
 from actors.configs import ConfigRegistry
 from actors.learning import apply
 from actors.state import SnapshotError, UserState, decode_state, encode_state
 from events.codec import event_from_log
 from events.config import TuningConfig
+from events.types import Event
 from store.recorder import Recorder, open_recorder
+
+log = structlog.get_logger(__name__)
 
 
 def _config_for(configs: ConfigRegistry, override: TuningConfig | None):
@@ -30,16 +35,38 @@ def _config_for(configs: ConfigRegistry, override: TuningConfig | None):
     return lambda _version: override
 
 
+def event_time(event: Event) -> float:
+    """When an event happened for the operators' tools (--until-time, --to-time): the broker's
+    receive time when logged (it follows the log's order), else the event's own time."""
+    return event.t if event.received is None else event.received
+
+
+def seq_at_time(recorder: Recorder, user: str, until_time: float) -> int:
+    """The seq of the log prefix up to `until_time`: the events before the first one that
+    happened (see `event_time`) later than it."""
+    seq = 0
+    for row in recorder.read(user):
+        if event_time(event_from_log(row.body)) > until_time:
+            break
+        seq = row.seq
+    return seq
+
+
 def replay_user(
     recorder: Recorder,
     configs: ConfigRegistry,
     user: str,
     *,
     until_seq: int | None = None,
+    until_time: float | None = None,
     config: TuningConfig | None = None,
     use_snapshots: bool = True,
 ) -> UserState:
-    """The user's state after the events with seq <= until_seq (all when None)."""
+    """The user's state after the events with seq <= until_seq (all when None), or after the
+    log prefix up to `until_time` (see `seq_at_time`)."""
+    if until_time is not None:
+        seq = seq_at_time(recorder, user, until_time)
+        until_seq = seq if until_seq is None else min(until_seq, seq)
     config_for = _config_for(configs, config)
     state = UserState(user)
     if use_snapshots and config is None:
@@ -76,6 +103,63 @@ def replay_all(
         state = apply(state, event, config_for(event.config))
     if state is not None:
         yield state
+
+
+def current_states(recorder: Recorder, configs: ConfigRegistry, *,
+                   users: Container[str] | None = None) -> Iterator[UserState]:
+    """Every user's current state (latest snapshot + the events after it), from ONE consistent
+    read of the store (`Recorder.scan`), user by user: a point-in-time view in constant
+    memory, safe while the service writes. An undecodable snapshot: that user is rebuilt from
+    its full log (a separate read, logged)."""
+    for entry in recorder.scan():
+        if users is not None and entry.user not in users:
+            continue
+        state = UserState(entry.user)
+        rows = entry.events
+        if entry.snapshot is not None:
+            try:
+                state = decode_state(entry.snapshot.state)
+            except SnapshotError as exc:
+                log.warning("snapshot.undecodable", user_id=entry.user,
+                            seq=entry.snapshot.seq, error=str(exc))
+                rows = list(recorder.read(entry.user))
+        for row in rows:
+            event = event_from_log(row.body)
+            state = apply(state, event, configs.get(event.config))
+        yield state
+
+
+class Mismatch(NamedTuple):
+    user: str
+    seq: int  # the snapshot's seq
+    reason: str
+
+
+def verify_snapshots(recorder: Recorder, configs: ConfigRegistry,
+                     progress: Callable[[int], None] | None = None) -> Iterator[Mismatch]:
+    """Check every user's latest snapshot against a replay of its log from seq 1 (one
+    consistent read, streamed); yields the users whose snapshot differs. `progress(events)`
+    is called after each user."""
+    for entry in recorder.scan(full=True):
+        snap = entry.snapshot
+        if snap is not None:
+            state = UserState(entry.user)
+            for row in entry.events:
+                if row.seq > snap.seq:
+                    break
+                event = event_from_log(row.body)
+                state = apply(state, event, configs.get(event.config))
+            if state.seq != snap.seq:
+                yield Mismatch(entry.user, snap.seq, f"the log ends at seq {state.seq}")
+            elif encode_state(state) != snap.state:
+                try:
+                    decode_state(snap.state)
+                    reason = "the snapshot differs from the replayed state"
+                except SnapshotError as exc:
+                    reason = f"undecodable snapshot: {exc}"
+                yield Mismatch(entry.user, snap.seq, reason)
+        if progress is not None:
+            progress(len(entry.events))
 
 
 class ReplaySummary(NamedTuple):

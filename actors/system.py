@@ -12,10 +12,13 @@ A thin layer, as in the `eventsourcing` library: it owns the parts and offers th
 from __future__ import annotations
 
 import threading
+import time
+import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import structlog
 
 from actors import runtime
@@ -137,6 +140,36 @@ class Microtune:
         if isinstance(result, Rejected):
             raise result
         return result
+
+    def rollback(self, user: str, *, to_seq: int | None = None, to_time: float | None = None,
+                 event_id: str | None = None, by: str | None = None, why: str | None = None,
+                 t: float | None = None, timeout: float = 60.0) -> Outcome:
+        """Append a rollback event: the user's state becomes the replayed state at `to_seq`
+        (or at the log prefix up to `to_time`). An event like any other: in the log with who
+        and why (the audit), replayed, and itself undone by a rollback to the seq before it."""
+        extra = {k: v for k, v in (("by", by), ("why", why), ("tt", to_time)) if v is not None}
+        now = time.time()  # an operator's action: its time is when it is made
+        event = Event(id=event_id or f"rollback-{uuid.uuid4().hex}", user=user,
+                      t=now if t is None else t, kind="rollback", to_seq=to_seq, extra=extra)
+        (outcome,) = self.track_many([event], timeout)
+        return outcome
+
+    def forget(self, user: str, *, by: str | None = None, why: str | None = None,
+               timeout: float = 60.0) -> dict[str, Any]:
+        """Erase a user (privacy law): stop its actor without a snapshot, delete every event
+        and snapshot, and record an audit entry that names no user. Messages for the user that
+        arrive meanwhile are held and then start a new, empty history."""
+        if not self.directory.suspend(user, timeout):
+            raise TimeoutError(f"the actor of the user did not stop within {timeout}s")
+        try:
+            at = time.time()
+            audit = {"action": "forget", "at": at, "by": by, "why": why}
+            n_events, n_snaps, audit_id = self.recorder.forget(
+                user, msgpack.packb(audit, use_bin_type=True))
+        finally:
+            self.directory.resume(user)
+        log.warning("user.forgotten", audit_id=audit_id, events=n_events, snapshots=n_snaps)
+        return {**audit, "audit_id": audit_id, "events": n_events, "snapshots": n_snaps}
 
     def replay(self, user: str, **kw: Any) -> UserState:
         """Rebuild a user's state from the log (see actors.replay.replay_user)."""

@@ -30,6 +30,7 @@ from actors.messages import (
     Track,
     Written,
 )
+from actors.replay import replay_user, seq_at_time
 from actors.runtime import Dispatcher, PooledActor
 from actors.segment_stats import SegmentStats
 from actors.state import SNAPSHOT_SCHEMA, SnapshotError, UserState, decode_state, encode_state
@@ -89,6 +90,7 @@ class UserActor(PooledActor):
         self._inflight: list[tuple[Event, Callable[[Outcome], None]]] | None = None
         self._pending: set[str] | None = None
         self._passivating = False
+        self._snapshot_on_stop = True
         self._snapshotting = False
         self._settled: UserState | None = None  # what queries see (a cache, by seq)
 
@@ -138,8 +140,9 @@ class UserActor(PooledActor):
     def _on_snapshot_written(self, message: SnapshotWritten) -> None:
         self._snapshot_written(message.seq, message.error)
 
-    def _on_passivate(self, _message: Passivate) -> None:
+    def _on_passivate(self, message: Passivate) -> None:
         self._passivating = True
+        self._snapshot_on_stop = message.snapshot
         self._maybe_finish_passivation()
 
     def _on_inspect(self, message: Inspect) -> None:
@@ -173,6 +176,14 @@ class UserActor(PooledActor):
             log.debug("event.duplicate", user_id=self.user, event_id=event.id)
             done(DUPLICATE)
             return
+        if event.kind == "rollback":
+            try:
+                event = self._stamp_rollback(event)
+            except Rejected as rejected:
+                log.info("rollback.rejected", user_id=self.user, event_id=event.id,
+                         detail=rejected.detail)
+                done(Outcome("rejected", error=rejected))
+                return
         norms = event.norms
         if norms is None and event.is_interaction:
             segment = event.segment or self.state.segment
@@ -189,6 +200,25 @@ class UserActor(PooledActor):
         self._buffer.append((event, done))
         if self._inflight is None:
             self._flush()
+
+    def _stamp_rollback(self, event: Event) -> Event:
+        """Put the state at the target seq on the rollback event, so that `apply` (and every
+        replay) restores it from the log alone. The target comes from `to_seq`, or from a time
+        (`extra["tt"]`: the last event received, or timed, at or before it)."""
+        to_seq = event.to_seq
+        if to_seq is None:
+            to_time = event.extra.get("tt")
+            if not isinstance(to_time, int | float):
+                raise Rejected(Reason.MISSING_FIELD, "a rollback needs 'to' (seq) or 'tt'", "to")
+            to_seq = seq_at_time(self.ctx.recorder, self.user, float(to_time))
+        if not 0 <= to_seq <= self.state.seq:
+            raise Rejected(Reason.OUT_OF_RANGE,
+                           f"rollback to seq {to_seq}: the log has seqs 1..{self.state.seq}",
+                           "to")
+        target = replay_user(self.ctx.recorder, self.ctx.configs, self.user, until_seq=to_seq)
+        log.warning("rollback", user_id=self.user, event_id=event.id, seq=self.state.seq + 1,
+                    to_seq=to_seq, by=event.extra.get("by"), why=event.extra.get("why"))
+        return event._replace(to_seq=to_seq, restored=encode_state(target))
 
     def _flush(self) -> None:
         batch, self._buffer = self._buffer, []
@@ -265,7 +295,7 @@ class UserActor(PooledActor):
     def _maybe_finish_passivation(self) -> None:
         if not self._passivating or self._inflight is not None or self._buffer:
             return
-        if self.state.seq != self.snap_seq:
+        if self.state.seq != self.snap_seq and self._snapshot_on_stop:
             self._snapshot()
         if not self._snapshotting:
             self._stop()

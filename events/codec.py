@@ -33,7 +33,8 @@ from events.types import (
 )
 
 _EVENT_KEYS = frozenset(
-    {"v", "id", "u", "t", "k", "i", "x", "d", "s", "h", "y", "g", "c", "r", "sid", "a", "ns"}
+    {"v", "id", "u", "t", "k", "i", "x", "d", "s", "h", "y", "g", "c", "r", "sid", "a", "ns",
+     "to", "st"}
 )
 _TOKEN_FORBIDDEN = frozenset(" \t\r\n.*>")
 _F64 = np.dtype("<f8")
@@ -227,6 +228,8 @@ def event_to_map(event: Event, *, pack_x: bool = False) -> dict[str, Any]:
         ("c", event.config),
         ("r", event.received),
         ("sid", event.session),
+        ("to", event.to_seq),
+        ("st", event.restored),
     ):
         if value is not None:
             out[key] = value
@@ -269,6 +272,8 @@ def event_from_log(body: bytes) -> Event:
         session=obj.get("sid"),
         automated=obj.get("a", False),
         norms=None if norms is None else {k: tuple(v) for k, v in norms.items()},
+        to_seq=obj.get("to"),
+        restored=obj.get("st"),
         extra={k: obj[k] for k in obj if k not in _EVENT_KEYS},
     )
 

@@ -30,6 +30,10 @@ CONTROL_KINDS: dict[str, str | None] = {
     "segment": "g",  # the user's segment from now on
     "clear_bot": None,  # admin: clear a bot verdict (the user learns again)
 }
+# written by operators' tools only (never accepted from publishers): `rollback` restores the
+# state at an earlier seq (`to_seq`; the actor stamps that state, `restored`, on the logged
+# event), `restore` is the first event of a user imported from an export (`restored`)
+ADMIN_KINDS = frozenset({"rollback", "restore"})
 # what a user does (the bot heuristics watch these; impressions and explicit feedback are
 # produced by pages and rating forms, not by the pace of a hand)
 ACTION_KINDS = frozenset({"click", "dwell", "scroll", "hover"})
@@ -62,6 +66,8 @@ class Event(NamedTuple):
     session: str | None = None  # the client's own session/connection id (a tab, a socket)
     automated: bool = False  # the publisher declares this traffic automated
     norms: Mapping[str, tuple[float, float, float]] | None = None  # segment statistics used
+    to_seq: int | None = None  # rollback: the seq whose state comes back
+    restored: bytes | None = None  # rollback, restore: that state (actors.state encoding)
     extra: Mapping[str, Any] = _NO_EXTRA  # unknown wire keys, kept and logged
 
     @property
@@ -87,7 +93,7 @@ class Event(NamedTuple):
 
 _SCALAR_FIELDS = (
     "id", "user", "t", "kind", "item", "dwell", "depth", "hover", "target", "segment", "config",
-    "received", "session", "automated", "norms",
+    "received", "session", "automated", "norms", "to_seq", "restored",
 )
 
 

@@ -10,6 +10,7 @@ from store.recorder import (
     SQLiteRecorder,
     StoredEvent,
     StoreUnavailable,
+    UserLog,
     open_recorder,
 )
 
@@ -24,6 +25,7 @@ __all__ = [
     "Snapshot",
     "StoreUnavailable",
     "StoredEvent",
+    "UserLog",
     "WriteRequest",
     "open_recorder",
 ]

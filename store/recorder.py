@@ -23,7 +23,7 @@ from sqlalchemy import Engine, bindparam, create_engine, event, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from store.schema import configs, events, metadata, snapshots
+from store.schema import audit_log, configs, events, metadata, snapshots
 
 log = structlog.get_logger(__name__)
 
@@ -40,6 +40,14 @@ class Snapshot(NamedTuple):
     seq: int
     schema: int
     state: bytes
+
+
+class UserLog(NamedTuple):
+    """One user's part of a `Recorder.scan`: the latest snapshot and events (see there)."""
+
+    user: str
+    snapshot: Snapshot | None
+    events: list[StoredEvent]
 
 
 class AppendConflict(Exception):
@@ -238,6 +246,67 @@ class Recorder:
             for row in result:
                 yield StoredEvent(*row)
 
+    def scan(self, *, full: bool = False) -> Iterator[UserLog]:
+        """Every user's latest snapshot and events, user by user in code-point order, all read
+        in ONE read transaction: a consistent point in time, however long the scan takes and
+        whatever the service writes meanwhile (SQLite WAL, PostgreSQL REPEATABLE READ).
+
+        `full=False`: the events after the latest snapshot (what the current state needs);
+        `full=True`: every event (to check snapshots against the log). Streamed: one user's
+        events at a time in memory.
+        """
+        latest = (select(snapshots.c.user_id, func.max(snapshots.c.seq).label("seq"))
+                  .group_by(snapshots.c.user_id).subquery())
+        snap_q = (select(snapshots.c.user_id, snapshots.c.seq, snapshots.c.schema,
+                         snapshots.c.state)
+                  .join(latest, (snapshots.c.user_id == latest.c.user_id)
+                        & (snapshots.c.seq == latest.c.seq))
+                  .order_by(self._bytewise(snapshots.c.user_id)))
+        event_q = select(events.c.user_id, events.c.seq, events.c.event_id, events.c.body)
+        if not full:
+            event_q = event_q.outerjoin(latest, events.c.user_id == latest.c.user_id).where(
+                events.c.seq > func.coalesce(latest.c.seq, 0))
+        event_q = event_q.order_by(self._bytewise(events.c.user_id), events.c.seq)
+        with self.engine.connect() as conn:
+            self._begin_consistent_read(conn)
+            stream = conn.execution_options(stream_results=True, yield_per=2000)
+            snaps = (Snapshot(u, q, sc, bytes(st)) for u, q, sc, st in stream.execute(snap_q))
+            rows = (StoredEvent(u, q, e, bytes(b)) for u, q, e, b in stream.execute(event_q))
+            yield from _merge_by_user(snaps, rows)
+            conn.rollback()
+
+    def _bytewise(self, column):
+        """Order by code point, as Python compares strings (the scan merges two streams)."""
+        return column
+
+    def _begin_consistent_read(self, conn) -> None:
+        conn.begin()
+
+    def forget(self, user: str, audit: bytes) -> tuple[int, int, int]:
+        """Erase a user: every event and snapshot, in one transaction with an audit record
+        (which the caller makes free of personal data). The one sanctioned exception to
+        append-only. Returns (events, snapshots deleted, audit record id)."""
+        with self.engine.begin() as conn:
+            n_events = conn.execute(events.delete().where(events.c.user_id == user)).rowcount
+            n_snaps = conn.execute(
+                snapshots.delete().where(snapshots.c.user_id == user)).rowcount
+            audit_id = conn.execute(audit_log.insert().values(body=audit)).inserted_primary_key[0]
+        return n_events, n_snaps, audit_id
+
+    def audit_records(self) -> list[tuple[int, bytes]]:
+        with self.engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(
+                select(audit_log.c.id, audit_log.c.body).order_by(audit_log.c.id))]
+
+    def counts(self) -> dict[str, int]:
+        """Rows per table and distinct users: for `microtune stats`."""
+        with self.engine.connect() as conn:
+            out = {t.name: conn.execute(select(func.count()).select_from(t)).scalar_one()
+                   for t in (events, snapshots, configs, audit_log)}
+            out["users"] = conn.execute(
+                select(func.count(events.c.user_id.distinct()))).scalar_one()
+        return out
+
     def latest_snapshot(self, user: str, max_seq: int | None = None) -> Snapshot | None:
         query = select(snapshots.c.seq, snapshots.c.schema, snapshots.c.state).where(
             snapshots.c.user_id == user
@@ -282,6 +351,26 @@ class Recorder:
         self.engine.dispose()
 
 
+def _merge_by_user(snaps: Iterator[Snapshot], rows: Iterator[StoredEvent]) -> Iterator[UserLog]:
+    """Join two streams ordered by user into one UserLog per user."""
+    snap = next(snaps, None)
+    row = next(rows, None)
+    while snap is not None or row is not None:
+        if row is None or (snap is not None and snap.user < row.user):
+            yield UserLog(snap.user, snap, [])
+            snap = next(snaps, None)
+            continue
+        user = row.user
+        tail = []
+        while row is not None and row.user == user:
+            tail.append(row)
+            row = next(rows, None)
+        mine = None
+        if snap is not None and snap.user == user:
+            mine, snap = snap, next(snaps, None)
+        yield UserLog(user, mine, tail)
+
+
 class SQLiteRecorder(Recorder):
     insert_snapshot_sql = (
         "INSERT OR IGNORE INTO mt_snapshots (user_id, seq, schema, state) VALUES (?, ?, ?, ?)"
@@ -309,6 +398,11 @@ class SQLiteRecorder(Recorder):
 
     def _insert_ignore(self, table):
         return sqlite_insert(table).on_conflict_do_nothing()
+
+    def _begin_consistent_read(self, conn) -> None:
+        # pysqlite opens no transaction for SELECTs: each statement would read at its own
+        # moment. An explicit BEGIN makes both of the scan's statements read one WAL snapshot.
+        conn.exec_driver_sql("BEGIN")
 
     _CHUNK = 256  # rows per INSERT statement (4 parameters each, well under SQLite's limit)
 
@@ -345,6 +439,13 @@ class PostgresRecorder(Recorder):
 
     def _insert_ignore(self, table):
         return pg_insert(table).on_conflict_do_nothing()
+
+    def _bytewise(self, column):
+        return column.collate("C")  # the database's collation may not be code-point order
+
+    def _begin_consistent_read(self, conn) -> None:
+        conn.execution_options(isolation_level="REPEATABLE READ")
+        conn.begin()
 
 
 def open_recorder(url_or_path: str | Path) -> Recorder:

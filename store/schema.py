@@ -52,3 +52,12 @@ catalog = Table(
     Column("item_id", String(128), primary_key=True),
     Column("features", LargeBinary, nullable=False),  # float64 little-endian
 )
+
+audit_log = Table(
+    "mt_audit",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    # msgpack: what was done, when (wall clock), by whom and why; never a user id or any
+    # other personal data (an erasure's record must not keep what it erased)
+    Column("body", LargeBinary, nullable=False),
+)
