@@ -7,11 +7,12 @@ reads a clock, randomness or shared state. What it needs from outside the user's
 The rules, in the order an event meets them (README "Data hygiene" has the table):
 
 1. Time alignment. The logged event has the client's time t and the broker's receive time r.
-   The user's clock offset is the lower quartile of the last SKEW_SAMPLES offsets r - t (a
-   low quantile: delivery delays only add to the offset; a quartile, not the minimum, so that
-   one bogus timestamp does not move it). Offsets within `skew_tolerance` are delay, offsets
-   beyond `max_skew` are delayed delivery (offline queues, backfills): neither is corrected.
-   The corrected time tc = t + offset is never later than r.
+   The user's clock offset is the second smallest of the last SKEW_SAMPLES offsets r - t
+   (a low order statistic: delivery delays only add to the offset, and an offline queue
+   uploaded late does not look like a skewed clock unless it is longer than the window; the
+   second, not the smallest, so that one bogus timestamp does not move it). Offsets within
+   `skew_tolerance` are delay, offsets beyond `max_skew` are delayed delivery (backfills):
+   neither is corrected. The corrected time tc = t + offset is never later than r.
 2. Ordering. Events wait in a buffer until the user's newest time minus `lateness` passes
    them, and leave it in (tc, seq) order. An event older than the last one released is late:
    `late_policy` "apply" learns from it at the release frontier, "drop" ignores it.
@@ -36,8 +37,8 @@ from events.codec import encode_logged_event, event_from_log
 from events.config import SegmentConfig
 from events.types import ACTION_KINDS, INTERACTION_KINDS, Event
 
-SKEW_SAMPLES = 9  # offsets kept for the clock-skew estimate
-SKEW_RANK = 2  # the third smallest of nine: the lower quartile
+SKEW_SAMPLES = 16  # offsets kept for the clock-skew estimate
+SKEW_RANK = 1  # the second smallest
 WINDOW_BUCKETS = 5  # a recent window is counted in this many buckets
 MAX_IMPRESSIONS = 64  # waiting impressions per user; beyond, the oldest becomes due at once
 MAX_SESSION_FRAGMENTS = 16
@@ -240,13 +241,14 @@ class Hygiene:
                       key=lambda i: (i[0], i[1]))
         self.impressions = tuple(waiting)
 
-    def cancel_impression(self, item: str) -> bool:
-        """An engagement with `item`: its waiting impression is no negative."""
-        waiting = tuple(i for i in self.impressions if i[1] != item)
-        if len(waiting) == len(self.impressions):
-            return False
-        self.impressions = waiting
-        return True
+    def cancel_impression(self, item: str) -> str | None:
+        """An engagement with `item`: its waiting impression is no negative. Returns that
+        impression's event id (None if none was waiting)."""
+        for i, waiting in enumerate(self.impressions):
+            if waiting[1] == item:
+                self.impressions = self.impressions[:i] + self.impressions[i + 1:]
+                return waiting[3]
+        return None
 
 
 EMPTY = Hygiene()  # never mutated: apply copies it first

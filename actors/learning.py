@@ -51,7 +51,8 @@ class Step(NamedTuple):
     """What `apply` did with one event (or one impression's deadline), when asked to trace.
 
     `verdict`: applied, pending (waiting for the lateness window), late, late_dropped, bot,
-    outlier_clipped, outlier_dropped, impression_pending, impression_negative, control.
+    outlier_clipped, outlier_dropped, impression_pending, impression_engaged (a later
+    engagement cancelled it), impression_negative, control, rollback, restore.
     For a learning step also the target y, importance, the prediction before the update, the
     mean per-coordinate rate and the step taken (w moved by -step, decay aside).
     """
@@ -200,7 +201,9 @@ def _released(state: UserState, h: hygiene.Hygiene, tc: float, event: Event,
             h.impressions = h.impressions[1:]
             state = _impression_negative(state, event_id, x, tc, config, trace)
         return state
-    h.cancel_impression(event.item)
+    engaged = h.cancel_impression(event.item)
+    if engaged is not None and trace is not None:
+        trace.append(Step(engaged, "impression", tc, "impression_engaged"))
     sig = hygiene.signal(event, seg, h.recent_actions())
     if sig.verdict != "clean":
         h.outliers += 1

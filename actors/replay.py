@@ -24,7 +24,7 @@ from actors.state import SnapshotError, UserState, decode_state, encode_state
 from events.codec import event_from_log
 from events.config import TuningConfig
 from events.types import Event
-from store.recorder import Recorder, open_recorder
+from store.recorder import Recorder, UserLog, open_recorder
 
 log = structlog.get_logger(__name__)
 
@@ -136,10 +136,10 @@ class Mismatch(NamedTuple):
 
 
 def verify_snapshots(recorder: Recorder, configs: ConfigRegistry,
-                     progress: Callable[[int], None] | None = None) -> Iterator[Mismatch]:
+                     progress: Callable[[UserLog], None] | None = None) -> Iterator[Mismatch]:
     """Check every user's latest snapshot against a replay of its log from seq 1 (one
-    consistent read, streamed); yields the users whose snapshot differs. `progress(events)`
-    is called after each user."""
+    consistent read, streamed); yields the users whose snapshot differs. `progress` is
+    called with each user's `UserLog` once it is checked."""
     for entry in recorder.scan(full=True):
         snap = entry.snapshot
         if snap is not None:
@@ -159,7 +159,7 @@ def verify_snapshots(recorder: Recorder, configs: ConfigRegistry,
                     reason = f"undecodable snapshot: {exc}"
                 yield Mismatch(entry.user, snap.seq, reason)
         if progress is not None:
-            progress(len(entry.events))
+            progress(entry)
 
 
 class ReplaySummary(NamedTuple):

@@ -161,15 +161,31 @@ async def _sweep_idle(system, stop: asyncio.Event) -> None:
 COMMANDS = {"serve": serve}
 
 
+USAGE = """usage: microtune <command> [--help]
+
+  serve     run the service (embedded NATS + SQLite by default)
+  demo      simulated users against a running service, with a live view
+
+operators' tools (offline against the store; rollback, forget, stats also --nats-url):
+  replay    rebuild state from the log: --user U | --all, --until-seq/--until-time,
+            --config FILE (counterfactual), --verify (snapshots against the log)
+  debug     a user's timeline: verdict, target, prediction, rate, change per event
+  rollback  append a rollback event: --user U --to-seq N | --to-time T
+  export    every user's current state: --format jsonl|parquet|msgpack --out PATH
+  import    restore an export into a new store
+  forget    erase a user (privacy law), audited
+  stats     users, events, segments; the service's counters with --nats-url"""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    from adapters import demo
+    from adapters import demo, ops
 
     COMMANDS["demo"] = demo.main
+    for name in ops.COMMANDS:
+        COMMANDS[name] = lambda rest, name=name: ops.run(name, rest)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: microtune {" + ",".join(COMMANDS) + "} [--help]\n\n"
-              "  serve  run the service (embedded NATS + SQLite by default)\n"
-              "  demo   simulated users against a running service, with a live view")
+        print(USAGE)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     return COMMANDS[argv[0]](argv[1:])
 

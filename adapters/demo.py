@@ -41,7 +41,6 @@ async def run_demo(url: str, *, users: int, rounds: int, dim: int, prefix: str,
     tastes = {f"demo-user-{u}": rng.normal(size=dim) * 1.5 for u in range(users)}
     history: dict[str, list[float]] = {u: [] for u in tastes}
     mean_by_round: list[float] = []
-    t = time.time()
     n = 0
 
     def table(round_no: int) -> Table:
@@ -74,13 +73,14 @@ async def run_demo(url: str, *, users: int, rounds: int, dim: int, prefix: str,
                 scores.append(agreement)
                 for item in ranking.items[:5]:  # the user sees the top five
                     n += 1
-                    t += 5
                     clicked = rng.random() < 1 / (1 + np.exp(-(items[item] @ taste)))
                     await track(js, user, prefix=prefix, id=f"demo-{n}-{time.time_ns()}",
-                                t=t, kind="click" if clicked else "impression", item=item)
+                                t=time.time(), kind="click" if clicked else "impression",
+                                item=item)
             mean_by_round.append(float(np.mean(scores)))
             live.update(table(round_no))
-            await asyncio.sleep(0.05)
+            # a human pace, irregular: data hygiene marks machine-paced clicking as a bot
+            await asyncio.sleep(rng.uniform(0.8, 2.0))
     await nc.close()
     return mean_by_round
 
@@ -89,7 +89,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="microtune demo", description=__doc__.splitlines()[0])
     parser.add_argument("--nats-url", help="a running `microtune serve`; default: start one")
     parser.add_argument("--users", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--dim", type=int, default=16, help="the service's feature dimension")
     parser.add_argument("--prefix", default="microtune")
     args = parser.parse_args(argv)

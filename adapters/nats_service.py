@@ -132,8 +132,7 @@ class Service:
             self._on_content, 1000))
         self._query_sub = await self.nc.subscribe(
             f"{self.query_subject}.*", cb=self._on_query, pending_msgs_limit=100_000)
-        self._admin_sub = await self.nc.subscribe(f"{cfg.prefix}.admin.stats",
-                                                  cb=self._on_stats)
+        self._admin_sub = await self.nc.subscribe(f"{cfg.prefix}.admin.*", cb=self._on_admin)
         log.info("service.started", servers=servers, prefix=cfg.prefix,
                  max_ack_pending=cfg.max_ack_pending)
 
@@ -282,11 +281,55 @@ class Service:
                            "c")
         return candidate._replace(x=x)
 
-    async def _on_stats(self, msg: Msg) -> None:
-        if msg.reply:
-            body = {**self.stats.to_map(), "live_actors": len(self.system.directory),
-                    "journal_commits": self.system.journal.stats.commits}
-            await self.nc.publish(msg.reply, msgpack.packb(body, use_bin_type=True))
+    # ------------------------------------------------------------ admin
+
+    async def _on_admin(self, msg: Msg) -> None:
+        """`<prefix>.admin.stats | rollback | forget`, request-reply, msgpack both ways.
+        Guard these subjects with NATS permissions: they change and erase users' data."""
+        if not msg.reply:
+            return
+        command = msg.subject.rsplit(".", 1)[-1]
+        try:
+            handler = _ADMIN.get(command)
+            if handler is None:
+                raise Rejected(Reason.UNKNOWN_KIND, f"unknown admin command {command!r} "
+                               f"(known: {', '.join(_ADMIN)})")
+            body = msgpack.unpackb(msg.data, raw=False) if msg.data else {}
+            if not isinstance(body, dict):
+                raise Rejected(Reason.WRONG_TYPE, "an admin request is a msgpack map")
+            answer = await handler(self, body)
+        except Rejected as rejected:
+            answer = rejected.to_wire()
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:
+            answer = Rejected(Reason.MALFORMED, f"bad admin request: {exc}").to_wire()
+        except TimeoutError as exc:
+            answer = {"e": "timeout", "m": str(exc)}
+        await self.nc.publish(msg.reply, msgpack.packb(answer, use_bin_type=True))
+
+    async def _admin_stats(self, _body: dict) -> dict:
+        return {**self.stats.to_map(), "live_actors": len(self.system.directory),
+                "journal_commits": self.system.journal.stats.commits}
+
+    async def _admin_rollback(self, body: dict) -> dict:
+        user = _admin_user(body, self.config.limits)
+        to_seq, to_time = body.get("to"), body.get("tt")
+        if (to_seq is None) == (to_time is None):
+            raise Rejected(Reason.MISSING_FIELD, "give exactly one of 'to' (seq), 'tt' (time)")
+        if to_seq is not None and (not isinstance(to_seq, int) or isinstance(to_seq, bool)):
+            raise Rejected(Reason.WRONG_TYPE, "'to' must be an integer seq", "to")
+        if to_time is not None and not isinstance(to_time, int | float):
+            raise Rejected(Reason.WRONG_TYPE, "'tt' must be a time in seconds", "tt")
+        outcome = await asyncio.to_thread(
+            self.system.rollback, user, to_seq=to_seq, to_time=to_time,
+            by=_text(body.get("by")), why=_text(body.get("why")))
+        if outcome.error is not None:
+            return outcome.error.to_wire()
+        return {"status": outcome.status, "seq": outcome.seq}
+
+    async def _admin_forget(self, body: dict) -> dict:
+        user = _admin_user(body, self.config.limits)
+        return await asyncio.to_thread(self.system.forget, user, by=_text(body.get("by")),
+                                       why=_text(body.get("why")))
 
     # ------------------------------------------------------------ catalog
 
@@ -365,6 +408,24 @@ class Service:
 
     async def _on_reconnected(self) -> None:
         log.info("nats.reconnected", url=str(self.nc.connected_url.netloc))
+
+
+_ADMIN = {
+    "stats": Service._admin_stats,
+    "rollback": Service._admin_rollback,
+    "forget": Service._admin_forget,
+}
+
+
+def _admin_user(body: dict, limits: Limits) -> str:
+    user = body.get("u")
+    if not isinstance(user, str) or not user or len(user) > limits.max_id_length:
+        raise Rejected(Reason.MISSING_FIELD, "'u' (the user) is required", "u")
+    return user
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)[:500]
 
 
 def broker_time(reply: str | None) -> float | None:
