@@ -105,13 +105,26 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"not JSON: {type(value).__name__}")
 
 
+async def _quiet(_exc: Exception) -> None:
+    """nats-py logs every failed attempt with a traceback; the command reports it once."""
+
+
 async def _admin(url: str, prefix: str, command: str, body: dict) -> dict:
     import nats
+    from nats import errors
 
-    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=1)
+    subject = f"{prefix}.admin.{command}"
     try:
-        reply = await nc.request(f"{prefix}.admin.{command}",
-                                 msgpack.packb(body, use_bin_type=True), timeout=120)
+        nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=1,
+                                allow_reconnect=False, error_cb=_quiet)
+    except (OSError, errors.Error) as exc:
+        raise OperatorError(f"cannot reach NATS at {url}: {exc or type(exc).__name__}") from None
+    try:
+        reply = await nc.request(subject, msgpack.packb(body, use_bin_type=True), timeout=120)
+    except errors.NoRespondersError:
+        raise OperatorError(f"no microtune service answers on {subject} at {url}") from None
+    except errors.TimeoutError:
+        raise OperatorError(f"no answer on {subject} within 120 s") from None
     finally:
         await nc.close()
     answer = msgpack.unpackb(reply.data, raw=False)
