@@ -174,3 +174,35 @@ def test_journal_survives_a_dropped_database_connection(pg_url):
     assert journal.stats.retries >= 1
     assert [r.seq for r in recorder.read("ann")] == [1, 2, 3]
     recorder.close()
+
+
+def test_scan_is_one_point_in_time_in_code_point_order(recorder):
+    # "B" < "a" < "ä" in code points; a locale collation would say otherwise
+    users = ["a", "B", "ä", "zed"]
+    recorder.append([row(u, s) for u in users for s in (1, 2, 3)])
+    recorder.save_snapshots([Snapshot("a", 2, 1, b"snap-a-2"), Snapshot("a", 1, 1, b"old"),
+                             Snapshot("zed", 3, 1, b"snap-zed-3")])
+    scan = recorder.scan()
+    first = next(scan)
+    # a writer goes on meanwhile: the scan does not see it
+    recorder.append([row("B", 4), row("new", 1)])
+    entries = [first, *scan]
+    assert [e.user for e in entries] == sorted(users)
+    by_user = {e.user: e for e in entries}
+    assert by_user["a"].snapshot.state == b"snap-a-2"
+    assert [r.seq for r in by_user["a"].events] == [3]  # only after the snapshot
+    assert by_user["zed"].events == [] and by_user["zed"].snapshot.seq == 3
+    assert [r.seq for r in by_user["B"].events] == [1, 2, 3]
+    full = {e.user: e for e in recorder.scan(full=True)}
+    assert [r.seq for r in full["a"].events] == [1, 2, 3]
+    assert [r.seq for r in full["B"].events] == [1, 2, 3, 4]  # a new scan sees it
+
+
+def test_forget_deletes_only_that_user_and_keeps_an_audit_record(recorder):
+    recorder.append([row(u, s) for u in ("ann", "bob") for s in (1, 2)])
+    recorder.save_snapshots([Snapshot("ann", 2, 1, b"s"), Snapshot("bob", 2, 1, b"s")])
+    assert recorder.forget("ann", b"audit") == (2, 1, 1)
+    assert list(recorder.read("ann")) == [] and recorder.latest_snapshot("ann") is None
+    assert [r.seq for r in recorder.read("bob")] == [1, 2]
+    assert recorder.audit_records() == [(1, b"audit")]
+    assert recorder.counts()["users"] == 1
