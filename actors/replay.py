@@ -24,7 +24,7 @@ from actors.state import SnapshotError, UserState, decode_state, encode_state
 from events.codec import event_from_log
 from events.config import TuningConfig
 from events.types import Event
-from store.recorder import Recorder, UserLog, open_recorder
+from store.recorder import Recorder, Snapshot, StoredEvent, UserLog, open_recorder
 
 log = structlog.get_logger(__name__)
 
@@ -141,25 +141,33 @@ def verify_snapshots(recorder: Recorder, configs: ConfigRegistry,
     consistent read, streamed); yields the users whose snapshot differs. `progress` is
     called with each user's `UserLog` once it is checked."""
     for entry in recorder.scan(full=True):
-        snap = entry.snapshot
-        if snap is not None:
-            state = UserState(entry.user)
-            for row in entry.events:
-                if row.seq > snap.seq:
-                    break
-                event = event_from_log(row.body)
-                state = apply(state, event, configs.get(event.config))
-            if state.seq != snap.seq:
-                yield Mismatch(entry.user, snap.seq, f"the log ends at seq {state.seq}")
-            elif encode_state(state) != snap.state:
-                try:
-                    decode_state(snap.state)
-                    reason = "the snapshot differs from the replayed state"
-                except SnapshotError as exc:
-                    reason = f"undecodable snapshot: {exc}"
-                yield Mismatch(entry.user, snap.seq, reason)
+        if entry.snapshot is not None:
+            mismatch = check_snapshot(entry.snapshot, entry.events, configs)
+            if mismatch is not None:
+                yield mismatch
         if progress is not None:
             progress(entry)
+
+
+def check_snapshot(snap: Snapshot, rows: Iterable[StoredEvent],
+                   configs: ConfigRegistry) -> Mismatch | None:
+    """Replay `rows` (the user's log from seq 1) up to the snapshot's seq and compare."""
+    state = UserState(snap.user)
+    for row in rows:
+        if row.seq > snap.seq:
+            break
+        event = event_from_log(row.body)
+        state = apply(state, event, configs.get(event.config))
+    if state.seq != snap.seq:
+        return Mismatch(snap.user, snap.seq, f"the log ends at seq {state.seq}")
+    if encode_state(state) == snap.state:
+        return None
+    try:
+        decode_state(snap.state)
+        reason = "the snapshot differs from the replayed state"
+    except SnapshotError as exc:
+        reason = f"undecodable snapshot: {exc}"
+    return Mismatch(snap.user, snap.seq, reason)
 
 
 class ReplaySummary(NamedTuple):

@@ -29,8 +29,13 @@ from rich.table import Table
 from actors import debug as debugging
 from actors.configs import ConfigRegistry
 from actors.learning import settle
-from actors.replay import current_states, replay_all, replay_user, verify_snapshots
-from actors.state import SnapshotError, decode_state, encode_state
+from actors.replay import (
+    check_snapshot,
+    current_states,
+    replay_all,
+    replay_user,
+    verify_snapshots,
+)
 from events.config import TuningConfig
 from events.errors import Rejected
 from store.recorder import Recorder, open_recorder
@@ -256,15 +261,9 @@ def _verify(recorder, configs, user: str | None, as_json: bool) -> int:
         if snap is None:
             raise OperatorError(f"user {user!r} has no snapshot to verify")
         checked = 1
-        replayed = replay_user(recorder, configs, user, until_seq=snap.seq,
-                               use_snapshots=False)
-        if encode_state(replayed) != snap.state:
-            try:
-                decode_state(snap.state)
-                reason = "the snapshot differs from the replayed state"
-            except SnapshotError as exc:
-                reason = f"undecodable snapshot: {exc}"
-            mismatches.append((user, snap.seq, reason))
+        mismatch = check_snapshot(snap, recorder.read(user, until_seq=snap.seq), configs)
+        if mismatch is not None:
+            mismatches.append(tuple(mismatch))
     else:
         with _progress() as progress:
             task = progress.add_task("verify", total=recorder.count_events())
