@@ -1,0 +1,141 @@
+"""Learning quality on MovieLens-100k, microtune side by side with Vowpal Wabbit and River.
+
+Progressive validation (predict, record, then learn) over every rating in time order; see
+adapters/quality.py for the protocol. Prints a table, writes bench-results/quality.md (a
+markdown report), quality.json and quality.png (rolling AUC over the stream per learner).
+Needs the benchmark extras: pip install -e '.[bench]'.
+
+    python scripts/bench_quality.py            # the whole comparison
+    python scripts/bench_quality.py --limit 20000 --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from adapters import quality as q
+
+console = Console()
+WINDOW = 5000  # ratings per point of the rolling AUC
+
+
+def runs(stream: q.Stream, quick: bool) -> list:
+    dim = len(stream.genres)
+    vw_grid = [f"-q ug -l {lr} --power_t {pt} --l2 {l2}"
+               for lr in ((0.5,) if quick else (0.25, 0.5, 1.0))
+               for pt in ((0.5,) if quick else (0.3, 0.5))
+               for l2 in ((0.0,) if quick else (0.0, 1e-7))]
+    river_lrs = (0.05,) if quick else (0.02, 0.05, 0.1)
+    out = [("baseline", lambda: q.global_mean(stream)),
+           ("baseline", lambda: q.user_mean(stream))]
+    out.append(("microtune", lambda: q.microtune(stream, label="defaults")))
+    for label, seg in (
+        ("adagrad lr 0.3, bounds [0.01, 1]",
+         {"optimizer": "adagrad", "lr": 0.3, "lr_min": 0.01, "lr_max": 1.0}),
+        ("rmsprop lr 0.05, bounds [0.01, 0.1]",
+         {"optimizer": "rmsprop", "lr": 0.05, "lr_max": 0.1}),
+    ):
+        out.append(("microtune", lambda seg=seg, label=label: q.microtune(
+            stream, q.microtune_config(dim, **seg), label)))
+    out += [("vw", lambda a=a: q.vw(stream, a)) for a in vw_grid]
+    out += [("river", lambda lr=lr: q.river_per_user(stream, lr)) for lr in river_lrs]
+    out += [("river", lambda lr=lr: q.river_global(stream, lr)) for lr in river_lrs]
+    return out
+
+
+def rolling_auc(result: q.Result) -> tuple[np.ndarray, np.ndarray]:
+    xs, ys = [], []
+    for end in range(WINDOW, len(result.labels) + 1, WINDOW // 2):
+        xs.append(end)
+        ys.append(q.auc(result.labels[end - WINDOW:end], result.predictions[end - WINDOW:end]))
+    return np.array(xs), np.array(ys)
+
+
+def plot(results: list[q.Result], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 5))
+    for r in results:
+        xs, ys = rolling_auc(r)
+        ax.plot(xs, ys, label=f"{r.learner}: {r.config}", linewidth=1.4)
+    ax.set_xlabel("ratings seen (time order)")
+    ax.set_ylabel(f"AUC of the last {WINDOW} predictions")
+    ax.set_title("MovieLens-100k, progressive validation (best configuration per learner)")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "microtune")
+    parser.add_argument("--limit", type=int, help="only the first N ratings")
+    parser.add_argument("--quick", action="store_true", help="one configuration per peer")
+    parser.add_argument("--out", type=Path, default=Path("bench-results/quality.md"))
+    args = parser.parse_args()
+    stream = q.load_movielens(args.cache, args.limit)
+    console.print(f"{len(stream.ratings):,} ratings, {len(stream.genres)} genres")
+    results: list[q.Result] = []
+    start = time.perf_counter()
+    plan = runs(stream, args.quick)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("learners", total=len(plan))
+        for _name, run in plan:
+            results.append(run())
+            progress.advance(task)
+    elapsed = time.perf_counter() - start
+
+    table = Table(title="MovieLens-100k, progressive validation")
+    headers = ("learner", "config", "AUC", "log loss", "AUC last half", "log loss last half",
+               "events/s")
+    for h in headers:
+        table.add_column(h, justify="left" if h in ("learner", "config") else "right")
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for r in results:
+        f = r.figures
+        row = (r.learner, r.config, f"{f['auc']:.4f}", f"{f['log_loss']:.4f}",
+               f"{f['auc_last_half']:.4f}", f"{f['log_loss_last_half']:.4f}",
+               f"{f['events_per_s']:,.0f}")
+        table.add_row(*row)
+        lines.append("| " + " | ".join(row) + " |")
+    console.print(table)
+
+    by_learner: dict[str, list[q.Result]] = {}
+    for r in results:
+        by_learner.setdefault(r.learner, []).append(r)
+    bests = [q.best(rs) for rs in by_learner.values()]
+    default = next(r for r in results if r.learner == "microtune" and r.config == "defaults")
+    vw_best = q.best(by_learner["vowpal wabbit"])
+    verdict = (f"microtune defaults: AUC {default.figures['auc']:.4f} (last half "
+               f"{default.figures['auc_last_half']:.4f}); best VW: "
+               f"{vw_best.figures['auc']:.4f} ({vw_best.figures['auc_last_half']:.4f}), "
+               f"{vw_best.config}")
+    console.print(verdict)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    png = args.out.with_suffix(".png")
+    plot(bests, png)
+    args.out.write_text(
+        f"# Learning quality, MovieLens-100k\n\n{time.strftime('%Y-%m-%d')}, "
+        f"{platform.machine()}, Python {platform.python_version()}; "
+        f"{len(stream.ratings):,} ratings; whole run {elapsed:.0f} s.\n\n"
+        + "\n".join(lines) + f"\n\n{verdict}\n\n![rolling AUC]({png.name})\n")
+    args.out.with_suffix(".json").write_text(json.dumps(
+        [{"learner": r.learner, "config": r.config, **r.figures} for r in results], indent=2))
+    console.print(f"written to {args.out}, {png} ({elapsed:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

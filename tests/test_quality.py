@@ -1,0 +1,77 @@
+"""The quality benchmark's protocol on a tiny synthetic sample in MovieLens's recbole format
+(the real data is fetched by scripts/bench_quality.py; its licence forbids shipping it)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from adapters import quality as q
+
+GENRES = ["Action", "Comedy", "Drama", "Horror", "Sci-Fi"]
+
+
+def sample(users: int = 30, per_user: int = 60, seed: int = 0) -> tuple[str, str]:
+    """Users who like some genres and dislike others; ratings 1-5 in recbole's files."""
+    rng = np.random.default_rng(seed)
+    items = ["item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq"]
+    item_genres = {}
+    for i in range(1, 121):
+        gs = list(rng.choice(GENRES, size=rng.integers(1, 3), replace=False))
+        item_genres[str(i)] = gs
+        items.append(f"{i}\tMovie {i}\t1990\t{' '.join(gs)}")
+    taste = {str(u): dict(zip(GENRES, rng.normal(size=len(GENRES)) * 2, strict=True))
+             for u in range(1, users + 1)}
+    rows = ["user_id:token\titem_id:token\trating:float\ttimestamp:float"]
+    for u, k in itertools.product(range(1, users + 1), range(per_user)):
+        item = str(rng.integers(1, 121))
+        score = sum(taste[str(u)][g] for g in item_genres[item])
+        rating = int(np.clip(round(3 + score + rng.normal()), 1, 5))
+        rows.append(f"{u}\t{item}\t{rating}\t{880000000 + k * 100 + u}")
+    return "\n".join(rows), "\n".join(items)
+
+
+def test_the_stream_is_time_ordered_labelled_and_multi_hot():
+    inter = ("user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+             "1\t10\t5\t300\n2\t11\t3\t100\n3\t10\t4\t300\n")
+    items = ("item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
+             "10\tA\t1990\tComedy Drama\n11\tB\t1991\tAction\n")
+    stream = q.load(inter, items)
+    assert stream.genres == ["Action", "Comedy", "Drama"]
+    assert [(r.user, r.y) for r in stream.ratings] == [("2", 0.0), ("1", 1.0), ("3", 1.0)]
+    assert stream.ratings[1].x.tolist() == [0.0, 1.0, 1.0]
+
+
+def test_auc_against_all_pairs():
+    rng = np.random.default_rng(1)
+    y = (rng.random(300) < 0.4).astype(float)
+    p = np.round(rng.random(300), 1)  # many ties
+    pos, neg = p[y == 1], p[y == 0]
+    pairs = np.mean([(a > b) + 0.5 * (a == b) for a in pos for b in neg])
+    assert q.auc(y, p) == pytest.approx(pairs)
+    assert q.auc(np.array([0, 1.0]), np.array([0.1, 0.9])) == 1.0
+    assert q.log_loss(np.array([1.0]), np.array([0.5])) == pytest.approx(np.log(2))
+
+
+def test_microtune_predicts_before_it_learns_and_learns_tastes():
+    stream = q.load(*sample())
+    result = q.microtune(stream)
+    first = {}
+    for r, p in zip(stream.ratings, result.predictions, strict=True):
+        first.setdefault(r.user, p)
+    assert set(first.values()) == {0.5}  # no user's first prediction has seen its label
+    assert result.figures["auc_last_half"] > 0.7, result.figures
+    baseline = q.user_mean(stream).figures["auc_last_half"]
+    assert result.figures["auc_last_half"] > baseline
+
+
+def test_the_peers_run_the_same_protocol():
+    pytest.importorskip("vowpalwabbit", reason="benchmark extra: pip install -e '.[bench]'")
+    pytest.importorskip("river", reason="benchmark extra: pip install -e '.[bench]'")
+    stream = q.load(*sample(users=10, per_user=40))
+    for result in (q.vw(stream, "-q ug -l 0.5"), q.river_per_user(stream, 0.05),
+                   q.river_global(stream, 0.05)):
+        assert len(result.predictions) == len(stream.ratings)
+        assert result.figures["auc"] > 0.6, (result.config, result.figures)
