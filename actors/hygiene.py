@@ -41,6 +41,7 @@ SKEW_SAMPLES = 16  # offsets kept for the clock-skew estimate
 SKEW_RANK = 1  # the second smallest
 WINDOW_BUCKETS = 5  # a recent window is counted in this many buckets
 MAX_IMPRESSIONS = 64  # waiting impressions per user; beyond, the oldest becomes due at once
+MAX_PENDING = 256  # events in the reorder buffer; beyond, the oldest is released at once
 MAX_SESSION_FRAGMENTS = 16
 MIN_SECONDS = 1e-3  # log(0) guard for dwell and hover
 IQR_TO_SIGMA = 1.349  # a normal distribution's IQR in standard deviations

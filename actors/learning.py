@@ -155,8 +155,9 @@ def _release(state: UserState, h: hygiene.Hygiene, config: TuningConfig, events_
     """Release buffered events and due impressions in event-time order (events first);
     `h` is the caller's own copy, which ends up in the returned state."""
     while True:
-        if h.pending and h.pending[0][0] <= events_until and (
-                not h.impressions or h.pending[0][0] <= h.impressions[0][0]):
+        forced = len(h.pending) > hygiene.MAX_PENDING  # a clock that never advances
+        if h.pending and (h.pending[0][0] <= events_until or forced) and (
+                forced or not h.impressions or h.pending[0][0] <= h.impressions[0][0]):
             tc, _seq, event = h.pending[0]
             h.pending = h.pending[1:]
             state = _released(state, h, tc, event, config, trace)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from actors import Microtune, encode_state
-from actors.hygiene import Hygiene, engagement, signal
+from actors.hygiene import MAX_PENDING, Hygiene, engagement, signal
 from actors.learning import Step, apply, settle
 from actors.segment_stats import MIN_SAMPLES, SegmentStats
 from actors.state import UserState, decode_state
@@ -121,6 +121,15 @@ def test_a_late_event_applied_under_policy_apply_learns_at_the_frontier():
     steps = trace + settle_trace(state, cfg)
     (learned,) = [s for s in steps if s.event_id == "late" and s.y is not None]
     assert learned.t == T0 + 80  # the frontier when it arrived: the last released event
+
+
+def test_the_reorder_buffer_is_bounded_when_event_time_stands_still():
+    cfg = config()
+    state, trace = fold([ev(i, T0, "feedback", item="abcd"[i % 4], target=1.0)
+                         for i in range(300)], cfg)  # feedback: not paced like a bot
+    assert len(state.hyg.pending) == MAX_PENDING
+    assert len(verdicts(trace, "applied")) == 300 - MAX_PENDING
+    assert [s.event_id for s in trace if s.verdict == "applied"][:3] == ["0", "1", "2"]
 
 
 # ---------------------------------------------------------------- sessions
