@@ -184,6 +184,11 @@ class UserActor(PooledActor):
                          detail=rejected.detail)
                 done(Outcome("rejected", error=rejected))
                 return
+            except Exception as exc:  # the store failed the replay: answer, stay alive
+                log.error("rollback.failed", user_id=self.user, event_id=event.id,
+                          error=repr(exc))
+                done(Outcome("failed"))
+                return
         norms = event.norms
         if norms is None and event.is_interaction:
             segment = event.segment or self.state.segment

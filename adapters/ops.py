@@ -22,6 +22,7 @@ from typing import Any
 
 import msgpack
 import numpy as np
+import structlog
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -36,6 +37,7 @@ from actors.replay import (
     replay_user,
     verify_snapshots,
 )
+from adapters.logs import configure_logging
 from events.config import TuningConfig
 from events.errors import Rejected
 from store.recorder import Recorder, open_recorder
@@ -536,6 +538,9 @@ COMMANDS = {"replay": replay, "debug": debug, "rollback": rollback, "export": ex
 
 
 def run(name: str, argv: list[str]) -> int:
+    if not structlog.is_configured():  # a host (a test, an application) may have done it
+        # warnings and errors only (a rollback and an erasure log one each), on stderr
+        configure_logging(os.environ.get("MICROTUNE_LOG_LEVEL", "warning"), json=False)
     try:
         return COMMANDS[name](argv)
     except OperatorError as exc:
