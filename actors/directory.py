@@ -64,6 +64,12 @@ class Directory:
             ref.actor_inbox.touched = now
             ref.tell(message)
 
+    def touch(self, user: str) -> None:
+        """Mark a live user as used now (a query answered without a message)."""
+        ref = self._live.get(user)
+        if ref is not None:
+            ref.actor_inbox.touched = time.monotonic()
+
     def _activate(self, user: str) -> ActorRef:
         over = len(self._live) + 1 - self.max_live
         if over > 0:  # evict a little more than needed, so that eviction is not per message

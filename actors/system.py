@@ -113,7 +113,14 @@ class Microtune:
         self.directory.tell(event.user, Track(event, done))
 
     def rank_async(self, query: Query, done: Callable[[Ranking | Rejected], None]) -> None:
-        self.directory.tell(query.user, Rank(query, done))
+        """Rank for a live user at once, on this thread (`UserActor.rank_now`); otherwise
+        through the user's actor, which activates it."""
+        actor = self.context.readable.get(query.user)
+        if actor is None:
+            self.directory.tell(query.user, Rank(query, done))
+            return
+        self.directory.touch(query.user)
+        done(actor.rank_now(query))
 
     # ------------------------------------------------------------ blocking conveniences
 

@@ -57,6 +57,9 @@ class UserContext:
     snapshot_every: int = 1000  # events between periodic snapshots
     stats: SegmentStats = field(default_factory=SegmentStats)  # stamped on events (hygiene)
     on_stopped: Callable[[str], None] = lambda _user: None  # the directory's hook
+    # user -> its actor once its state is loaded: queries read that state directly (see
+    # `UserActor.rank_now`) instead of queueing behind ingest in the dispatcher
+    readable: dict[str, UserActor] = field(default_factory=dict)
 
 
 def rebuild(recorder: Recorder, configs: ConfigRegistry, user: str) -> tuple[UserState, int]:
@@ -98,12 +101,19 @@ class UserActor(PooledActor):
 
     def on_start(self) -> None:
         self.state, self.snap_seq = rebuild(self.ctx.recorder, self.ctx.configs, self.user)
+        self.ctx.readable[self.user] = self
 
     def on_stop(self) -> None:
+        self._unreadable()
         self.ctx.on_stopped(self.user)
 
     def on_failure(self, *_exc_info: Any) -> None:
+        self._unreadable()
         self.ctx.on_stopped(self.user)
+
+    def _unreadable(self) -> None:
+        if self.ctx.readable.get(self.user) is self:
+            del self.ctx.readable[self.user]
 
     def _actor_loop_teardown(self) -> None:
         # Fail (rather than silently drop) the callbacks of messages that arrive too late.
@@ -307,13 +317,21 @@ class UserActor(PooledActor):
 
     # ------------------------------------------------------------ queries
 
+    def rank_now(self, query: Query) -> Ranking | Rejected:
+        """Answer a query on the caller's thread. Safe beside the actor's own turns: it only
+        reads `self.state`, an immutable value that the actor replaces in one assignment,
+        and the settled view is a cache of a pure function of it. So a query never waits
+        behind the events queued for the dispatcher; it sees every applied event."""
+        return self._rank(query)
+
     def _view(self) -> UserState:
         """The state with the reorder buffer released: queries answer with every event the
         user has sent, not only those past the lateness window. Not logged; cached by seq."""
+        state = self.state  # read once: the actor may replace it meanwhile
         settled = self._settled
-        if settled is None or settled.seq != self.state.seq:
-            config = self.ctx.configs.get(self.state.config or None)
-            settled = self._settled = settle(self.state, config)
+        if settled is None or settled.seq != state.seq:
+            config = self.ctx.configs.get(state.config or None)
+            settled = self._settled = settle(state, config)
         return settled
 
     def _rank(self, query: Query) -> Ranking | Rejected:

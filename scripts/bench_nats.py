@@ -1,12 +1,16 @@
-"""End-to-end benchmark through NATS: durable ingest and query latency.
+"""End-to-end benchmark through NATS: durable ingest, RSS over time, query latency.
 
 - ingest: a publisher process loads the events stream (N events over U users), then the
-  service (this process: embedded nats-server, SQLite) consumes, commits, applies and acks
-  them; events/s is measured from the first ack to the last applied event;
-- queries: a client process sends requests open-loop at a fixed rate (default 1000/s), each
-  with 100 candidates carrying their features, and records latency p50/p95/p99.
+  service (this process: embedded nats-server; SQLite, or PostgreSQL with --store) consumes,
+  commits, applies and acks them; events/s from resuming the consumer to the last applied
+  event, and the service's RSS sampled every second (plotted to bench-results/nats.png);
+- queries: a client process sends requests open-loop at fixed rates (default 500, 1000,
+  5000/s), each with 100 candidates carrying their features, and records p50/p95/p99; first
+  with ingest idle, then while a fresh batch of events (--during-ingest) is ingested.
 
-    python scripts/bench_nats.py --users 100000 --events 300000
+    python scripts/bench_nats.py --users 100000 --events 600000
+    python scripts/bench_nats.py --store postgresql://postgres@127.0.0.1/test --out \
+        bench-results/nats-pg.json
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ import argparse
 import asyncio
 import logging
 import multiprocessing as mp
+import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -33,7 +39,7 @@ from events import TuningConfig
 console = Console()
 
 
-def publisher(url: str, users: int, events: int, dim: int) -> None:
+def publisher(url: str, users: int, events: int, dim: int, first: int = 0) -> None:
     import msgpack
     import nats
 
@@ -43,7 +49,7 @@ def publisher(url: str, users: int, events: int, dim: int) -> None:
         rng = np.random.default_rng(1)
         items = rng.normal(size=(1000, dim)).round(4).tolist()
         pending = []
-        for n in range(events):
+        for n in range(first, first + events):
             u = n % users
             body = msgpack.packb({"v": 1, "id": f"e{n}", "u": f"user{u}", "t": 1.7e9 + n * 0.01,
                                   "k": "click" if n % 4 == 0 else "impression",
@@ -96,53 +102,144 @@ def querier(url: str, rate: float, seconds: float, dim: int, users: int, out) ->
     asyncio.run(run())
 
 
+class RssSampler:
+    """RSS of this process (the service) once a second, with the events applied so far."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.samples: list[tuple[float, float, int]] = []  # (seconds, MiB, applied)
+        self._stop = threading.Event()
+        self._start = time.perf_counter()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        page = os.sysconf("SC_PAGE_SIZE")
+        while not self._stop.wait(1.0):
+            with open("/proc/self/statm") as f:
+                rss = int(f.read().split()[1]) * page / 2**20
+            self.samples.append((time.perf_counter() - self._start, rss,
+                                 self.service.stats.applied))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+async def publish(url: str, users: int, events: int, dim: int, first: int = 0) -> None:
+    pub = mp.get_context("spawn").Process(target=publisher,
+                                          args=(url, users, events, dim, first))
+    pub.start()
+    await asyncio.to_thread(pub.join)
+
+
+async def queries(url: str, rate: float, seconds: float, dim: int, users: int) -> dict:
+    out = mp.get_context("spawn").Queue()
+    q = mp.get_context("spawn").Process(target=querier,
+                                        args=(url, rate, seconds, dim, users, out))
+    q.start()
+    res = await asyncio.to_thread(out.get)
+    await asyncio.to_thread(q.join)
+    return res
+
+
+def latency(results: dict, key: str, res: dict) -> None:
+    lat = np.array(res["latencies"]) * 1e3
+    for pct in (50, 95, 99):
+        results[f"{key}_p{pct}_ms"] = round(float(np.percentile(lat, pct)), 3)
+    results[f"{key}_errors"] = res["errors"]
+
+
+async def ingest(service: Service, count: int, label: str) -> float:
+    """Resume consuming and wait until `count` more events are applied; events/s."""
+    target = service.stats.applied + service.stats.duplicates + count
+    start = time.perf_counter()
+    await service.resume_consuming()
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task(label, total=count)
+        while service.stats.applied + service.stats.duplicates < target:
+            progress.update(task, completed=count - (target - service.stats.applied
+                                                      - service.stats.duplicates))
+            await asyncio.sleep(0.2)
+    elapsed = time.perf_counter() - start
+    await service.stop_consuming()
+    return count / elapsed
+
+
 async def main_async(args) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="microtune-bench-nats-"))
     server = EmbeddedNats(tmp / "nats").start()
-    results: dict = {"users": args.users, "events": args.events, "dim": args.dim}
-    system = Microtune.open(tmp / "bench.db", TuningConfig(version=1, dim=args.dim),
+    store = args.store or str(tmp / "bench.db")
+    backend = store.split(":")[0] if "://" in store else "sqlite"
+    results: dict = {"users": args.users, "events": args.events, "dim": args.dim,
+                     "store": backend}
+    system = Microtune.open(store, TuningConfig(version=1, dim=args.dim),
                             max_live=args.users + 1)
     service = Service(system, ServiceConfig(max_ack_pending=args.max_ack_pending))
     await service.start(server.url)  # creates the streams
     await service.stop_consuming()
 
+    # 1. durable ingest alone, RSS sampled
     console.print(f"publishing {args.events:,} events for {args.users:,} users ...")
-    pub = mp.get_context("spawn").Process(
-        target=publisher, args=(server.url, args.users, args.events, args.dim))
-    pub.start()
-    await asyncio.to_thread(pub.join)
-
-    start = time.perf_counter()
+    await publish(server.url, args.users, args.events, args.dim)
+    sampler = RssSampler(service)
     cpu0 = time.process_time()
-    await service.resume_consuming()
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("ingest", total=args.events)
-        while service.stats.applied + service.stats.duplicates < args.events:
-            progress.update(task, completed=service.stats.applied)
-            await asyncio.sleep(0.2)
-    elapsed = time.perf_counter() - start
-    results["ingest_events_per_s"] = round(args.events / elapsed)
+    results["ingest_events_per_s"] = round(await ingest(service, args.events, "ingest"))
+    sampler.stop()
+    results["ingest_seconds"] = round(sampler.samples[-1][0] if sampler.samples else 0, 1)
     results["ingest_cpu_us_per_event"] = round(
         (time.process_time() - cpu0) / args.events * 1e6, 1)
     results["journal_events_per_commit"] = round(
         system.journal.stats.events / max(1, system.journal.stats.commits), 1)
+    if sampler.samples:
+        rss = [mib for _, mib, _ in sampler.samples]
+        results["rss_start_mib"] = round(rss[0])
+        results["rss_peak_mib"] = round(max(rss))
+        results["rss_end_mib"] = round(rss[-1])
 
+    # 2. queries with ingest idle
     for rate in args.rates:
-        out = mp.get_context("spawn").Queue()
-        q = mp.get_context("spawn").Process(
-            target=querier, args=(server.url, rate, args.query_seconds, args.dim, args.users, out))
-        q.start()
-        res = await asyncio.to_thread(out.get)
-        await asyncio.to_thread(q.join)
-        lat = np.array(res["latencies"]) * 1e3
-        key = f"query_{int(rate)}qps"
-        results[f"{key}_p50_ms"] = round(float(np.percentile(lat, 50)), 3)
-        results[f"{key}_p95_ms"] = round(float(np.percentile(lat, 95)), 3)
-        results[f"{key}_p99_ms"] = round(float(np.percentile(lat, 99)), 3)
-        results[f"{key}_errors"] = res["errors"]
+        res = await queries(server.url, rate, args.query_seconds, args.dim, args.users)
+        latency(results, f"query_{int(rate)}qps_idle", res)
+
+    # 3. queries while ingest runs (a fresh batch of events each time)
+    if args.during_ingest:
+        first = args.events
+        for rate in args.rates:
+            await publish(server.url, args.users, args.during_ingest, args.dim, first)
+            first += args.during_ingest
+            task = asyncio.create_task(
+                ingest(service, args.during_ingest, f"ingest + {int(rate)} q/s"))
+            res = await queries(server.url, rate, args.query_seconds, args.dim, args.users)
+            results[f"ingest_events_per_s_with_{int(rate)}qps"] = round(await task)
+            latency(results, f"query_{int(rate)}qps_ingesting", res)
+
     await service.stop()
     server.stop()
+    if sampler.samples:
+        plot_rss(sampler.samples, Path(args.out).with_suffix(".png"), backend)
     return results
+
+
+def plot_rss(samples: list, path: Path, backend: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = [s[0] for s in samples]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.plot(t, [s[1] for s in samples], color="tab:blue")
+    ax.set_xlabel("seconds of ingest")
+    ax.set_ylabel("service RSS (MiB)", color="tab:blue")
+    ax2 = ax.twinx()
+    ax2.plot(t, [s[2] for s in samples], color="tab:orange")
+    ax2.set_ylabel("events applied", color="tab:orange")
+    ax.set_title(f"durable ingest through NATS ({backend})")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -151,13 +248,17 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=300_000)
     parser.add_argument("--dim", type=int, default=16)
     parser.add_argument("--max-ack-pending", type=int, default=20_000)
-    parser.add_argument("--rates", type=float, nargs="+", default=[1000.0])
+    parser.add_argument("--rates", type=float, nargs="+", default=[500.0, 1000.0, 5000.0])
     parser.add_argument("--query-seconds", type=float, default=10.0)
+    parser.add_argument("--during-ingest", type=int, default=100_000,
+                        help="events ingested while each query rate runs (0: skip)")
+    parser.add_argument("--store", help="SQLAlchemy URL (PostgreSQL); default: a temp SQLite")
     parser.add_argument("--out", default="bench-results/nats.json")
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     results = asyncio.run(main_async(args))
-    report("microtune end-to-end benchmark (NATS + SQLite)", results, args.out, console)
+    report(f"microtune end-to-end benchmark (NATS + {results['store']})", results, args.out,
+           console)
 
 if __name__ == "__main__":
     main()
