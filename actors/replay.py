@@ -3,6 +3,9 @@
 - `replay_user`: one user, optionally only up to seq N, optionally under another tuning config
   (a counterfactual: "what would this user's weights be under config B?").
 - `replay_all`: every user, streamed in (user, seq) order: constant memory, whatever the log size.
+- `current_states`: every user's current state from one consistent read (snapshot + tail).
+- `verify_snapshots` / `check_snapshot`: latest snapshots against a replay from seq 1.
+- `seq_at_time`: where a log prefix "up to time T" ends (--until-time, --to-time).
 
 A counterfactual replays from seq 1 (snapshots were made under the recorded configs); a plain
 replay may start from a snapshot at or before the target seq.
