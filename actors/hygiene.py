@@ -272,7 +272,8 @@ class Signal(NamedTuple):
     observed: tuple[tuple[str, float], ...] = ()  # (statistic, value) for the segment
 
 
-def _sigmoid(z: float) -> float:
+def sigmoid(z: float) -> float:
+    """Numerically stable logistic function."""
     if z >= 0:
         return 1.0 / (1.0 + math.exp(-z))
     e = math.exp(z)
@@ -336,7 +337,7 @@ def _duration(value: float, key: str, norms: Mapping | None, cap: float, seg: Se
         clipped = min(max(lv, lo), hi)
     if not seg.normalize:
         return curve(math.exp(clipped), seg), verdict, lv
-    return _sigmoid(seg.norm_slope * (clipped - q2) / sigma), verdict, lv
+    return sigmoid(seg.norm_slope * (clipped - q2) / sigma), verdict, lv
 
 
 def signal(event: Event, seg: SegmentConfig, recent: int) -> Signal:

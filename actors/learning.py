@@ -31,20 +31,12 @@ from typing import NamedTuple
 import numpy as np
 
 from actors import hygiene
-from actors.hygiene import engagement
+from actors.hygiene import engagement, sigmoid
 from actors.state import RECENT_IDS, UserState, decode_state, id_hash
 from events.config import TuningConfig
 from events.types import ADMIN_KINDS, INTERACTION_KINDS, Event
 
 _ONE = np.ones(1)
-
-
-def sigmoid(z: float) -> float:
-    """Numerically stable logistic function."""
-    if z >= 0:
-        return 1.0 / (1.0 + math.exp(-z))
-    e = math.exp(z)
-    return e / (1.0 + e)
 
 
 class Step(NamedTuple):
@@ -82,14 +74,14 @@ def apply(
     """
     if event.kind in ADMIN_KINDS:
         return _restore(state, event, config, trace)
-    at = 8 * state.recent_pos
     # positional construction: NamedTuple._replace costs microseconds on this hot path
-    (user, seq, _config, segment, t_last, steps, b1p, b2p, bucket, w, m, v, recent, _pos,
+    (user, seq, _config, segment, t_last, steps, b1p, b2p, bucket, w, m, v, recent, pos,
      hyg) = state
+    at = 8 * pos
     state = UserState(user, seq + 1, config.version, event.segment or segment, t_last, steps,
                       b1p, b2p, bucket, w, m, v,
                       recent[:at] + id_hash(event.id) + recent[at + 8:],
-                      (state.recent_pos + 1) % RECENT_IDS, hyg)
+                      (pos + 1) % RECENT_IDS, hyg)
     if event.kind not in INTERACTION_KINDS:  # control events move no weight
         if trace is not None:
             trace.append(Step(event.id, event.kind, event.t, "control"))

@@ -84,10 +84,3 @@ class SegmentStats:
                 if observe:
                     stat.observe(value)
         return norms or None
-
-    def summary(self) -> dict[str, dict[str, tuple[float, float, float] | None]]:
-        """segment -> statistic -> quartiles (log space), for stats and the debug view."""
-        out: dict[str, dict[str, tuple[float, float, float] | None]] = {}
-        for (segment, key), stat in list(self._stats.items()):
-            out.setdefault(segment, {})[key] = stat.figures
-        return out

@@ -20,11 +20,7 @@ from rich.live import Live
 from rich.table import Table
 
 from adapters.client import rank, track, upsert_items
-
-
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ra, rb)[0, 1])
+from adapters.population import spearman
 
 
 async def run_demo(url: str, *, users: int, rounds: int, dim: int, prefix: str,
@@ -67,7 +63,7 @@ async def run_demo(url: str, *, users: int, rounds: int, dim: int, prefix: str,
                 ranking = await rank(nc, user, slate, prefix=prefix)
                 served = np.array([ranking.weights[ranking.items.index(i)] for i in slate])
                 truth = np.array([items[i] @ taste for i in slate])
-                agreement = _spearman(served, truth) if round_no > 1 else _spearman(
+                agreement = spearman(served, truth) if round_no > 1 else spearman(
                     served + rng.normal(size=len(served)) * 1e-9, truth)
                 history[user].append(agreement)
                 scores.append(agreement)

@@ -18,19 +18,15 @@ stamps it from the broker); `agreement()` scores learned weights against a user'
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from actors.learning import sigmoid
 from events.types import Event
 
 T0 = 1.7e9
-
-
-def _sigmoid(z: float) -> float:
-    return 1.0 / (1.0 + math.exp(-z))
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -109,7 +105,7 @@ class Population:
                     emit(t + rng.uniform(2, 12) * 3600, "dwell", item, sid,
                          dwell=rng.uniform(2, 12) * 3600)
                     continue
-                if rng.random() >= _sigmoid(float(theta @ x) - 1.0):
+                if rng.random() >= sigmoid(float(theta @ x) - 1.0):
                     if rng.random() < 0.2:
                         emit(t + 1.0, "hover", item, sid,
                              hover=float(np.exp(0.3 * affinity + 0.4 * rng.normal())))
@@ -119,7 +115,7 @@ class Population:
                 emit(t + 3 + dwell, "dwell", item, sid, dwell=dwell)
                 if rng.random() < 0.5:
                     emit(t + 3 + dwell / 2, "scroll", item, sid,
-                         depth=_sigmoid(affinity + 0.5 * rng.normal()))
+                         depth=sigmoid(affinity + 0.5 * rng.normal()))
                 t += dwell
         return out
 
