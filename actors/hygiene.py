@@ -77,8 +77,9 @@ class Hygiene:
         self.frontier = -1.0  # corrected time of the last released event
         # waiting for release: (tc, seq, event), sorted
         self.pending: tuple[tuple[float, int, Event], ...] = ()
-        # waiting impressions: (due, item, x, event id), sorted by due (items are unique)
-        self.impressions: tuple[tuple[float, str, np.ndarray, str], ...] = ()
+        # waiting impressions: (due, item, x, event id, segment model score), sorted by due
+        # (items are unique)
+        self.impressions: tuple[tuple[float, str, np.ndarray, str, float], ...] = ()
         self.session = 0  # sessions so far; the current one is number `session`
         self.session_start = -1.0
         self.session_last = -1.0
@@ -238,8 +239,8 @@ class Hygiene:
     def add_impression(self, tc: float, event: Event, seg: SegmentConfig) -> None:
         """Wait for engagement; an impression of an item already waiting restarts its wait."""
         waiting = [i for i in self.impressions if i[1] != event.item]
-        bisect.insort(waiting, (tc + seg.impression_timeout, event.item, event.x, event.id),
-                      key=lambda i: (i[0], i[1]))
+        bisect.insort(waiting, (tc + seg.impression_timeout, event.item, event.x, event.id,
+                                event.base or 0.0), key=lambda i: (i[0], i[1]))
         self.impressions = tuple(waiting)
 
     def cancel_impression(self, item: str) -> str | None:
@@ -379,8 +380,8 @@ def to_wire(h: Hygiene) -> list:
     out = [getattr(h, name) for name in _FIELDS]
     out[0] = list(h.offsets)
     out[3] = [[tc, seq, encode_logged_event(e)] for tc, seq, e in h.pending]
-    out[4] = [[due, item, np.ascontiguousarray(x, _F64).tobytes(), eid]
-              for due, item, x, eid in h.impressions]
+    out[4] = [[due, item, np.ascontiguousarray(x, _F64).tobytes(), eid, base]
+              for due, item, x, eid, base in h.impressions]
     out[9] = list(h.session_ids)
     out[17] = [[b, list(c)] for b, c in h.windows]
     return out
@@ -394,8 +395,9 @@ def from_wire(obj: list) -> Hygiene:
         setattr(h, name, value)
     h.offsets = tuple(h.offsets)
     h.pending = tuple((tc, seq, event_from_log(body)) for tc, seq, body in h.pending)
-    h.impressions = tuple((due, item, np.frombuffer(x, _F64), eid)
-                          for due, item, x, eid in h.impressions)
+    # snapshot schema 2 had no segment model score on waiting impressions
+    h.impressions = tuple((due, item, np.frombuffer(x, _F64), eid, *(rest or (0.0,)))
+                          for due, item, x, eid, *rest in h.impressions)
     h.session_ids = tuple(h.session_ids)
     h.windows = tuple((b, tuple(c)) for b, c in h.windows)
     return h

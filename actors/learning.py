@@ -10,7 +10,8 @@ is prepended here), engagement target y in [0, 1] and importance a:
 
   decay     f = 0.5 ** (dt / half_life),  dt = t - t_last (no decay for an older event)
             w = w0 + f (w - w0);  m *= f;  v *= f        old preferences fade toward the prior
-  predict   p = sigmoid(w . x)
+  predict   p = sigmoid(b + w . x)   b: the segment model's score of the item, stamped on
+                                     the logged event at ingest (0 without a segment model)
   gradient  g = a (p - y) x + l2 (w - w0)                 log-loss gradient, L2 toward the prior
   moments   adam:    m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
                      direction = m / (1 - b1^n);  v_hat = v / (1 - b2^n)
@@ -33,7 +34,7 @@ import numpy as np
 from actors import hygiene
 from actors.hygiene import engagement, sigmoid
 from actors.state import RECENT_IDS, UserState, decode_state, id_hash
-from events.config import TuningConfig
+from events.config import SegmentConfig, TuningConfig
 from events.types import ADMIN_KINDS, INTERACTION_KINDS, Event
 
 _ONE = np.ones(1)
@@ -46,7 +47,9 @@ class Step(NamedTuple):
     outlier_clipped, outlier_dropped, impression_pending, impression_engaged (a later
     engagement cancelled it), impression_negative, control, rollback, restore.
     For a learning step also the target y, importance, the prediction before the update, the
-    mean per-coordinate rate and the step taken (w moved by -step, decay aside).
+    mean per-coordinate rate and the step taken (w moved by -step, decay aside), the item
+    features and the user's own score w . x before the update (what the segment model learns
+    from: actors/segment_model.py).
     """
 
     event_id: str
@@ -59,6 +62,8 @@ class Step(NamedTuple):
     rate: float | None = None
     step: np.ndarray | None = None
     observed: tuple[tuple[str, float], ...] = ()  # (segment statistic, value)
+    x: np.ndarray | None = None
+    score: float | None = None
 
 
 def apply(
@@ -94,7 +99,7 @@ def apply(
     if not seg.hygiene:  # raw: every event learns at once, at its own time
         y, importance = engagement(event, seg)
         return _learn(state, event.id, event.kind, event.x, y, importance, event.t, config,
-                      trace)
+                      trace, offset=_base(event, seg))
 
     h = (state.hyg or hygiene.EMPTY).copy()  # this call's own: mutated below, nowhere else
     tc = h.align(event, seg)
@@ -154,18 +159,19 @@ def _release(state: UserState, h: hygiene.Hygiene, config: TuningConfig, events_
             h.pending = h.pending[1:]
             state = _released(state, h, tc, event, config, trace)
         elif h.impressions and h.impressions[0][0] <= due_until:
-            due, _item, x, event_id = h.impressions[0]
+            due, _item, x, event_id, base = h.impressions[0]
             h.impressions = h.impressions[1:]
-            state = _impression_negative(state, event_id, x, due, config, trace)
+            state = _impression_negative(state, event_id, x, base, due, config, trace)
         else:
             return _with_hygiene(state, h)
 
 
-def _impression_negative(state: UserState, event_id: str, x: np.ndarray, t: float,
-                         config: TuningConfig, trace: list[Step] | None) -> UserState:
+def _impression_negative(state: UserState, event_id: str, x: np.ndarray, base: float,
+                         t: float, config: TuningConfig,
+                         trace: list[Step] | None) -> UserState:
     seg = config.segment(state.segment)
     return _learn(state, event_id, "impression", x, 0.0, seg.impression_importance, t, config,
-                  trace, "impression_negative")
+                  trace, "impression_negative", offset=base if seg.segment_model else 0.0)
 
 
 def _released(state: UserState, h: hygiene.Hygiene, tc: float, event: Event,
@@ -190,9 +196,9 @@ def _released(state: UserState, h: hygiene.Hygiene, tc: float, event: Event,
         if trace is not None:
             trace.append(Step(event.id, event.kind, tc, "impression_pending"))
         if len(h.impressions) > hygiene.MAX_IMPRESSIONS:  # bounded: the oldest is due now
-            _due, _item, x, event_id = h.impressions[0]
+            _due, _item, x, event_id, base = h.impressions[0]
             h.impressions = h.impressions[1:]
-            state = _impression_negative(state, event_id, x, tc, config, trace)
+            state = _impression_negative(state, event_id, x, base, tc, config, trace)
         return state
     engaged = h.cancel_impression(event.item)
     if engaged is not None and trace is not None:
@@ -206,12 +212,18 @@ def _released(state: UserState, h: hygiene.Hygiene, tc: float, event: Event,
         return state
     verdict = "applied" if sig.verdict == "clean" else sig.verdict
     return _learn(state, event.id, event.kind, event.x, sig.y, sig.importance, tc, config,
-                  trace, verdict, sig.observed)
+                  trace, verdict, sig.observed, _base(event, seg))
+
+
+def _base(event: Event, seg: SegmentConfig) -> float:
+    """The segment model's score stamped on the event, when the segment uses one (a
+    counterfactual config without it replays the user's model alone)."""
+    return event.base if seg.segment_model and event.base is not None else 0.0
 
 
 def _learn(state: UserState, event_id: str, kind: str, x_item: np.ndarray, y: float,
            importance: float, t: float, config: TuningConfig, trace: list[Step] | None,
-           verdict: str = "applied", observed: tuple = ()) -> UserState:
+           verdict: str = "applied", observed: tuple = (), offset: float = 0.0) -> UserState:
     """One learning update (the module docstring's formulas) at event time t."""
     segment = state.segment
     seg = config.segment(segment)
@@ -234,7 +246,8 @@ def _learn(state: UserState, event_id: str, kind: str, x_item: np.ndarray, y: fl
     w = w0 + dev
 
     x = np.concatenate((_ONE, x_item))
-    p = sigmoid(float((w * x).sum()))  # not np.dot: BLAS releases the GIL (a convoy)
+    score = float((w * x).sum())  # not np.dot: BLAS releases the GIL (a convoy)
+    p = sigmoid(offset + score)
     g = x * (importance * (p - y))  # log-loss gradient ...
     if seg.l2:
         g += c.l2 * dev  # ... plus L2 toward the prior
@@ -282,19 +295,27 @@ def _learn(state: UserState, event_id: str, kind: str, x_item: np.ndarray, y: fl
 
     if trace is not None:
         trace.append(Step(event_id, kind, t, verdict, y, importance, p,
-                          float(rate.mean()), step, observed))
+                          float(rate.mean()), step, observed, x_item, score))
     return UserState(state.user, state.seq, state.config, segment, max(state.t_last, t),
                      state.steps + 1, b1p, b2p, level + norm, w, m, v, state.recent,
                      state.recent_pos, state.hyg)
+
+
+def learn_segment(state: UserState, step: Step, config: TuningConfig) -> UserState:
+    """The segment model's side of one of a user's learning steps (actors/segment_model.py):
+    the same update as the user's, on p = sigmoid(w_s . x + the user's own score), under the
+    segment model's own config (`segment_model.model_config`)."""
+    return _learn(state, step.event_id, step.kind, step.x, step.y, step.importance, step.t,
+                  config, None, offset=step.score)
 
 
 def _with_hygiene(state: UserState, h: hygiene.Hygiene) -> UserState:
     return UserState(*state[:-1], h)
 
 
-def predict(state: UserState, x: np.ndarray, config: TuningConfig) -> float:
+def predict(state: UserState, x: np.ndarray, config: TuningConfig, base: float = 0.0) -> float:
     """The predicted engagement probability of an item for this user (no update; buffered
-    events count, as `settle` releases them)."""
+    events count, as `settle` releases them). `base`: the segment model's score of the item."""
     state = settle(state, config)
     w = state.w if state.w.shape[0] else config.prior(state.segment)
-    return sigmoid(float((w * np.concatenate((_ONE, x))).sum()))
+    return sigmoid(base + float((w * np.concatenate((_ONE, x))).sum()))

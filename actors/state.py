@@ -15,7 +15,8 @@ import numpy as np
 
 from actors.hygiene import Hygiene, from_wire, to_wire
 
-SNAPSHOT_SCHEMA = 2  # 2: the hygiene state
+SNAPSHOT_SCHEMA = 3  # 2: the hygiene state; 3: waiting impressions keep their base score
+_READABLE_SCHEMAS = frozenset({2, 3})
 RECENT_IDS = 32  # event-id hashes kept for dedupe; older repeats are caught by the log's key
 
 _F64 = np.dtype("<f8")
@@ -91,7 +92,7 @@ def encode_state(state: UserState) -> bytes:
 def decode_state(raw: bytes) -> UserState:
     try:
         obj = msgpack.unpackb(raw, raw=False)
-        if obj.get("sv") != SNAPSHOT_SCHEMA:
+        if obj.get("sv") not in _READABLE_SCHEMAS:
             raise SnapshotError(f"snapshot schema {obj.get('sv')!r} is not {SNAPSHOT_SCHEMA}")
         recent = obj["r"]
         if not isinstance(recent, bytes) or len(recent) != 8 * RECENT_IDS:

@@ -87,6 +87,7 @@ class Microtune:
         self.journal = Journal(recorder, max_batch_rows=max_batch_rows)
         self.dispatcher = Dispatcher(workers=workers)
         self.context = UserContext(recorder, self.journal, self.configs, snapshot_every)
+        self.context.models.load(recorder.segment_models())
         self.directory = Directory(
             lambda user: UserActor.start(self.dispatcher, user, self.context),
             max_live=max_live,
@@ -184,6 +185,13 @@ class Microtune:
 
     # ------------------------------------------------------------ lifecycle
 
+    def checkpoint(self) -> None:
+        """Save the segment models (the service does so every 30 s and on shutdown)."""
+        try:
+            self.recorder.save_segment_models(self.context.models.dump())
+        except Exception as exc:  # a cache: the next checkpoint tries again
+            log.warning("segment_model.checkpoint_failed", error=repr(exc))
+
     def passivate_all(self, timeout: float = 120.0) -> bool:
         return self.directory.passivate_all(timeout)
 
@@ -199,5 +207,7 @@ class Microtune:
         if snapshot and not self.directory.passivate_all(timeout):
             log.warning("shutdown.passivation_timeout", live=len(self.directory))
         self.journal.close(timeout)
+        if snapshot:
+            self.checkpoint()
         self.dispatcher.shutdown()
         self.recorder.close()

@@ -32,6 +32,7 @@ from actors.messages import (
 )
 from actors.replay import replay_user, seq_at_time
 from actors.runtime import Dispatcher, PooledActor
+from actors.segment_model import SegmentModels
 from actors.segment_stats import SegmentStats
 from actors.state import SNAPSHOT_SCHEMA, SnapshotError, UserState, decode_state, encode_state
 from actors.state import id_hash as _id_hash
@@ -56,6 +57,7 @@ class UserContext:
     configs: ConfigRegistry
     snapshot_every: int = 1000  # events between periodic snapshots
     stats: SegmentStats = field(default_factory=SegmentStats)  # stamped on events (hygiene)
+    models: SegmentModels = field(default_factory=SegmentModels)  # scores stamped on events
     on_stopped: Callable[[str], None] = lambda _user: None  # the directory's hook
     # user -> its actor once its state is loaded: queries read that state directly (see
     # `UserActor.rank_now`) instead of queueing behind ingest in the dispatcher
@@ -199,16 +201,18 @@ class UserActor(PooledActor):
                           error=repr(exc))
                 done(Outcome("failed"))
                 return
-        norms = event.norms
-        if norms is None and event.is_interaction:
-            segment = event.segment or self.state.segment
-            if config.segment(segment).hygiene:  # what apply may compare with, logged
+        norms, base = event.norms, event.base
+        if event.is_interaction:
+            segment = event.segment or self.state.segment or "default"
+            if norms is None and config.segment(segment).hygiene:  # what apply compares with
                 h = self.state.hyg
                 norms = self.ctx.stats.stamp(
                     segment, event, h.recent_actions() if h is not None else 0,
                     observe=h is None or not h.bot)  # a bot's signals would skew them
-        if event.config is None or norms is not event.norms:
-            event = event._replace(config=config.version, norms=norms)
+            if base is None and config.segment(segment).segment_model:
+                base = self.ctx.models.score(segment, event.x)
+        if event.config is None or norms is not event.norms or base is not event.base:
+            event = event._replace(config=config.version, norms=norms, base=base)
         if self._pending is None:
             self._pending, self._buffer = set(), []
         self._pending.add(event.id)
@@ -251,9 +255,14 @@ class UserActor(PooledActor):
         batch, self._inflight = self._inflight, None
         assert batch is not None
         if error is None:
-            configs = self.ctx.configs
+            configs, models = self.ctx.configs, self.ctx.models
+            steps: list = []  # what apply learned: the segment model takes its side of it
             for event, done in batch:
-                self.state = apply(self.state, event, configs.get(event.config))
+                config = configs.get(event.config)
+                self.state = apply(self.state, event, config, steps)
+                if steps:
+                    models.learn(self.state.segment or "default", steps, config)
+                    steps.clear()
                 self._pending.discard(event.id)
                 done(Outcome("applied", self.state.seq))  # no per-event log: 30k/s is noise
             if self.state.seq - self.snap_seq >= self.ctx.snapshot_every:
@@ -348,8 +357,7 @@ class UserActor(PooledActor):
         X = np.empty((len(query.candidates), dim + 1))
         X[:, 0] = 1.0
         X[:, 1:] = np.stack([cand.x for cand in query.candidates])
-        w = state.w if state.w.shape[0] else config.prior(state.segment)
-        scores = X @ w
+        scores = X @ self.ctx.models.total(state, config)  # the user's own + the segment's
         order = np.argsort(-scores, kind="stable")
         if query.top is not None:
             order = order[: query.top]

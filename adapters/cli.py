@@ -156,6 +156,7 @@ async def _sweep_idle(system, stop: asyncio.Event) -> None:
         count = system.directory.passivate_idle()
         if count:
             log.info("directory.passivated_idle", users=count)
+        await asyncio.to_thread(system.checkpoint)  # the segment models
 
 
 COMMANDS = {"serve": serve}

@@ -28,6 +28,7 @@ from typing import NamedTuple
 import numpy as np
 
 from actors.learning import apply, predict
+from actors.segment_model import SegmentModels
 from actors.state import UserState
 from events.config import SegmentConfig, TuningConfig
 from events.types import Event
@@ -155,19 +156,27 @@ def progressive(stream: Stream, learner: str, config: str,
 
 def microtune(stream: Stream, config: TuningConfig | None = None,
               label: str = "defaults") -> Result:
-    """microtune's real path: `apply` on `feedback` events, `predict` before each."""
+    """microtune's real path, as a user actor runs it: the segment model's score stamped on
+    each `feedback` event, `apply` with a trace, the segment model learning from that trace;
+    `predict` (what a query sees) before each."""
     config = config or TuningConfig(version=1, dim=len(stream.genres))
     states: dict[str, UserState] = {}
+    models = SegmentModels()
+    steps: list = []
     n = 0
 
     def step(r: Rating) -> float:
         nonlocal n
         n += 1
         state = states.get(r.user) or UserState(r.user)
-        p = predict(state, r.x, config)
+        segment = state.segment or "default"
+        base = models.score(segment, r.x) if config.segment(segment).segment_model else None
+        p = predict(state, r.x, config, base or 0.0)
         event = Event(id=str(n), user=r.user, t=r.t, kind="feedback", item=r.item, x=r.x,
-                      target=r.y, config=config.version)
-        states[r.user] = apply(state, event, config)
+                      target=r.y, config=config.version, base=base)
+        states[r.user] = apply(state, event, config, steps)
+        models.learn(segment, steps, config)
+        steps.clear()
         return p
 
     return progressive(stream, "microtune", label, step)

@@ -33,7 +33,7 @@ from events.types import (
 )
 
 _EVENT_KEYS = frozenset(
-    {"v", "id", "u", "t", "k", "i", "x", "d", "s", "h", "y", "g", "c", "r", "sid", "a", "ns",
+    {"v", "id", "u", "t", "k", "i", "x", "d", "s", "h", "y", "g", "c", "r", "sid", "a", "ns", "b",
      "to", "st"}
 )
 _TOKEN_FORBIDDEN = frozenset(" \t\r\n.*>")
@@ -189,7 +189,8 @@ def event_from_map(obj: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> E
         if not isinstance(obj["a"], bool):
             raise Rejected(Reason.WRONG_TYPE, "'a' (automated) must be true or false", "a")
         fields["automated"] = obj["a"]
-    # 'ns' (segment statistics) is stamped by the service; a publisher's is ignored
+    # 'ns' (segment statistics) and 'b' (segment model score) are stamped by the service; a
+    # publisher's are ignored
     extra = {k: obj[k] for k in obj if k not in _EVENT_KEYS}
     return Event(id=event_id, user=user, t=t, kind=kind, extra=extra, **fields)
 
@@ -237,6 +238,8 @@ def event_to_map(event: Event, *, pack_x: bool = False) -> dict[str, Any]:
         out["a"] = True
     if event.norms:
         out["ns"] = {k: list(v) for k, v in event.norms.items()}
+    if event.base is not None:
+        out["b"] = event.base
     return out
 
 
@@ -272,6 +275,7 @@ def event_from_log(body: bytes) -> Event:
         session=obj.get("sid"),
         automated=obj.get("a", False),
         norms=None if norms is None else {k: tuple(v) for k, v in norms.items()},
+        base=obj.get("b"),
         to_seq=obj.get("to"),
         restored=obj.get("st"),
         extra={k: obj[k] for k in obj if k not in _EVENT_KEYS},

@@ -22,7 +22,7 @@ OUTLIER_RULES = ("z", "iqr")
 OUTLIER_ACTIONS = ("drop", "clip")
 _NON_NUMERIC = frozenset(
     {"optimizer", "prior", "hygiene", "late_policy", "outlier_rule", "outlier_action",
-     "normalize"}
+     "normalize", "segment_model"}
 )
 
 
@@ -80,6 +80,11 @@ class SegmentConfig:
     norm_slope: float = 1.0
     freq_power: float = 0.5  # importance *= min(1, segment median / user's count) ** power
     recent_window: float = 300.0  # the recent-window counts cover this many seconds
+    # the segment model (actors/segment_model.py): one shared model per segment, learned
+    # jointly with its users' own; a user's score of an item = segment score + own score
+    segment_model: bool = True
+    segment_lr: float = 0.1  # its rate (Adagrad: lr / sqrt(sum of squared gradients))
+    segment_half_life: float = 60 * 86400.0  # population tastes fade slower than a user's
 
 
 class Constants(NamedTuple):
@@ -192,15 +197,17 @@ def _validate(cfg: TuningConfig) -> None:
                              ("outlier_action", OUTLIER_ACTIONS)):
             if getattr(s, key) not in allowed:
                 raise bad(f"segment {name!r}: {key} must be one of {allowed}")
-        if not (isinstance(s.hygiene, bool) and isinstance(s.normalize, bool)):
-            raise bad(f"segment {name!r}: hygiene and normalize are true or false")
+        if not all(isinstance(b, bool) for b in (s.hygiene, s.normalize, s.segment_model)):
+            raise bad(f"segment {name!r}: hygiene, normalize, segment_model are true or false")
         if min(s.session_timeout, s.recent_window, s.dwell_max, s.hover_max) <= 0:
             raise bad(f"segment {name!r}: session_timeout, recent_window, *_max > 0")
         if not 0 < s.lr_min <= s.lr_max:
             raise bad(f"segment {name!r}: need 0 < lr_min <= lr_max")
         if not (0 <= s.beta1 < 1 and 0 <= s.beta2 < 1):
             raise bad(f"segment {name!r}: betas must be in [0, 1)")
-        if min(s.lr, s.eps, s.half_life, s.max_step, s.window, s.window_budget) <= 0:
-            raise bad(f"segment {name!r}: lr, eps, half_life, max_step, window, budget > 0")
+        if min(s.lr, s.eps, s.half_life, s.max_step, s.window, s.window_budget,
+               s.segment_lr, s.segment_half_life) <= 0:
+            raise bad(f"segment {name!r}: lr, eps, half_life, max_step, window, budget, "
+                      "segment_lr, segment_half_life > 0")
         if s.prior is not None and len(s.prior) != cfg.dim + 1:
             raise bad(f"segment {name!r}: prior needs dim + 1 = {cfg.dim + 1} entries")

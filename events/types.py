@@ -66,6 +66,7 @@ class Event(NamedTuple):
     session: str | None = None  # the client's own session/connection id (a tab, a socket)
     automated: bool = False  # the publisher declares this traffic automated
     norms: Mapping[str, tuple[float, float, float]] | None = None  # segment statistics used
+    base: float | None = None  # the segment model's score of this item, stamped at ingest
     to_seq: int | None = None  # rollback: the seq whose state comes back
     restored: bytes | None = None  # rollback, restore: that state (actors.state encoding)
     extra: Mapping[str, Any] = _NO_EXTRA  # unknown wire keys, kept and logged
@@ -93,7 +94,7 @@ class Event(NamedTuple):
 
 _SCALAR_FIELDS = (
     "id", "user", "t", "kind", "item", "dwell", "depth", "hover", "target", "segment", "config",
-    "received", "session", "automated", "norms", "to_seq", "restored",
+    "received", "session", "automated", "norms", "base", "to_seq", "restored",
 )
 
 

@@ -38,6 +38,7 @@ VARIANTS = {
     "  outliers clipped, not dropped": {"outlier_action": "clip"},
     "  without frequency damping": {"freq_power": 0.0},
     "  impressions negative at once": {"impression_timeout": 0.0},
+    "  without the segment model": {"segment_model": False},
 }
 
 
@@ -50,8 +51,9 @@ def run(pop: Population, events: list, seg: dict) -> dict:
         assert all(o.ok for o in outcomes)
         humans = {u: settle(mt.state(u), cfg) for u in pop.tastes}
         bots = [mt.state(f"bot{b}") for b in range(pop.bots)]
+        weights = {u: mt.context.models.total(s, cfg) for u, s in humans.items()}
     return {
-        "agreement": [pop.agreement(u, s.w) for u, s in humans.items()],
+        "agreement": [pop.agreement(u, w) for u, w in weights.items()],
         "humans_marked": sum(bool(s.hyg and s.hyg.bot) for s in humans.values()),
         "bots_marked": sum(bool(s.hyg and s.hyg.bot) for s in bots),
         "outliers": sum(s.hyg.outliers for s in humans.values() if s.hyg),

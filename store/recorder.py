@@ -23,7 +23,7 @@ from sqlalchemy import Engine, bindparam, create_engine, event, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from store.schema import audit_log, configs, events, metadata, snapshots
+from store.schema import audit_log, configs, events, metadata, segment_models, snapshots
 
 log = structlog.get_logger(__name__)
 
@@ -92,6 +92,9 @@ class Recorder:
         self._insert_config = self._insert_ignore(configs)
 
     def _insert_ignore(self, table):  # pragma: no cover - each backend defines it
+        raise NotImplementedError
+
+    def _insert(self, table):  # pragma: no cover - each backend defines it
         raise NotImplementedError
 
     # ------------------------------------------------------------ writes
@@ -178,6 +181,21 @@ class Recorder:
                 return existing == body
             conn.execute(self._insert_config, [{"version": version, "body": body}])
             return True
+
+    def save_segment_models(self, models: dict[str, bytes]) -> None:
+        """Checkpoint the segment models (a learned cache, not history: replaced in place)."""
+        if not models:
+            return
+        insert = self._insert(segment_models)
+        upsert = insert.on_conflict_do_update(index_elements=[segment_models.c.segment],
+                                              set_={"state": insert.excluded.state})
+        with self.engine.begin() as conn:
+            conn.execute(upsert, [{"segment": k, "state": v} for k, v in models.items()])
+
+    def segment_models(self) -> dict[str, bytes]:
+        with self.engine.connect() as conn:
+            query = select(segment_models.c.segment, segment_models.c.state)
+            return dict(conn.execute(query).all())
 
     # ------------------------------------------------------------ reads
 
@@ -399,6 +417,9 @@ class SQLiteRecorder(Recorder):
     def _insert_ignore(self, table):
         return sqlite_insert(table).on_conflict_do_nothing()
 
+    def _insert(self, table):
+        return sqlite_insert(table)
+
     def _begin_consistent_read(self, conn) -> None:
         # pysqlite opens no transaction for SELECTs: each statement would read at its own
         # moment. An explicit BEGIN makes both of the scan's statements read one WAL snapshot.
@@ -439,6 +460,9 @@ class PostgresRecorder(Recorder):
 
     def _insert_ignore(self, table):
         return pg_insert(table).on_conflict_do_nothing()
+
+    def _insert(self, table):
+        return pg_insert(table)
 
     def _bytewise(self, column):
         return column.collate("C")  # the database's collation may not be code-point order

@@ -61,3 +61,11 @@ audit_log = Table(
     # other personal data (an erasure's record must not keep what it erased)
     Column("body", LargeBinary, nullable=False),
 )
+
+segment_models = Table(
+    "mt_segment_models",
+    metadata,
+    # a learned cache, not history: one row per segment, replaced at each checkpoint
+    Column("segment", String(128), primary_key=True),
+    Column("state", LargeBinary, nullable=False),  # msgpack, actors.state.encode_state
+)

@@ -324,7 +324,8 @@ def test_hygiene_brings_humans_closer_to_their_true_taste_on_a_noisy_population(
         with Microtune.open(tmp_path / f"mt-{on}.db", cfg) as mt:
             assert all(o.ok for o in mt.track_many(events, timeout=300))
             states = {u: settle(mt.state(u), cfg) for u in pop.tastes}
-            means[on] = float(np.mean([pop.agreement(u, s.w) for u, s in states.items()]))
+            means[on] = float(np.mean([pop.agreement(u, mt.context.models.total(s, cfg))
+                                       for u, s in states.items()]))
             if on:
                 assert not any(s.hyg.bot for s in states.values()), "no human marked"
                 bots = [mt.state(f"bot{b}").hyg.bot for b in range(pop.bots)]
