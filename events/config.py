@@ -34,15 +34,16 @@ class SegmentConfig:
     tighter its bounds (see README "Tuning").
     """
 
-    optimizer: str = "adam"
-    lr: float = 0.1  # base rate; the per-coordinate rate is lr / (sqrt(v_hat) + eps)
+    # defaults chosen on MovieLens-100k (scripts/bench_quality.py; README "Learning quality")
+    optimizer: str = "rmsprop"
+    lr: float = 0.05  # base rate; the per-coordinate rate is lr / (sqrt(v_hat) + eps)
     lr_min: float = 0.01  # AdaBound-style bounds on the per-coordinate rate
-    lr_max: float = 0.3
+    lr_max: float = 0.12
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
     half_life: float = 14 * 86400.0  # preferences fade toward the prior w0 with this half-life
-    l2: float = 1e-4  # pull toward w0 in the gradient
+    l2: float = 0.03  # pull toward w0 in the gradient: what users share is the segment's
     max_step: float = 1.0  # bound on the L2 norm of one event's step
     window: float = 3600.0  # moving-window movement budget: at most `window_budget` ...
     window_budget: float = 10.0  # ... of L2 movement per `window` seconds (leaky bucket)

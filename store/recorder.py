@@ -320,7 +320,7 @@ class Recorder:
         """Rows per table and distinct users: for `microtune stats`."""
         with self.engine.connect() as conn:
             out = {t.name: conn.execute(select(func.count()).select_from(t)).scalar_one()
-                   for t in (events, snapshots, configs, audit_log)}
+                   for t in (events, snapshots, configs, audit_log, segment_models)}
             out["users"] = conn.execute(
                 select(func.count(events.c.user_id.distinct()))).scalar_one()
         return out
