@@ -318,7 +318,8 @@ class Service:
 
     async def _admin_stats(self, _body: dict) -> dict:
         return {**self.stats.to_map(), "live_actors": len(self.system.directory),
-                "journal_commits": self.system.journal.stats.commits}
+                "journal_commits": self.system.journal.stats.commits,
+                "segment_model_steps": self.system.context.models.steps}
 
     async def _admin_rollback(self, body: dict) -> dict:
         user = _admin_user(body, self.config.limits)

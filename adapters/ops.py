@@ -37,6 +37,7 @@ from actors.replay import (
     replay_user,
     verify_snapshots,
 )
+from actors.segment_model import SegmentModels
 from adapters.logs import configure_logging
 from events.config import TuningConfig
 from events.errors import Rejected
@@ -480,6 +481,9 @@ def stats(argv: list[str]) -> int:
         result["store"] = recorder.counts()
         result["audit_records"] = len(recorder.audit_records())
         result["segments"] = _segments(recorder, configs)
+        models = SegmentModels()
+        models.load(recorder.segment_models())
+        result["segment_models"] = models.summary()
     finally:
         recorder.close()
     if args.json:
@@ -498,6 +502,13 @@ def stats(argv: list[str]) -> int:
                          f"{s['learning_steps']:,}", f"{s['mean_distance_from_prior']:.4f}",
                          f"{s['late']:,}", f"{s['outliers']:,}")
     out.print(segments)
+    if result["segment_models"]:
+        shared = Table(title="segment models (last checkpoint)")
+        for column in ("segment", "learning steps", "weights (bias first)"):
+            shared.add_column(column, justify="right" if column == "learning steps" else "left")
+        for name, m in result["segment_models"].items():
+            shared.add_row(name, f"{m['steps']:,}", " ".join(f"{v:+.3f}" for v in m["w"]))
+        out.print(shared)
     if "service" in result:
         svc = result["service"]
         live = Table(title="service (live counters)", show_header=False)

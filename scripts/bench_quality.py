@@ -31,7 +31,7 @@ WINDOW = 5000  # ratings per point of the rolling AUC
 def runs(stream: q.Stream, quick: bool) -> list:
     dim = len(stream.genres)
     vw_grid = [f"-q ug -l {lr} --power_t {pt} --l2 {l2}"
-               for lr in ((0.5,) if quick else (0.25, 0.5, 1.0))
+               for lr in ((0.5,) if quick else (0.25, 0.5, 1.0, 2.0))
                for pt in ((0.5,) if quick else (0.3, 0.5))
                for l2 in ((0.0,) if quick else (0.0, 1e-7))]
     river_lrs = (0.05,) if quick else (0.02, 0.05, 0.1)
@@ -133,6 +133,10 @@ def main() -> None:
         ahead = ours > theirs if higher else ours < theirs
         verdict.append(f"- {key}: microtune {ours:.4f}, VW {theirs:.4f} ({vw_best.config}): "
                        f"{'ahead' if ahead else 'BEHIND'} by {abs(ours - theirs):.4f}")
+    vw_auc = q.best(by_learner["vowpal wabbit"])
+    diff, low, high = q.auc_difference(default, vw_auc, [r.user for r in stream.ratings])
+    verdict.append(f"- AUC difference to that VW configuration, 95% interval (paired "
+                   f"bootstrap over users): {diff:+.4f} [{low:+.4f}, {high:+.4f}]")
     verdict = "\n".join(verdict)
     console.print(verdict)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -356,6 +356,9 @@ def test_rollback_forget_and_stats_through_a_running_service(store, tmp_path, ca
             assert stats["service"]["live_actors"] >= 1
             assert stats["store"]["users"] == 6 and stats["audit_records"] == 1
             assert stats["segments"]["default"]["bots"] == 1
+            # the segment model checkpointed when the store's builder shut down
+            assert stats["segment_models"]["default"]["steps"] > 0
+            assert "segment_model_steps" in stats["service"]
         finally:
             await service.stop()
             server.stop()

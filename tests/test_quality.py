@@ -58,13 +58,25 @@ def test_auc_against_all_pairs():
 def test_microtune_predicts_before_it_learns_and_learns_tastes():
     stream = q.load(*sample())
     result = q.microtune(stream)
-    first = {}
-    for r, p in zip(stream.ratings, result.predictions, strict=True):
-        first.setdefault(r.user, p)
-    assert set(first.values()) == {0.5}  # no user's first prediction has seen its label
+    # flipping a rating's label changes no prediction up to and including its own
+    i = len(stream.ratings) // 2
+    flipped = stream.ratings[i]._replace(y=1.0 - stream.ratings[i].y)
+    other = q.microtune(q.Stream([*stream.ratings[:i], flipped, *stream.ratings[i + 1:]],
+                                 stream.genres))
+    assert np.array_equal(other.predictions[:i + 1], result.predictions[:i + 1])
+    assert not np.array_equal(other.predictions, result.predictions)
     assert result.figures["auc_last_half"] > 0.7, result.figures
     baseline = q.user_mean(stream).figures["auc_last_half"]
     assert result.figures["auc_last_half"] > baseline
+
+
+def test_the_paired_bootstrap_interval():
+    stream = q.load(*sample())
+    users = [r.user for r in stream.ratings]
+    ours, flat = q.microtune(stream), q.global_mean(stream)
+    assert q.auc_difference(ours, ours, users, resamples=20) == (0.0, 0.0, 0.0)
+    diff, low, high = q.auc_difference(ours, flat, users, resamples=50)
+    assert 0.1 < low < diff < high, (diff, low, high)
 
 
 def test_the_peers_run_the_same_protocol():
