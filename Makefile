@@ -4,7 +4,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: serve test bench lint clean
+.PHONY: serve test bench bench-core bench-nats bench-ops bench-hygiene bench-quality lint clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,11 @@ test: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 
-bench: $(BIN)/.installed
-	$(BIN)/python scripts/bench_core.py
+bench: bench-core
+
+# one command per benchmark; figures go to bench-results/ (README "Benchmarks")
+bench-core bench-nats bench-ops bench-hygiene bench-quality: bench-%: $(BIN)/.installed
+	$(BIN)/microtune bench $*
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis

@@ -159,13 +159,33 @@ async def _sweep_idle(system, stop: asyncio.Event) -> None:
         await asyncio.to_thread(system.checkpoint)  # the segment models
 
 
-COMMANDS = {"serve": serve}
+BENCHMARKS = ("core", "nats", "ops", "hygiene", "quality")
+
+
+def bench(argv: list[str]) -> int:
+    """`microtune bench <name> [its options]`: run scripts/bench_<name>.py of this checkout."""
+    import runpy
+
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    if not argv or argv[0] not in BENCHMARKS or not scripts.is_dir():
+        print(f"usage: microtune bench {{{','.join(BENCHMARKS)}}} [options]\n"
+              "  (runs scripts/bench_<name>.py of a source checkout; --help for its options)")
+        return 2
+    script = scripts / f"bench_{argv[0]}.py"
+    sys.argv = [str(script), *argv[1:]]
+    sys.path.insert(0, str(scripts))
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+COMMANDS = {"serve": serve, "bench": bench}
 
 
 USAGE = """usage: microtune <command> [--help]
 
   serve     run the service (embedded NATS + SQLite by default)
   demo      simulated users against a running service, with a live view
+  bench     core | nats | ops | hygiene | quality: the benchmarks (figures to bench-results/)
 
 operators' tools (offline against the store; rollback, forget, stats also --nats-url):
   replay    rebuild state from the log: --user U | --all, --until-seq/--until-time,

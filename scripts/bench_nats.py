@@ -245,7 +245,7 @@ def plot_rss(samples: list, path: Path, backend: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--users", type=int, default=100_000)
-    parser.add_argument("--events", type=int, default=300_000)
+    parser.add_argument("--events", type=int, default=600_000)
     parser.add_argument("--dim", type=int, default=16)
     parser.add_argument("--max-ack-pending", type=int, default=20_000)
     parser.add_argument("--rates", type=float, nargs="+", default=[500.0, 1000.0, 5000.0])
