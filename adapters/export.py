@@ -4,7 +4,8 @@ An export is a consistent point-in-time view of the store (one read transaction,
 `Recorder.scan`), written user by user in constant memory. Each record has what an analyst
 reads (user, seq, config version, segment, session, bot verdict, weights) and the full state
 (`state`, the snapshot encoding) that `import` restores bit for bit. The header carries every
-tuning-config version, so an imported store replays and learns exactly as the original did.
+tuning-config version, so an imported store replays and learns exactly as the original did,
+and the segment models (as of their last checkpoint), so it also scores as the original did.
 
 - jsonl: a header line, then one JSON object per user (`state` in base64);
 - msgpack: a header map, then one map per user (`state` as bytes, `w` as a float list);
@@ -56,11 +57,16 @@ def record(state: UserState) -> dict[str, Any]:
     }
 
 
-def header(configs: ConfigRegistry) -> dict[str, Any]:
+def header(configs: ConfigRegistry, segment_models: dict[str, bytes]) -> dict[str, Any]:
     return {
         "microtune_export": EXPORT_SCHEMA,
         "created": time.time(),
         "configs": {str(v): c.to_map() for v, c in sorted(configs.versions().items())},
+        # as of their last checkpoint: the weights to read, the state to import
+        "segment_models": {
+            name: {"w": decode_state(raw).w.tolist(),
+                   "state": base64.b64encode(raw).decode("ascii")}
+            for name, raw in sorted(segment_models.items())},
     }
 
 
@@ -70,7 +76,7 @@ def export(recorder: Recorder, configs: ConfigRegistry, path: str | Path, fmt: s
     """Write every user's current state (or only `users`) to `path`; returns the count."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r} (one of {', '.join(FORMATS)})")
-    writer = _WRITERS[fmt](Path(path), header(configs))
+    writer = _WRITERS[fmt](Path(path), header(configs, recorder.segment_models()))
     count = 0
     try:
         for state in current_states(recorder, configs, users=users):
@@ -112,6 +118,8 @@ def import_(recorder: Recorder, path: str | Path, fmt: str | None = None, *,
         config = TuningConfig.from_map(body)
         if not recorder.save_config(config.version, config.encode()):
             raise ValueError(f"config version {config.version} exists with other values")
+    recorder.save_segment_models({name: base64.b64decode(m["state"])
+                                  for name, m in head.get("segment_models", {}).items()})
     batch: list[StoredEvent] = []
     count = 0
     for rec in records:

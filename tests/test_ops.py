@@ -265,6 +265,13 @@ def test_export_import_round_trip_is_byte_identical(store, capsys, tmp_path, fmt
 
     original, restored = states(store), states(new_store)
     assert len(original) == 7 and original == restored
+    # the segment models come along, so the imported store scores as the original did
+    models = {}
+    for path in (store, new_store):
+        recorder, _configs = opened(path)
+        models[path] = recorder.segment_models()
+        recorder.close()
+    assert models[store] and models[store] == models[new_store]
     # and the imported store goes on learning: a new event lands at the next seq
     with Microtune.open(new_store, CFG) as mt:
         before = mt.state("human0")
