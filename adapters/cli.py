@@ -139,9 +139,9 @@ async def _serve(args: argparse.Namespace, tuning) -> int:
             "  stop with Ctrl-C (finishes in-flight work, snapshots users).",
             flush=True,
         )
-        idle_sweep = asyncio.create_task(_sweep_idle(system, stop))
+        housekeeping = asyncio.create_task(_housekeeping(system, stop))
         await stop.wait()
-        idle_sweep.cancel()
+        housekeeping.cancel()
         log.info("service.stopping")
         await service.stop()
     finally:
@@ -150,7 +150,9 @@ async def _serve(args: argparse.Namespace, tuning) -> int:
     return 0
 
 
-async def _sweep_idle(system, stop: asyncio.Event) -> None:
+async def _housekeeping(system, stop: asyncio.Event) -> None:
+    """Every 30 s (or a quarter of the idle timeout): passivate idle users, checkpoint the
+    segment models."""
     while not stop.is_set():
         await asyncio.sleep(min(30.0, max(1.0, system.directory.idle_timeout / 4)))
         count = system.directory.passivate_idle()

@@ -23,6 +23,8 @@ import os
 import tempfile
 import threading
 import time
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -171,6 +173,9 @@ async def main_async(args) -> dict:
     server = EmbeddedNats(tmp / "nats").start()
     store = args.store or str(tmp / "bench.db")
     backend = store.split(":")[0] if "://" in store else "sqlite"
+    scratch = None
+    if backend.startswith("postgresql"):  # a schema of its own: reruns never collide
+        store, scratch = scratch_schema(store)
     results: dict = {"users": args.users, "events": args.events, "dim": args.dim,
                      "store": backend}
     system = Microtune.open(store, TuningConfig(version=1, dim=args.dim),
@@ -216,9 +221,27 @@ async def main_async(args) -> dict:
 
     await service.stop()
     server.stop()
+    if scratch is not None:
+        scratch()
     if sampler.samples:
         plot_rss(sampler.samples, Path(args.out).with_suffix(".png"), backend)
     return results
+
+
+def scratch_schema(url: str) -> tuple[str, Callable[[], None]]:
+    """The URL with its search_path set to a new schema, and the call that drops it."""
+    import psycopg
+
+    schema = f"mt_bench_{uuid.uuid4().hex[:10]}"
+    dsn = url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+
+    def drop() -> None:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+    return f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{schema}", drop
 
 
 def plot_rss(samples: list, path: Path, backend: str) -> None:
