@@ -36,7 +36,7 @@ from actors.messages import Inspect
 from actors.replay import replay_parallel
 from actors.state import SNAPSHOT_SCHEMA
 from actors.user import rebuild
-from events import Event, TuningConfig
+from events import Candidate, Event, Query, TuningConfig
 from store import Snapshot
 
 console = Console()
@@ -156,6 +156,17 @@ def main() -> None:
     results["live_actors"] = len(mt.directory)
     results["bytes_per_live_actor"] = round((rss_bytes() - rss0) / len(mt.directory))
     results["warm_events_per_s"] = round(feed(mt, warm, args.in_flight, "warm"))
+    # queries in process (no NATS): 100 candidates for a live user, one at a time
+    rng = np.random.default_rng(5)
+    candidates = tuple(Candidate(f"c{i}", x) for i, x in enumerate(rng.normal(size=(100,
+                                                                                args.dim))))
+    lat = []
+    for u in rng.integers(args.users, size=3000):
+        t0 = time.perf_counter()
+        mt.rank(Query(f"user{u}", candidates))
+        lat.append(time.perf_counter() - t0)
+    results["query_in_process_p50_ms"] = round(float(np.percentile(lat, 50)) * 1e3, 3)
+    results["query_in_process_p99_ms"] = round(float(np.percentile(lat, 99)) * 1e3, 3)
     stats = mt.journal.stats
     results["journal_commits"] = stats.commits
     results["events_per_commit"] = round(stats.events / max(1, stats.commits), 1)
