@@ -51,6 +51,14 @@ class ConfigRegistry:
             log.info("config.added", version=config.version)
             return config
 
+    def adopt(self, config: TuningConfig) -> TuningConfig:
+        """Make `config`'s settings current: a new version if they differ from the current
+        ones (a change is a new version, never an edit), else the current version as it is.
+        `microtune serve` adopts the TOML file's [tuning] table this way at every start."""
+        if config.dim == self.current.dim and config.segments == self.current.segments:
+            return self.current
+        return self.add(config)
+
     def get(self, version: int | None) -> TuningConfig:
         if version is None:
             return self.current

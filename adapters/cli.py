@@ -73,11 +73,12 @@ def _file_values(argv: list[str]) -> dict:
 
 
 def _tuning(values: dict, dim: int):
+    """The TOML file's [tuning] table as a config, or None without one."""
     from events.config import TuningConfig
 
     body = values.get("tuning")
     if not body:
-        return TuningConfig(version=1, dim=dim)
+        return None
     return TuningConfig.from_map({"version": 1, "dim": dim, **body})
 
 
@@ -116,8 +117,24 @@ async def _serve(args: argparse.Namespace, tuning) -> int:
             ctx.load_cert_chain(args.tls_cert, args.tls_key)
         options["tls"] = ctx
 
-    system = Microtune.open(store, tuning, max_live=args.max_live,
-                            idle_timeout=args.idle_timeout)
+    from events.config import TuningConfig
+    from events.errors import Rejected
+
+    system = Microtune.open(store, tuning or TuningConfig(version=1, dim=args.dim),
+                            max_live=args.max_live, idle_timeout=args.idle_timeout)
+    if tuning is not None:  # the file's settings, as a new config version if they changed
+        try:
+            before = system.configs.current.version
+            current = system.configs.adopt(tuning)
+        except Rejected as exc:
+            print(f"microtune serve: the [tuning] table does not fit the store {store}: "
+                  f"{exc.detail}", file=sys.stderr)
+            system.close()
+            if embedded is not None:
+                embedded.stop()
+            return 2
+        if current.version != before:
+            log.info("config.adopted_from_file", version=current.version, previous=before)
     service = Service(system, ServiceConfig(prefix=args.prefix,
                                             max_ack_pending=args.max_ack_pending))
     stop = asyncio.Event()

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+
+from actors.configs import ConfigRegistry
 from adapters.cli import SERVE_SETTINGS, _file_values, _settings_parser, _tuning
+from events.config import TuningConfig
+from events.errors import Rejected
+from store.recorder import open_recorder
 
 TOML = """
 dim = 32
@@ -33,3 +39,22 @@ def test_flags_beat_environment_beat_file_beat_defaults(tmp_path, monkeypatch):
     assert tuning.segment("default").optimizer == "adagrad"
     assert tuning.segment("responsive").lr_max == 0.1
     assert tuning.segment("nobody").lr_max == 0.2  # unknown segments use default
+
+
+def test_a_changed_tuning_table_becomes_a_new_config_version(tmp_path):
+    """An existing store's history wins at start, but `serve` then adopts the file's [tuning]
+    table: a new version when it changed, nothing when it did not (no silent ignoring)."""
+    path = tmp_path / "microtune.toml"
+    path.write_text(TOML)
+    values = _file_values(["--config-file", str(path)])
+    assert _tuning({}, 32) is None  # no table: the store's current config stays
+    recorder = open_recorder(tmp_path / "mt.db")
+    registry = ConfigRegistry(recorder, TuningConfig(version=1, dim=32))
+    tuning = _tuning(values, 32)
+    assert registry.adopt(tuning).version == 2
+    assert registry.current.segment("default").optimizer == "adagrad"
+    again = ConfigRegistry(recorder, TuningConfig(version=1, dim=32))
+    assert again.adopt(tuning).version == 2  # unchanged file, unchanged store
+    with pytest.raises(Rejected, match="dimension"):
+        again.adopt(_tuning(values, 16))
+    recorder.close()
