@@ -464,6 +464,13 @@ class PostgresRecorder(Recorder):
     def _insert(self, table):
         return pg_insert(table)
 
+    def _insert_events(self, cur, rows: Sequence[StoredEvent]) -> None:
+        # COPY: measured 1.5 us of CPU per row against 11 for executemany (psycopg 3). A
+        # colliding row fails the COPY with a unique violation, as it fails an INSERT.
+        with cur.copy("COPY mt_events (user_id, seq, event_id, body) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+
     def _bytewise(self, column):
         return column.collate("C")  # the database's collation may not be code-point order
 
