@@ -113,15 +113,23 @@ class Microtune:
         """Hand an event to its user's actor; `done(Outcome)` once committed and applied."""
         self.directory.tell(event.user, Track(event, done))
 
-    def rank_async(self, query: Query, done: Callable[[Ranking | Rejected], None]) -> None:
-        """Rank for a live user at once, on this thread (`UserActor.rank_now`); otherwise
-        through the user's actor, which activates it."""
+    def rank_now(self, query: Query) -> Ranking | Rejected | None:
+        """The answer at once, on this thread, if the user is live (`UserActor.rank_now`);
+        None if it is not (then `rank_async` activates it)."""
         actor = self.context.readable.get(query.user)
         if actor is None:
-            self.directory.tell(query.user, Rank(query, done))
-            return
+            return None
         self.directory.touch(query.user)
-        done(actor.rank_now(query))
+        return actor.rank_now(query)
+
+    def rank_async(self, query: Query, done: Callable[[Ranking | Rejected], None]) -> None:
+        """Rank for a live user at once, on this thread; otherwise through the user's actor,
+        which activates it."""
+        answer = self.rank_now(query)
+        if answer is None:
+            self.directory.tell(query.user, Rank(query, done))
+        else:
+            done(answer)
 
     # ------------------------------------------------------------ blocking conveniences
 

@@ -347,17 +347,18 @@ class UserActor(PooledActor):
         state = self._view()
         config = self.ctx.configs.get(state.config or None)
         dim = config.dim
-        for cand in query.candidates:
-            if cand.x is None:
-                return Rejected(Reason.MISSING_FIELD, f"no features for item {cand.item!r}", "c")
-            if cand.x.shape[0] != dim:
-                return Rejected(
-                    Reason.DIMENSION, f"item {cand.item!r} has {cand.x.shape[0]} != {dim}", "c"
-                )
-        X = np.empty((len(query.candidates), dim + 1))
-        X[:, 0] = 1.0
-        X[:, 1:] = np.stack([cand.x for cand in query.candidates])
-        scores = X @ self.ctx.models.total(state, config)  # the user's own + the segment's
+        features = query.matrix
+        if features is None or features.shape[1] != dim:  # the careful path finds the reason
+            for cand in query.candidates:
+                if cand.x is None:
+                    return Rejected(Reason.MISSING_FIELD,
+                                    f"no features for item {cand.item!r}", "c")
+                if cand.x.shape[0] != dim:
+                    return Rejected(Reason.DIMENSION,
+                                    f"item {cand.item!r} has {cand.x.shape[0]} != {dim}", "c")
+            features = np.stack([cand.x for cand in query.candidates])
+        w = self.ctx.models.total(state, config)  # the user's own + the segment's
+        scores = features @ w[1:] + w[0]
         order = np.argsort(-scores, kind="stable")
         if query.top is not None:
             order = order[: query.top]

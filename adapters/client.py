@@ -49,7 +49,10 @@ async def rank(nc, user: str, candidates: Iterable[str | tuple[str, Sequence[flo
                timeout: float = 2.0) -> Ranking:
     """Ask for this user's content weights; raises `Rejected` if the service refuses."""
     _check_user(user)
-    cands = [c if isinstance(c, str) else [c[0], [float(v) for v in c[1]]] for c in candidates]
+    # features as packed little-endian float64: the service decodes them without per-number
+    # work (a list of numbers works too, from any language)
+    cands = [c if isinstance(c, str) else [c[0], np.asarray(c[1], dtype="<f8").tobytes()]
+             for c in candidates]
     body: dict[str, Any] = {"v": SCHEMA_VERSION, "c": cands}
     if top is not None:
         body["n"] = top

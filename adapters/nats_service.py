@@ -277,9 +277,14 @@ class Service:
                 await self.qnc.publish(msg.reply, encode_error(rejected))
             await self.nc.publish(self.rejected_subject, _rejection_record(msg, rejected))
             return
-        if msg.reply:
-            self.system.rank_async(query, lambda result, r=msg.reply: self._answer(
-                ("reply", r, _encode_answer(result))))
+        if not msg.reply:
+            return
+        answer = self.system.rank_now(query)  # a live user: straight back, no hand-off
+        if answer is not None:
+            await self.qnc.publish(msg.reply, _encode_answer(answer))
+            return
+        self.system.rank_async(query, lambda result, r=msg.reply: self._answer(
+            ("reply", r, _encode_answer(result))))
 
     def _resolve(self, candidate: Candidate) -> Candidate:
         if candidate.x is not None:

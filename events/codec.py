@@ -297,9 +297,12 @@ def query_from_map(obj: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> Q
         raise Rejected(
             Reason.OVERSIZE, f"{len(raw)} candidates exceed {limits.max_candidates}", "c"
         )
-    candidates = _candidates_fast(raw, limits)
-    if candidates is None:
+    matrix = None
+    fast = _candidates_fast(raw, limits)
+    if fast is None:
         candidates = _candidates(raw, limits)
+    else:
+        candidates, matrix = fast
     top = obj.get("n")
     if top is not None:
         if isinstance(top, bool) or not isinstance(top, int):
@@ -309,7 +312,8 @@ def query_from_map(obj: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> Q
     windows = obj.get("w", False)
     if not isinstance(windows, bool):
         raise Rejected(Reason.WRONG_TYPE, "'w' (recent windows) must be true or false", "w")
-    return Query(user=user, candidates=tuple(candidates), top=top, windows=windows)
+    return Query(user=user, candidates=tuple(candidates), top=top, windows=windows,
+                 matrix=matrix)
 
 
 def _candidates(raw: list, limits: Limits) -> list[Candidate]:
@@ -338,18 +342,27 @@ def _candidates(raw: list, limits: Limits) -> list[Candidate]:
     return candidates
 
 
-def _candidates_fast(raw: list, limits: Limits) -> list[Candidate] | None:
+def _candidates_fast(raw: list, limits: Limits) -> tuple[list[Candidate], np.ndarray] | None:
     """All candidates as [id, features] with equal lengths: one matrix, one finiteness check.
 
-    Returns None when the shape is anything else; the careful path then finds the reason.
+    Returns the candidates and that matrix, or None when the shape is anything else; the
+    careful path then finds the reason.
     """
     try:
-        if not all(type(e) is list and len(e) == 2 and type(e[1]) is list for e in raw):
+        if not all(type(e) is list and len(e) == 2 for e in raw):
             return None
         rows = [e[1] for e in raw]
-        if not _NUMBER_TYPES.issuperset(map(type, itertools.chain.from_iterable(rows))):
+        if all(type(r) is bytes for r in rows):  # packed float64: no per-number work at all
+            size = len(rows[0])
+            if not size or size % 8 or any(len(r) != size for r in rows):
+                return None
+            matrix = np.frombuffer(b"".join(rows), dtype=_F64).reshape(len(rows), size // 8)
+        elif all(type(r) is list for r in rows):
+            if not _NUMBER_TYPES.issuperset(map(type, itertools.chain.from_iterable(rows))):
+                return None
+            matrix = np.array(rows, dtype=np.float64)
+        else:
             return None
-        matrix = np.array(rows, dtype=np.float64)
     except (TypeError, ValueError):
         return None
     if matrix.ndim != 2 or matrix.shape[1] > limits.max_dimension:
@@ -362,7 +375,7 @@ def _candidates_fast(raw: list, limits: Limits) -> list[Candidate] | None:
     ) <= limits.max_id_length:
         return None
     matrix.flags.writeable = False
-    return [Candidate(i, x) for i, x in zip(ids, matrix, strict=True)]
+    return [Candidate(i, x) for i, x in zip(ids, matrix, strict=True)], matrix
 
 
 def decode_query(

@@ -110,6 +110,9 @@ class Query(NamedTuple):
     candidates: tuple[Candidate, ...]
     top: int | None = None
     windows: bool = False  # also answer the user's recent-window counts
+    # every candidate's features as one read-only matrix (rows in candidate order), when all
+    # came with features of one length: scoring then needs no stacking
+    matrix: np.ndarray | None = None
 
 
 @dataclass(frozen=True, slots=True)

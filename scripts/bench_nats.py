@@ -5,12 +5,13 @@
   commits, applies and acks them; events/s from resuming the consumer to the last applied
   event, and the service's RSS sampled every second (plotted to bench-results/nats.png);
 - queries: a client process sends requests open-loop at fixed rates (default 500, 1000,
-  5000/s), each with 100 candidates carrying their features, and records p50/p95/p99; first
+  5000/s), each with 100 candidates carrying their features (packed float64, as the client
+  helper sends them; --list-features for lists of numbers), and records p50/p95/p99; first
   with ingest idle, then while a fresh batch of events (--during-ingest) is ingested.
 
-    python scripts/bench_nats.py --users 100000 --events 600000
-    python scripts/bench_nats.py --store postgresql://postgres@127.0.0.1/test --out \
-        bench-results/nats-pg.json
+    microtune bench nats                      # 100k users, 600k events, SQLite
+    microtune bench nats --store postgresql+psycopg://postgres@127.0.0.1/test --out \
+        bench-results/nats-pg.json            # in a schema of its own, dropped after
 """
 
 from __future__ import annotations
@@ -66,14 +67,17 @@ def publisher(url: str, users: int, events: int, dim: int, first: int = 0) -> No
     asyncio.run(run())
 
 
-def querier(url: str, rate: float, seconds: float, dim: int, users: int, out) -> None:
+def querier(url: str, rate: float, seconds: float, dim: int, users: int, out,
+            lists: bool = False) -> None:
     import msgpack
     import nats
 
     async def run():
         nc = await nats.connect(url)
         rng = np.random.default_rng(2)
-        cands = [[f"c{i}", rng.normal(size=dim).round(4).tolist()] for i in range(100)]
+        # features as the client helper sends them (packed float64), or as lists of numbers
+        cands = [[f"c{i}", x.tolist() if lists else x.tobytes()]
+                 for i, x in enumerate(rng.normal(size=(100, dim)).round(4))]
         latencies: list[float] = []
         errors = 0
 
@@ -135,10 +139,11 @@ async def publish(url: str, users: int, events: int, dim: int, first: int = 0) -
     await asyncio.to_thread(pub.join)
 
 
-async def queries(url: str, rate: float, seconds: float, dim: int, users: int) -> dict:
+async def queries(url: str, rate: float, seconds: float, dim: int, users: int,
+                  lists: bool = False) -> dict:
     out = mp.get_context("spawn").Queue()
     q = mp.get_context("spawn").Process(target=querier,
-                                        args=(url, rate, seconds, dim, users, out))
+                                        args=(url, rate, seconds, dim, users, out, lists))
     q.start()
     res = await asyncio.to_thread(out.get)
     await asyncio.to_thread(q.join)
@@ -177,7 +182,8 @@ async def main_async(args) -> dict:
     if backend.startswith("postgresql"):  # a schema of its own: reruns never collide
         store, scratch = scratch_schema(store)
     results: dict = {"users": args.users, "events": args.events, "dim": args.dim,
-                     "store": backend}
+                     "store": backend,
+                     "query_features": "lists" if args.list_features else "packed float64"}
     system = Microtune.open(store, TuningConfig(version=1, dim=args.dim),
                             max_live=args.users + 1)
     service = Service(system, ServiceConfig(max_ack_pending=args.max_ack_pending))
@@ -204,7 +210,8 @@ async def main_async(args) -> dict:
 
     # 2. queries with ingest idle
     for rate in args.rates:
-        res = await queries(server.url, rate, args.query_seconds, args.dim, args.users)
+        res = await queries(server.url, rate, args.query_seconds, args.dim, args.users,
+                            args.list_features)
         latency(results, f"query_{int(rate)}qps_idle", res)
 
     # 3. queries while ingest runs (a fresh batch of events each time)
@@ -215,7 +222,8 @@ async def main_async(args) -> dict:
             first += args.during_ingest
             task = asyncio.create_task(
                 ingest(service, args.during_ingest, f"ingest + {int(rate)} q/s"))
-            res = await queries(server.url, rate, args.query_seconds, args.dim, args.users)
+            res = await queries(server.url, rate, args.query_seconds, args.dim, args.users,
+                                args.list_features)
             results[f"ingest_events_per_s_with_{int(rate)}qps"] = round(await task)
             latency(results, f"query_{int(rate)}qps_ingesting", res)
 
@@ -276,6 +284,8 @@ def main() -> None:
     parser.add_argument("--during-ingest", type=int, default=100_000,
                         help="events ingested while each query rate runs (0: skip)")
     parser.add_argument("--store", help="SQLAlchemy URL (PostgreSQL); default: a temp SQLite")
+    parser.add_argument("--list-features", action="store_true",
+                        help="queries carry features as lists of numbers, not packed float64")
     parser.add_argument("--out", default="bench-results/nats.json")
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))

@@ -191,7 +191,22 @@ def test_query_fast_path_agrees_with_the_careful_path():
         ([["", [1.0]], ["b", [2.0]]], Reason.INVALID_ID),
         ([["a" * 200, [1.0]], ["b", [2.0]]], Reason.OVERSIZE),
         ([[7, [1.0]], ["b", [2.0]]], Reason.WRONG_TYPE),
+        ([["a", b"\0" * 12], ["b", b"\0" * 12]], Reason.WRONG_TYPE),  # not packed float64
+        ([["a", np.array([1.0, math.nan]).tobytes()]], Reason.NOT_FINITE),
+        ([["a", np.zeros(300).tobytes()]], Reason.OVERSIZE),
     ]:
         with pytest.raises(Rejected) as info:
             decode_query(pack({"v": 1, "u": "a", "c": bad}))
         assert info.value.reason is reason
+
+
+def test_query_features_as_packed_float64_bytes():
+    """The client helper's form: one matrix straight from the bytes, equal to the lists'."""
+    rows = [[f"c{i}", [float(i), -1.5, 2.25]] for i in range(20)]
+    packed = [[i, np.array(x).tobytes()] for i, x in rows]
+    a, b = decode_query(pack({"v": 1, "u": "a", "c": rows})), decode_query(
+        pack({"v": 1, "u": "a", "c": packed}))
+    assert a.matrix.tobytes() == b.matrix.tobytes() and b.matrix.shape == (20, 3)
+    assert [c.x.tolist() for c in a.candidates] == [c.x.tolist() for c in b.candidates]
+    uneven = decode_query(pack({"v": 1, "u": "a", "c": [*packed, ["d", b"\0" * 16]]}))
+    assert uneven.matrix is None and uneven.candidates[-1].x.tolist() == [0.0, 0.0]
