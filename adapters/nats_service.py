@@ -387,13 +387,15 @@ class Service:
     async def _send(self, batch: list[tuple]) -> None:
         qnc = self.qnc
         done = 0
-        for answer in batch:
+        for n, answer in enumerate(batch, start=1):
             if answer[0] == "reply":
                 await qnc.publish(answer[1], answer[2])
                 continue
             _, msg, outcome = answer
             done += 1
             await self._settle(msg, outcome)
+            if n % YIELD_EVERY == 0:  # a commit's acks (hundreds) must not hold up queries
+                await asyncio.sleep(0)
         if done:
             with self._in_flight_lock:
                 self._in_flight -= done
