@@ -38,6 +38,9 @@ from events.config import SegmentConfig, TuningConfig
 from events.types import ADMIN_KINDS, INTERACTION_KINDS, Event
 
 _ONE = np.ones(1)
+# ndarray.sum() and .mean() go through a Python wrapper in numpy; the reduction itself is the
+# same call (same pairwise summation, the same bits) and costs half as much on 17 floats
+_SUM = np.add.reduce
 
 
 class Step(NamedTuple):
@@ -246,7 +249,7 @@ def _learn(state: UserState, event_id: str, kind: str, x_item: np.ndarray, y: fl
     w = w0 + dev
 
     x = np.concatenate((_ONE, x_item))
-    score = float((w * x).sum())  # not np.dot: BLAS releases the GIL (a convoy)
+    score = float(_SUM(w * x))  # not np.dot: BLAS releases the GIL (a convoy)
     p = sigmoid(offset + score)
     g = x * (importance * (p - y))  # log-loss gradient ...
     if seg.l2:
@@ -282,7 +285,7 @@ def _learn(state: UserState, event_id: str, kind: str, x_item: np.ndarray, y: fl
     step = rate * direction
 
     # per-event step bound, then the moving-window movement budget (leaky bucket)
-    norm = math.sqrt(float((step * step).sum()))
+    norm = math.sqrt(float(_SUM(step * step)))
     if norm > seg.max_step:
         step *= seg.max_step / norm
         norm = seg.max_step
@@ -295,7 +298,7 @@ def _learn(state: UserState, event_id: str, kind: str, x_item: np.ndarray, y: fl
 
     if trace is not None:
         trace.append(Step(event_id, kind, t, verdict, y, importance, p,
-                          float(rate.mean()), step, observed, x_item, score))
+                          float(_SUM(rate)) / rate.shape[0], step, observed, x_item, score))
     return UserState(state.user, state.seq, state.config, segment, max(state.t_last, t),
                      state.steps + 1, b1p, b2p, level + norm, w, m, v, state.recent,
                      state.recent_pos, state.hyg)
