@@ -191,9 +191,13 @@ def bench(argv: list[str]) -> int:
               "  (runs scripts/bench_<name>.py of a source checkout; --help for its options)")
         return 2
     script = scripts / f"bench_{argv[0]}.py"
+    saved = sys.argv, list(sys.path)
     sys.argv = [str(script), *argv[1:]]
-    sys.path.insert(0, str(scripts))
-    runpy.run_path(str(script), run_name="__main__")
+    sys.path.insert(0, str(scripts))  # the scripts share bench_report
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv, sys.path[:] = saved
     return 0
 
 

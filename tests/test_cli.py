@@ -58,3 +58,22 @@ def test_a_changed_tuning_table_becomes_a_new_config_version(tmp_path):
     with pytest.raises(Rejected, match="dimension"):
         again.adopt(_tuning(values, 16))
     recorder.close()
+
+
+def test_each_benchmark_is_one_command(tmp_path, capsys):
+    """`microtune bench <name>` runs the script of that name (here at toy sizes) and writes its
+    figures; an unknown name gets the usage."""
+    import json
+
+    from adapters.cli import main
+
+    assert main(["bench"]) == 2 and main(["bench", "nonsense"]) == 2
+    out = tmp_path / "core.json"
+    assert main(["bench", "core", "--users", "300", "--events", "1500", "--out", str(out)]) == 0
+    core = json.loads(out.read_text())
+    assert core["users"] == 300 and core["warm_events_per_s"] > 0
+    assert core["replay_events"] == 1800 and core["query_in_process_p99_ms"] > 0
+    out = tmp_path / "hygiene.json"
+    assert main(["bench", "hygiene", "--humans", "8", "--bots", "2", "--out", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    assert figures["humans"] == 8 and figures["bots marked (of bots)"].startswith("2 /")
