@@ -4,7 +4,8 @@ Data: MovieLens-100k as shipped inside the `recbole==1.2.1` wheel (fetched with 
 --no-deps` into a cache folder and read straight from the zip; recbole is not installed).
 Protocol: every rating in (timestamp, original row order); y = 1 if rating >= 4; item
 features = multi-hot genres (+ a bias); for every event predict first, record, then learn.
-Figures: AUC and log loss over the whole stream and its last half, learner events/s.
+Figures: AUC and log loss over the whole stream and its last half, AUC over each user's first
+ten ratings (cold start), learner events/s.
 
 microtune goes through its real code path: each rating is an `Event` of kind `feedback`
 (y the label), learned by the same `apply` the service runs, predicted with `predict` (the
@@ -140,6 +141,7 @@ class Result:
     predictions: np.ndarray
     labels: np.ndarray
     seconds: float
+    cold: np.ndarray | None = None  # True where the rating is among its user's first COLD
     figures: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -151,15 +153,25 @@ class Result:
             "log_loss_last_half": log_loss(y[half:], p[half:]),
             "events_per_s": len(y) / self.seconds if self.seconds else float("inf"),
         }
+        if self.cold is not None:  # cold start: how well a learner does for new users
+            self.figures["auc_cold"] = auc(y[self.cold], p[self.cold])
+
+
+COLD = 10  # a user's first ratings, for the cold-start figure
 
 
 def progressive(stream: Stream, learner: str, config: str,
                 step: Callable[[Rating], float]) -> Result:
     """Run predict-then-learn (`step` returns the prediction made before learning)."""
     labels = np.array([r.y for r in stream.ratings])
+    seen: dict[str, int] = {}
+    cold = np.empty(len(labels), dtype=bool)
+    for i, r in enumerate(stream.ratings):
+        cold[i] = seen.get(r.user, 0) < COLD
+        seen[r.user] = seen.get(r.user, 0) + 1
     start = time.perf_counter()
     preds = np.array([step(r) for r in stream.ratings])
-    return Result(learner, config, preds, labels, time.perf_counter() - start)
+    return Result(learner, config, preds, labels, time.perf_counter() - start, cold)
 
 
 # ---------------------------------------------------------------- learners

@@ -106,7 +106,7 @@ def main() -> None:
 
     table = Table(title="MovieLens-100k, progressive validation")
     headers = ("learner", "config", "AUC", "log loss", "AUC last half", "log loss last half",
-               "events/s")
+               f"AUC, a user's first {q.COLD}", "events/s")
     for h in headers:
         table.add_column(h, justify="left" if h in ("learner", "config") else "right")
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
@@ -114,7 +114,7 @@ def main() -> None:
         f = r.figures
         row = (r.learner, r.config, f"{f['auc']:.4f}", f"{f['log_loss']:.4f}",
                f"{f['auc_last_half']:.4f}", f"{f['log_loss_last_half']:.4f}",
-               f"{f['events_per_s']:,.0f}")
+               f"{f['auc_cold']:.4f}", f"{f['events_per_s']:,.0f}")
         table.add_row(*row)
         lines.append("| " + " | ".join(row) + " |")
     console.print(table)

@@ -68,6 +68,10 @@ def test_microtune_predicts_before_it_learns_and_learns_tastes():
     assert result.figures["auc_last_half"] > 0.7, result.figures
     baseline = q.user_mean(stream).figures["auc_last_half"]
     assert result.figures["auc_last_half"] > baseline
+    # the cold-start figure covers each user's first ratings only
+    assert result.cold.sum() == 30 * q.COLD
+    assert result.figures["auc_cold"] == q.auc(result.labels[result.cold],
+                                                 result.predictions[result.cold])
 
 
 def test_the_paired_bootstrap_interval():
