@@ -40,11 +40,12 @@ _ONE = np.ones(1)
 
 def model_config(config: TuningConfig, segment: str) -> TuningConfig:
     """The segment model's own learning settings, from the segment's config: Adagrad (its
-    rates fall as the population's evidence grows), a light L2 (the users' shrinkage is for
-    their own parts), no movement budget (thousands of users move it), no hygiene (its input
-    has been through the users' own)."""
+    rates fall as the population's evidence grows, and never exceed `segment_lr`), a light L2
+    (the users' shrinkage is for their own parts), no movement budget (thousands of users move
+    it), no hygiene (its input has been through the users' own)."""
     seg = config.segment(segment)
-    own = SegmentConfig(optimizer="adagrad", lr=seg.segment_lr, lr_min=1e-4, lr_max=1.0,
+    own = SegmentConfig(optimizer="adagrad", lr=seg.segment_lr, lr_min=1e-4,
+                        lr_max=seg.segment_lr,  # a careful start: never above the base rate
                         half_life=seg.segment_half_life, l2=1e-4, window_budget=1e9,
                         hygiene=False, segment_model=False)
     return TuningConfig(version=config.version, dim=config.dim, segments={"default": own})

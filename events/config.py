@@ -84,7 +84,9 @@ class SegmentConfig:
     # the segment model (actors/segment_model.py): one shared model per segment, learned
     # jointly with its users' own; a user's score of an item = segment score + own score
     segment_model: bool = True
-    segment_lr: float = 0.1  # its rate (Adagrad: lr / sqrt(sum of squared gradients))
+    # its rate (Adagrad: lr / sqrt(sum of squared gradients), at most lr). Slow on purpose:
+    # where users share little, a fast shared model drowns their own (README "Segment model")
+    segment_lr: float = 0.02
     segment_half_life: float = 60 * 86400.0  # population tastes fade slower than a user's
 
 
