@@ -43,6 +43,7 @@ def runs(stream: q.Stream, quick: bool) -> list:
     for label, seg in (
         ("defaults without the segment model", {"segment_model": False}),
         ("defaults, l2 1e-4", {"l2": 1e-4}),
+        ("defaults, segment_lr 0.1", {"segment_lr": 0.1}),
         ("defaults, hygiene off", {"hygiene": False}),
         ("session-2 defaults (adam lr 0.1 [0.01, 0.3], l2 1e-4), no segment model",
          {**old, "segment_model": False}),
