@@ -44,7 +44,8 @@ def model_config(config: TuningConfig, segment: str) -> TuningConfig:
     (the users' shrinkage is for their own parts), no movement budget (thousands of users move
     it), no hygiene (its input has been through the users' own)."""
     seg = config.segment(segment)
-    own = SegmentConfig(optimizer="adagrad", lr=seg.segment_lr, lr_min=1e-4,
+    own = SegmentConfig(optimizer="adagrad", lr=seg.segment_lr,
+                        lr_min=min(1e-4, seg.segment_lr),
                         lr_max=seg.segment_lr,  # a careful start: never above the base rate
                         half_life=seg.segment_half_life, l2=1e-4, window_budget=1e9,
                         hygiene=False, segment_model=False)

@@ -99,3 +99,13 @@ def test_the_model_survives_a_restart_on_both_stores(store_url):
     with Microtune.open(store_url, config()) as mt:
         assert np.array_equal(mt.context.models.weights("default", DIM), moved)
         assert mt.recorder.counts()["mt_segment_models"] == 1
+
+
+def test_any_valid_segment_rate_gives_a_valid_model_config():
+    """A config that validates must never make the segment model's own config invalid (that
+    would fail inside an actor's turn)."""
+    from actors.segment_model import model_config
+
+    for rate in (1e-6, 1e-4, 0.02, 5.0):
+        own = model_config(config(segment_lr=rate), "default").segment("default")
+        assert own.lr == own.lr_max == rate and 0 < own.lr_min <= rate
