@@ -87,6 +87,11 @@ class SegmentModels:
         w = self.weights(segment, x.shape[0])
         return 0.0 if w is None else float((w * np.concatenate((_ONE, x))).sum())
 
+    def stamp(self, segment: str, x: np.ndarray, config: TuningConfig) -> float | None:
+        """The score an interaction is logged with (`Event.base`): None where the segment
+        has no segment model. The user actor and the quality harness both stamp with this."""
+        return self.score(segment, x) if config.segment(segment).segment_model else None
+
     # ------------------------------------------------------------ learning
 
     def learn(self, segment: str, steps: Iterable[Step], config: TuningConfig) -> None:
