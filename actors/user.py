@@ -40,7 +40,7 @@ from events.codec import encode_logged_event, event_from_log
 from events.errors import Reason, Rejected
 from events.types import Event, Query, Ranking
 from store.journal import Journal, WriteRequest
-from store.recorder import AppendConflict, Recorder, Snapshot, StoredEvent
+from store.recorder import AppendConflict, Recorder, Snapshot, StoredEvent, StoreRefused
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -93,7 +93,10 @@ class UserActor(PooledActor):
         self.snap_seq = 0
         self._buffer: list[tuple[Event, Callable[[Outcome], None]]] | None = None
         self._inflight: list[tuple[Event, Callable[[Outcome], None]]] | None = None
-        self._pending: set[str] | None = None
+        # ids buffered or in flight -> the callbacks of their repeats (redeliveries), which
+        # are settled by the outcome of the write they join, never before it commits
+        self._pending: dict[str, list[Callable[[Outcome], None]]] | None = None
+        self._isolate = 0  # writes left to send one event at a time (see `_refused`)
         self._passivating = False
         self._snapshot_on_stop = True
         self._snapshotting = False
@@ -182,9 +185,13 @@ class UserActor(PooledActor):
         if event.user != self.user:
             done(Outcome("rejected", error=Rejected(Reason.INVALID_ID, "wrong user", "u")))
             return
-        if (self._pending is not None and event.id in self._pending) or self.state.has_seen(
-            _id_hash(event.id)
-        ):
+        if self._pending is not None and event.id in self._pending:
+            # a repeat of an event not yet committed (JetStream redelivers after its ack
+            # wait while a commit is slow): it is settled by that write's outcome
+            log.debug("event.repeat_joins_write", user_id=self.user, event_id=event.id)
+            self._pending[event.id].append(done)
+            return
+        if self.state.has_seen(_id_hash(event.id)):
             log.debug("event.duplicate", user_id=self.user, event_id=event.id)
             done(DUPLICATE)
             return
@@ -215,8 +222,8 @@ class UserActor(PooledActor):
             # positional: NamedTuple._replace costs microseconds (a dict and a _make)
             event = Event(*event[:11], config.version, *event[12:15], norms, base, *event[17:])
         if self._pending is None:
-            self._pending, self._buffer = set(), []
-        self._pending.add(event.id)
+            self._pending, self._buffer = {}, []
+        self._pending[event.id] = []
         self._buffer.append((event, done))
         if self._inflight is None:
             self._flush()
@@ -241,7 +248,11 @@ class UserActor(PooledActor):
         return event._replace(to_seq=to_seq, restored=encode_state(target))
 
     def _flush(self) -> None:
-        batch, self._buffer = self._buffer, []
+        if self._isolate:  # after a refused write: one event per write finds the culprit
+            self._isolate -= 1
+            batch, self._buffer = self._buffer[:1], self._buffer[1:]
+        else:
+            batch, self._buffer = self._buffer, []
         base = self.state.seq
         rows = [
             StoredEvent(self.user, base + i, event.id, encode_logged_event(event))
@@ -264,21 +275,47 @@ class UserActor(PooledActor):
                 if steps:
                     models.learn(self.state.segment or "default", steps, config)
                     steps.clear()
-                self._pending.discard(event.id)
-                done(Outcome("applied", self.state.seq))  # no per-event log: 30k/s is noise
+                # no per-event log: 30k/s is noise
+                self._settle(event, done, Outcome("applied", self.state.seq), DUPLICATE)
             if self.state.seq - self.snap_seq >= self.ctx.snapshot_every:
                 self._snapshot()
         elif isinstance(error, AppendConflict):
             self._resolve_conflict(batch, error)
+        elif isinstance(error, StoreRefused):
+            self._refused(batch, error)
         else:
             log.error("journal.write_failed", user_id=self.user, error=repr(error))
+            failed = Outcome("failed")
             for event, done in batch:
-                self._pending.discard(event.id)
-                done(Outcome("failed"))
+                self._settle(event, done, failed, failed)
         if self._buffer:
             self._flush()
         else:
             self._maybe_finish_passivation()
+
+    def _settle(self, event: Event, done: Callable[[Outcome], None], outcome: Outcome,
+                repeats: Outcome) -> None:
+        """Answer an event and every repeat that joined its write."""
+        joined = self._pending.pop(event.id, ())
+        done(outcome)
+        for repeat in joined:
+            repeat(repeats)
+
+    def _refused(self, batch: list, error: StoreRefused) -> None:
+        """The store refused the write for good (retrying cannot help). One event: refuse it
+        with the store's reason. Several: write them again one by one to find which."""
+        if len(batch) > 1:
+            log.warning("journal.refused_batch", user_id=self.user, events=len(batch),
+                        error=str(error))
+            self._isolate = len(batch)
+            self._buffer = batch + self._buffer
+            return
+        ((event, done),) = batch
+        log.error("event.refused_by_store", user_id=self.user, event_id=event.id,
+                  seq=self.state.seq + 1, error=str(error))
+        refused = Outcome("rejected", error=Rejected(
+            Reason.STORE_REFUSED, f"the store refused the event: {error}"))
+        self._settle(event, done, refused, refused)
 
     def _resolve_conflict(self, batch: list, conflict: AppendConflict) -> None:
         if conflict.taken_seqs:  # another writer appended to this log: catch up first
@@ -290,8 +327,7 @@ class UserActor(PooledActor):
                 _id_hash(event.id)
             ):
                 log.info("event.duplicate", user_id=self.user, event_id=event.id)
-                self._pending.discard(event.id)
-                done(DUPLICATE)
+                self._settle(event, done, DUPLICATE, DUPLICATE)
             else:
                 keep.append((event, done))
         self._buffer = keep + self._buffer

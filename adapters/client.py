@@ -1,8 +1,8 @@
 """A small client helper for Python services: `track`, `rank`, `upsert_items`.
 
 Any language can do the same with its own NATS client and the wire format in the README;
-this only saves Python users the encoding. `track` sets the `Nats-Msg-Id` header to the event
-id, so JetStream itself also drops a re-publish within its duplicate window.
+this only saves Python users the encoding. `track` sets the `Nats-Msg-Id` header to
+`msg_id(user, id)`, so JetStream itself also drops a re-publish within its duplicate window.
 """
 
 from __future__ import annotations
@@ -38,10 +38,22 @@ def event_body(user: str, *, id: str, t: float, kind: str, item: str | None = No
     return msgpack.packb(event_to_map(event), use_bin_type=True)
 
 
-async def track(js, user: str, *, prefix: str = "microtune", **event: Any) -> None:
-    """Publish one event to JetStream and wait for the server's ack (it is then durable)."""
+def msg_id(user: str, event_id: str) -> str:
+    """The `Nats-Msg-Id` header of an event: `<user>.<id>`. Event ids are unique per user but
+    JetStream's dedupe window is stream-wide, so the header names the user too; a user id
+    has no '.', so the pair is never ambiguous."""
+    return f"{user}.{event_id}"
+
+
+async def track(js, user: str, *, prefix: str = "microtune", **event: Any):
+    """Publish one event to JetStream and wait for the server's ack (it is then durable).
+
+    Returns the `PubAck`: `duplicate` is true when JetStream already had this event (a retry
+    of one it stored), which is no loss. Raises on a publish that was not acknowledged: retry
+    it with the same id."""
     body = event_body(user, **event)
-    await js.publish(f"{prefix}.events.{user}", body, headers={"Nats-Msg-Id": event["id"]})
+    return await js.publish(f"{prefix}.events.{user}", body,
+                            headers={"Nats-Msg-Id": msg_id(user, event["id"])})
 
 
 async def rank(nc, user: str, candidates: Iterable[str | tuple[str, Sequence[float]]], *,

@@ -14,12 +14,27 @@ the log and applied, or after its rejection is stored on the rejected stream. `m
 bounds what is unanswered, so a slow store pushes back on the broker instead of growing memory.
 Acks and query replies come back from the actor threads through one thread-safe queue that the
 event loop drains in batches.
+
+No message stays unsettled for ever, and none is settled early:
+- a message waiting on a slow or unavailable store is kept alive by in-progress signals
+  (`+WPI`) rather than redelivered, and a redelivery that does come joins the write of the
+  first delivery (see `actors.user`), so it is acked only after that commit;
+- a message delivered `max_deliver` times (it crashed the service each time, say) is
+  dead-lettered: stored on the rejected stream with reason `undeliverable`, then acked;
+- a rejection record always fits: raw bytes beyond `Limits.max_payload_bytes` are truncated
+  and the record says so and keeps their SHA-256;
+- an event naming an item not yet in the catalog waits a grace period (adapters.held).
+
+Admin commands that change users (`rollback`, `forget`, `clear_bot`) need an admin token in
+the request (`tok`); the audit names the token. `clear_bot` is refused on the events subject.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
+import json
 import threading
 import time
 from collections import Counter
@@ -35,6 +50,7 @@ from nats.js.errors import NotFoundError
 
 from actors.messages import Outcome
 from actors.system import Microtune
+from adapters.held import HeldEvents
 from events.codec import (
     decode_content,
     decode_event,
@@ -44,7 +60,7 @@ from events.codec import (
 )
 from events.errors import Reason, Rejected
 from events.limits import DEFAULT_LIMITS, Limits
-from events.types import Candidate, Ranking
+from events.types import Candidate, Event, Ranking
 
 log = structlog.get_logger(__name__)
 
@@ -61,6 +77,16 @@ class ServiceConfig:
     duplicate_window: float = 120.0  # JetStream's own dedupe of Nats-Msg-Id headers
     rejected_max_age: float = 30 * 86400.0
     limits: Limits = DEFAULT_LIMITS
+    # deliveries of one message at most; the last one dead-letters it (a message that was
+    # delivered that often crashed or stalled the service each time)
+    max_deliver: int = 10
+    # in-progress signals for messages unsettled this long (default: a third of ack_wait),
+    # so that a slow store does not cause redeliveries (nor use up max_deliver)
+    progress_every: float | None = None
+    catalog_grace: float = 10.0  # how long an event waits for its item (adapters.held)
+    max_held: int = 10_000
+    # name -> token: who may rollback, forget, clear_bot (none: those commands are refused)
+    admin_tokens: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -73,16 +99,28 @@ class ServiceStats:
     queries: int = 0
     query_errors: int = 0
     content_items: int = 0
+    dead_lettered: int = 0  # settled as `undeliverable` after max_deliver deliveries
+    dead_letter_failed: int = 0  # could not even be dead-lettered (left to JetStream)
+    held: int = 0  # events that waited for their item (the catalog race)
+    held_overflow: int = 0  # handed back to JetStream because the hold was full
+    progress_signals: int = 0  # in-progress signals sent for slow messages
+    admin_refused: int = 0
 
     def to_map(self) -> dict[str, Any]:
         return {
             "received": self.received, "applied": self.applied, "duplicates": self.duplicates,
             "failed": self.failed, "rejected": dict(self.rejected), "queries": self.queries,
             "query_errors": self.query_errors, "content_items": self.content_items,
+            "dead_lettered": self.dead_lettered,
+            "dead_letter_failed": self.dead_letter_failed, "held": self.held,
+            "held_overflow": self.held_overflow, "progress_signals": self.progress_signals,
+            "admin_refused": self.admin_refused,
         }
 
 
 YIELD_EVERY = 16  # events handled between two turns given to the rest of the loop
+# kinds only an operator may log: refused on the events subject (`<prefix>.admin.<kind>`)
+ADMIN_ONLY_KINDS = frozenset({"clear_bot"})
 
 
 class Service:
@@ -107,6 +145,11 @@ class Service:
         self._in_flight = 0
         self._in_flight_lock = threading.Lock()
         self._tasks: set[asyncio.Task] = set()
+        # every event message taken and not yet settled: id(msg) -> [msg, last sign of life]
+        self._unsettled: dict[int, list] = {}
+        self._held = HeldEvents(self.config.catalog_grace, self.config.max_held)
+        self._ticker: asyncio.Task | None = None
+        self._dead_letter_sub = None
         p = self.config.prefix
         self.events_subject = f"{p}.events"
         self.query_subject = f"{p}.query"
@@ -129,10 +172,15 @@ class Service:
         self.js = self.nc.jetstream()
         await self._ensure_streams()
         cfg = self.config
-        await self.resume_consuming()
+        # the catalog first: after a restart, items published before their events are known
         self._subs.append(await self._consume(
             cfg.content_stream, self.content_subject, f"{cfg.durable}-content",
             self._on_content, 1000))
+        await self.resume_consuming()
+        self._dead_letter_sub = await self.nc.subscribe(
+            f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{cfg.events_stream}.{cfg.durable}",
+            cb=self._on_max_deliveries)
+        self._ticker = asyncio.create_task(self._tick())
         self._query_sub = await self.qnc.subscribe(
             f"{self.query_subject}.*", cb=self._on_query, pending_msgs_limit=100_000)
         self._admin_sub = await self.qnc.subscribe(f"{cfg.prefix}.admin.*", cb=self._on_admin)
@@ -158,13 +206,18 @@ class Service:
         for sub in self._subs:
             await sub.unsubscribe()
         self._subs.clear()
+        if self._ticker is not None:
+            self._ticker.cancel()
+        for _event, msg in self._held.drain():  # JetStream delivers them again later
+            self._unsettled.pop(id(msg), None)
+            await msg.nak()
         deadline = time.monotonic() + timeout
         while self._in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         self._drain()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        for sub in (self._query_sub, self._admin_sub):
+        for sub in (self._query_sub, self._admin_sub, self._dead_letter_sub):
             if sub is not None:
                 await sub.unsubscribe()
         for nc in (self.qnc, self.nc):
@@ -210,6 +263,7 @@ class Service:
             filter_subject=subject,
             ack_policy=api.AckPolicy.EXPLICIT,
             ack_wait=self.config.ack_wait,
+            max_deliver=self.config.max_deliver,
             max_ack_pending=max_ack_pending,
             deliver_policy=api.DeliverPolicy.ALL,
         )
@@ -229,20 +283,40 @@ class Service:
             # are queued: thousands in a row. Step aside now and then so that queries and
             # acks run (measured without it: query p50 2-3 s while ingesting).
             await asyncio.sleep(0)
+        delivered = delivery_count(msg.reply)
+        if delivered >= self.config.max_deliver:  # the last delivery JetStream will make
+            await self._dead_letter(msg, delivered)
+            return
+        x = None
         try:
             user = msg.subject[len(self.events_subject) + 1:]
             event = decode_event(msg.data, self.config.limits, subject_user=user)
+            if event.kind in ADMIN_ONLY_KINDS:
+                raise Rejected(Reason.FORBIDDEN, f"'{event.kind}' is an admin command: request "
+                               f"{self.config.prefix}.admin.{event.kind} with an admin token",
+                               "k")
             event = event._replace(received=broker_time(msg.reply))
             if event.is_interaction and event.x is None:
                 x = self.system.catalog.get(event.item)
-                if x is None:
-                    raise Rejected(Reason.MISSING_FIELD,
-                                   f"item {event.item!r} is not in the catalog and the event "
-                                   "has no 'x'", "x")
-                event = event._replace(x=x)
         except Rejected as rejected:
             await self._reject(msg, rejected)
             return
+        self._unsettled[id(msg)] = [msg, time.monotonic()]
+        if self._held.waiting(user) or (event.is_interaction and event.x is None and x is None):
+            # its item may be on its way (content and events are separate streams), or an
+            # earlier event of this user waits for one: keep the user's order
+            if self._held.hold(event, msg, time.monotonic()):
+                self.stats.held += 1
+                return
+            self.stats.held_overflow += 1
+            del self._unsettled[id(msg)]
+            await msg.nak(delay=self.config.catalog_grace)
+            return
+        if x is not None:
+            event = event._replace(x=x)
+        self._track(event, msg)
+
+    def _track(self, event: Event, msg: Msg) -> None:
         with self._in_flight_lock:
             self._in_flight += 1
         self.system.track(event, lambda outcome, m=msg: self._answer(("ack", m, outcome)))
@@ -256,9 +330,77 @@ class Service:
             await self.js.publish(self.rejected_subject, _rejection_record(msg, rejected))
         except Exception as exc:  # not stored: leave the original unacked, it comes back
             log.error("rejected.store_failed", error=repr(exc), subject=msg.subject)
+            self._unsettled.pop(id(msg), None)  # up to JetStream (and max_deliver) now
             return
+        self._unsettled.pop(id(msg), None)
         if ack:
             await msg.ack()
+
+    async def _dead_letter(self, msg: Msg, delivered: int) -> None:
+        """Settle a message that was delivered too often: its record, then the ack."""
+        rejected = Rejected(Reason.UNDELIVERABLE,
+                            f"delivered {delivered} times without being settled")
+        try:
+            await self.js.publish(self.rejected_subject, _rejection_record(msg, rejected))
+        except Exception as exc:
+            self.stats.dead_letter_failed += 1
+            log.error("dead_letter.store_failed", error=repr(exc), subject=msg.subject)
+            return
+        self._unsettled.pop(id(msg), None)
+        self.stats.dead_lettered += 1
+        self.stats.rejected[rejected.reason.value] += 1
+        log.error("message.dead_lettered", subject=msg.subject, deliveries=delivered)
+        await msg.ack()
+
+    async def _on_max_deliveries(self, advisory: Msg) -> None:
+        """JetStream gave up on a message (the service died during its last delivery): fetch
+        it from the stream, dead-letter it, delete it. A net under `_dead_letter`."""
+        try:
+            seq = int(json.loads(advisory.data)["stream_seq"])
+            stored = await self.js.get_msg(self.config.events_stream, seq)
+        except Exception as exc:  # already gone, or a malformed advisory
+            log.warning("dead_letter.advisory_skipped", error=repr(exc))
+            return
+        rejected = Rejected(Reason.UNDELIVERABLE, "JetStream's max deliveries reached")
+        try:
+            await self.js.publish(self.rejected_subject, _record(
+                stored.subject, stored.data or b"", rejected))
+            await self.js.delete_msg(self.config.events_stream, seq)
+        except Exception as exc:
+            self.stats.dead_letter_failed += 1
+            log.error("dead_letter.store_failed", error=repr(exc), stream_seq=seq)
+            return
+        self.stats.dead_lettered += 1
+        self.stats.rejected[rejected.reason.value] += 1
+        log.error("message.dead_lettered", subject=stored.subject, stream_seq=seq)
+
+    async def _tick(self) -> None:
+        """Four times a second: release or refuse held events; keep slow messages alive."""
+        cfg = self.config
+        every = cfg.progress_every if cfg.progress_every is not None else cfg.ack_wait / 3
+        while True:
+            await asyncio.sleep(0.25)
+            try:
+                await self._release_held()
+                now = time.monotonic()
+                for entry in list(self._unsettled.values()):
+                    if now - entry[1] >= every:
+                        entry[1] = now
+                        self.stats.progress_signals += 1
+                        await entry[0].in_progress()
+            except Exception as exc:  # never let housekeeping die (a disconnect, say)
+                log.warning("service.tick_failed", error=repr(exc))
+
+    async def _release_held(self) -> None:
+        if not len(self._held):
+            return
+        ready, expired = self._held.release(self.system.catalog.get, time.monotonic())
+        for event, msg in ready:
+            self._track(event, msg)
+        for event, msg in expired:
+            await self._reject(msg, Rejected(
+                Reason.MISSING_FIELD, f"item {event.item!r} is not in the catalog (waited "
+                f"{self.config.catalog_grace:g} s) and the event has no 'x'", "x"))
 
     # ------------------------------------------------------------ queries
 
@@ -363,6 +505,7 @@ class Service:
         await asyncio.to_thread(self.system.catalog.upsert, items)
         self.stats.content_items += len(items)
         await msg.ack()
+        await self._release_held()  # events that waited for these items
 
     # ------------------------------------------------------------ answers from actor threads
 
@@ -403,15 +546,22 @@ class Service:
     async def _settle(self, msg: Msg, outcome: Outcome) -> None:
         if outcome.status == "applied":
             self.stats.applied += 1
+            self._unsettled.pop(id(msg), None)
             await msg.ack()
         elif outcome.status == "duplicate":
             self.stats.duplicates += 1
+            self._unsettled.pop(id(msg), None)
             await msg.ack()
         elif outcome.status == "rejected":
             await self._reject(msg, outcome.error)
-        else:  # failed (shutting down, store trouble): let JetStream deliver it again
+        else:  # failed (shutting down): let JetStream deliver it again, a bounded number of times
             self.stats.failed += 1
-            await msg.nak(delay=1.0)
+            self._unsettled.pop(id(msg), None)
+            delivered = delivery_count(msg.reply)
+            if delivered >= self.config.max_deliver - 1:
+                await self._dead_letter(msg, delivered)
+            else:
+                await msg.nak(delay=1.0)
 
     # ------------------------------------------------------------ connection events
 
@@ -459,13 +609,36 @@ def broker_time(reply: str | None) -> float | None:
         return None
 
 
+def delivery_count(reply: str | None) -> int:
+    """How many times JetStream has delivered this message (1 the first time)."""
+    if not reply:
+        return 1
+    tokens = reply.split(".")
+    index = 4 if len(tokens) == 9 else Msg.Ack.NumDelivered  # v1 and v2 ack subjects
+    try:
+        return int(tokens[index])
+    except (IndexError, ValueError):
+        return 1
+
+
+# raw bytes a rejection record keeps at most: the largest valid message (so a valid-sized
+# message is kept whole), far below the server's 1 MiB, so the record always fits
+RECORD_RAW_BYTES = DEFAULT_LIMITS.max_payload_bytes
+
+
 def _rejection_record(msg: Msg, rejected: Rejected) -> bytes:
-    """What `<prefix>.rejected` keeps: the reason, the subject, the raw bytes, when."""
-    return msgpack.packb(
-        {"v": 1, **rejected.to_wire(), "s": msg.subject, "raw": bytes(msg.data),
-         "at": time.time()},
-        use_bin_type=True,
-    )
+    return _record(msg.subject, bytes(msg.data), rejected)
+
+
+def _record(subject: str, raw: bytes, rejected: Rejected) -> bytes:
+    """What `<prefix>.rejected` keeps: the reason, the subject, the raw bytes (the first
+    `RECORD_RAW_BYTES` of them, with the size and SHA-256 of the whole when cut), when."""
+    record: dict[str, Any] = {"v": 1, **rejected.to_wire(), "s": subject[:1024],
+                              "raw": raw[:RECORD_RAW_BYTES], "n": len(raw), "at": time.time()}
+    if len(raw) > RECORD_RAW_BYTES:
+        record["rt"] = True  # raw is truncated
+        record["sha256"] = hashlib.sha256(raw).hexdigest()
+    return msgpack.packb(record, use_bin_type=True)
 
 
 def _encode_answer(result: Ranking | Rejected) -> bytes:

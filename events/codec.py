@@ -90,7 +90,16 @@ def _string(value: Any, key: str, limits: Limits, *, token: bool = False) -> str
         raise Rejected(
             Reason.OVERSIZE, f"'{key}' is longer than {limits.max_id_length} characters", key
         )
-    if token and (not value.isprintable() or not _TOKEN_FORBIDDEN.isdisjoint(value)):
+    # Printable on every backend alike: no NUL (PostgreSQL refuses it in text, SQLite keeps
+    # it), no control characters or line breaks (ids travel in NATS headers and logs), no lone
+    # surrogates (no database can encode them).
+    if not value.isprintable():
+        raise Rejected(
+            Reason.INVALID_ID,
+            f"'{key}' must be printable text (no NUL, control characters or line breaks)",
+            key,
+        )
+    if token and not _TOKEN_FORBIDDEN.isdisjoint(value):
         raise Rejected(
             Reason.INVALID_ID,
             f"'{key}' must be a NATS subject token (printable, no spaces, '.', '*' or '>')",

@@ -22,6 +22,12 @@ class Reason(StrEnum):
     INVALID_ID = "invalid_id"  # empty, or not usable as a NATS subject token
     DIMENSION = "dimension"  # feature vector length differs from the configured dimension
     UNKNOWN_CONFIG = "unknown_config"
+    # the store refused the event for good (a value its backend cannot hold); retrying
+    # cannot help, so it is refused rather than retried for ever
+    STORE_REFUSED = "store_refused"
+    FORBIDDEN = "forbidden"  # not allowed from this sender (an admin-only kind or command)
+    # delivered `max_deliver` times without being settled: dead-lettered with its raw bytes
+    UNDELIVERABLE = "undeliverable"
 
 
 class Rejected(ValueError):

@@ -5,9 +5,11 @@ commits them together (one transaction, one fsync), then reports to each request
 the batches grow by themselves: while one commit runs, the next batch gathers.
 
 A refused batch (a duplicate event id or a taken seq, found by the database's constraints) is
-split: the requests that collide are told so, the others are committed again. A database that
-is unreachable is retried with backoff; nothing is dropped and nothing is reported as written
-before it is.
+split: the requests that collide are told so, the others are committed again. A batch holding a
+value the database refuses for good (`StoreRefused`: NUL in PostgreSQL text, say) is bisected
+until the refused requests are found; they are told so, the rest is committed. A database that
+is unreachable (`StoreUnavailable`) is retried with backoff; nothing is dropped and nothing is
+reported as written before it is.
 """
 
 from __future__ import annotations
@@ -20,7 +22,14 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from store.recorder import AppendConflict, Recorder, Snapshot, StoredEvent, StoreUnavailable
+from store.recorder import (
+    AppendConflict,
+    Recorder,
+    Snapshot,
+    StoredEvent,
+    StoreRefused,
+    StoreUnavailable,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -32,8 +41,9 @@ class WriteRequest:
     """Rows of one requester (one actor), all committed together or not at all.
 
     `done(None)` is called on the journal thread after the commit; `done(AppendConflict)` with
-    only this request's collisions if the database refused them. It must be quick and must not
-    block: an actor's callback only tells its own mailbox.
+    only this request's collisions if the database refused them; `done(StoreRefused)` if the
+    database can never store this request. It must be quick and must not block: an actor's
+    callback only tells its own mailbox.
     """
 
     events: Sequence[StoredEvent]
@@ -48,6 +58,7 @@ class JournalStats:
     events: int = 0
     snapshots: int = 0
     conflicts: int = 0
+    refused: int = 0  # requests the database refused for good
     retries: int = 0
 
 
@@ -135,6 +146,17 @@ class Journal:
                 self.recorder.append(rows, snaps)
             except AppendConflict as conflict:
                 batch = self._split(batch, conflict)
+                continue
+            except StoreRefused as refused:
+                if len(batch) == 1:
+                    self.stats.refused += 1
+                    log.error("journal.refused", error=str(refused),
+                              events=len(batch[0].events))
+                    self._report(batch[0], refused)
+                    return
+                half = len(batch) // 2  # bisect: one bad request must not hold the others
+                self._commit(batch[:half])
+                batch = batch[half:]
                 continue
             except StoreUnavailable as exc:
                 self.stats.retries += 1

@@ -63,6 +63,24 @@ class StoreUnavailable(Exception):
     """The database could not be reached or failed the operation; retry later."""
 
 
+class StoreRefused(Exception):
+    """The database refused the rows for good (a value it cannot store: NUL in text, a
+    type it cannot bind); retrying the same rows cannot succeed."""
+
+
+def _refusal(dbapi, exc: BaseException) -> bool:
+    """Is this a definite refusal of the data, not an outage (connection lost, database
+    locked, disk full, a closed connection), which a retry may get past?"""
+    if isinstance(exc, dbapi.DataError | ValueError | TypeError):
+        # a value the column cannot hold; or the driver could not encode it (psycopg:
+        # "PostgreSQL text fields cannot contain NUL (0x00) bytes"; a lone surrogate)
+        return True
+    sqlstate = getattr(exc, "sqlstate", None) or ""
+    if sqlstate.startswith("22"):  # PostgreSQL's class 22: data exception
+        return True
+    return "binding parameter" in str(exc)  # sqlite3: a parameter it cannot bind
+
+
 class Recorder:
     """SQLAlchemy Core implementation shared by the backends; subclasses set dialect details."""
 
@@ -119,16 +137,25 @@ class Recorder:
                     cur.executemany(self.insert_snapshot_sql, snaps)
                 cur.close()
                 conn.commit()
-            except self._dbapi.IntegrityError:
+            except self._dbapi.IntegrityError as exc:
                 with contextlib.suppress(Exception):
                     conn.rollback()
-            except self._dbapi.Error as exc:
+                if not self._unique_violation(exc):  # NOT NULL, CHECK: the data's fault
+                    raise StoreRefused(_first_line(exc)) from exc
+            except (self._dbapi.Error, ValueError, TypeError) as exc:
+                if _refusal(self._dbapi, exc):
+                    with contextlib.suppress(Exception):
+                        conn.rollback()
+                    raise StoreRefused(_first_line(exc)) from exc
                 self._writer = None
                 self._discard(conn)
                 raise StoreUnavailable(_first_line(exc)) from exc
             else:
                 return
         raise self._conflicts(rows)
+
+    def _unique_violation(self, exc: BaseException) -> bool:
+        return "UNIQUE" in str(exc).upper() or getattr(exc, "sqlstate", None) == "23505"
 
     def _insert_events(self, cur, rows: Sequence[StoredEvent]) -> None:
         cur.executemany(self._sql_insert, rows)
