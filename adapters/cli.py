@@ -28,9 +28,14 @@ SERVE_SETTINGS: dict[str, tuple[Any, str]] = {
     "nats_url": (None, "join this NATS server; default: start an embedded one"),
     "embedded_port": (4223, "port of the embedded NATS server (loopback)"),
     "nats_user": (None, "NATS user name"),
-    "nats_password": (None, "NATS password"),
-    "nats_token": (None, "NATS token"),
+    "nats_password": (None, "NATS password (prefer the environment or a file: ps shows flags)"),
+    "nats_password_file": (None, "file holding the NATS password"),
+    "nats_token": (None, "NATS token (prefer the environment or a file: ps shows flags)"),
+    "nats_token_file": (None, "file holding the NATS token"),
     "nats_creds": (None, "NATS credentials file"),
+    "admin_tokens_file": (None, "TOML file of admin tokens (name = \"token\"): who may "
+                          "rollback, forget, clear_bot through NATS; embedded default: "
+                          "<data_dir>/auth/secrets.toml"),
     "tls_ca": (None, "CA certificate file for TLS to NATS"),
     "tls_cert": (None, "client certificate file for TLS to NATS"),
     "tls_key": (None, "client key file for TLS to NATS"),
@@ -91,6 +96,7 @@ def serve(argv: list[str]) -> int:
 
 async def _serve(args: argparse.Namespace, tuning) -> int:
     from actors.system import Microtune
+    from adapters.auth import ensure_credentials, load_admin_tokens
     from adapters.embedded import EmbeddedNats
     from adapters.nats_service import Service, ServiceConfig
 
@@ -99,14 +105,33 @@ async def _serve(args: argparse.Namespace, tuning) -> int:
     store = args.store or str(data_dir / "microtune.db")
     embedded = None
     url = args.nats_url
-    if not url:
-        embedded = EmbeddedNats(data_dir / "nats", port=args.embedded_port).start()
-        url = embedded.url
     options: dict[str, Any] = {}
+    admin_tokens: dict[str, str] = {}
+    credentials = None
+    if not url:  # safe as shipped: the embedded server runs with a user per role
+        credentials = ensure_credentials(data_dir / "auth", args.prefix)
+        embedded = EmbeddedNats(data_dir / "nats", port=args.embedded_port,
+                                config=credentials.server_config)
+        try:
+            embedded.start()
+        except (RuntimeError, TimeoutError) as exc:
+            print(f"microtune serve: {exc}", file=sys.stderr)
+            return 2
+        url = embedded.url
+        options.update(credentials.connect_options("service"))
+        admin_tokens = dict(credentials.admin_tokens)
+    if args.admin_tokens_file:
+        try:
+            admin_tokens = load_admin_tokens(args.admin_tokens_file)
+        except (OSError, ValueError) as exc:
+            print(f"microtune serve: {exc}", file=sys.stderr)
+            return 2
     if args.nats_user:
-        options.update(user=args.nats_user, password=args.nats_password)
-    if args.nats_token:
-        options["token"] = args.nats_token
+        options.update(user=args.nats_user,
+                       password=_read_secret(args.nats_password, args.nats_password_file))
+    token = _read_secret(args.nats_token, args.nats_token_file)
+    if token:
+        options["token"] = token
     if args.nats_creds:
         options["user_credentials"] = args.nats_creds
     if args.tls_ca or args.tls_cert:
@@ -136,7 +161,8 @@ async def _serve(args: argparse.Namespace, tuning) -> int:
         if current.version != before:
             log.info("config.adopted_from_file", version=current.version, previous=before)
     service = Service(system, ServiceConfig(prefix=args.prefix,
-                                            max_ack_pending=args.max_ack_pending))
+                                            max_ack_pending=args.max_ack_pending,
+                                            admin_tokens=admin_tokens))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -152,7 +178,8 @@ async def _serve(args: argparse.Namespace, tuning) -> int:
             f"  query weights:   request on {p}.query.<user>, msgpack {{v:1, c:[item ids or "
             "[id, features]], n?}\n"
             f"  catalog:         {p}.content, msgpack {{v:1, i, x}}; rejections on {p}.rejected\n"
-            f"  try it:          microtune demo --nats-url {url}\n"
+            f"  try it:          {_env_hint(credentials, 'admin')}microtune demo --nats-url {url}\n"
+            f"{_auth_banner(credentials, admin_tokens)}"
             "  stop with Ctrl-C (finishes in-flight work, snapshots users).",
             flush=True,
         )
@@ -167,6 +194,31 @@ async def _serve(args: argparse.Namespace, tuning) -> int:
     return 0
 
 
+def _read_secret(value: str | None, path: str | None) -> str | None:
+    if path:
+        return Path(path).read_text().strip()
+    return value
+
+
+def _env_hint(credentials, role: str) -> str:
+    if credentials is None:
+        return ""
+    return f"set -a; . {credentials.folder / (role + '.env')}; set +a; "
+
+
+def _auth_banner(credentials, admin_tokens: dict[str, str]) -> str:
+    if credentials is not None:
+        roles = ", ".join(f"{r}.env" for r in ("publisher", "querier", "catalog", "admin"))
+        return (f"  who may do what: clients log in as a role; credentials (owner-only) in "
+                f"{credentials.folder}/: {roles}\n"
+                f"                   e.g. {_env_hint(credentials, 'publisher')}"
+                "then MICROTUNE_NATS_USER/PASSWORD for your NATS client\n")
+    if not admin_tokens:
+        return ("  admin commands (rollback, forget, clear_bot) are off: no admin tokens "
+                "(--admin-tokens-file)\n")
+    return ""
+
+
 async def _housekeeping(system, stop: asyncio.Event) -> None:
     """Every 30 s (or a quarter of the idle timeout): passivate idle users, checkpoint the
     segment models."""
@@ -176,6 +228,31 @@ async def _housekeeping(system, stop: asyncio.Event) -> None:
         if count:
             log.info("directory.passivated_idle", users=count)
         await asyncio.to_thread(system.checkpoint)  # the segment models
+
+
+def auth_config(argv: list[str]) -> int:
+    """`microtune auth-config`: credentials and a nats-server configuration for an external
+    server (the embedded one gets the same from `serve`)."""
+    from adapters.auth import ROLES, ensure_credentials
+
+    parser = argparse.ArgumentParser(
+        prog="microtune auth-config",
+        description="Write a nats-server authorization (a user per role: service, publisher, "
+                    "querier, catalog, admin) and each role's env file, owner-only; existing "
+                    "secrets are kept.")
+    parser.add_argument("--out", default="microtune-data/auth", type=Path)
+    parser.add_argument("--prefix", default="microtune")
+    args = parser.parse_args(argv)
+    creds = ensure_credentials(args.out, args.prefix)
+    envs = ", ".join(f"{role}.env" for role in ROLES)
+    print(f"wrote {creds.folder}/: nats-server.conf, secrets.toml and {envs}"
+          f"\n  the server:  nats-server -js -c {creds.server_config} (or include its "
+          "authorization block in your configuration)"
+          f"\n  the service: set -a; . {creds.folder}/service.env; set +a; microtune serve "
+          f"--nats-url URL --admin-tokens-file {creds.folder}/secrets.toml"
+          f"\n  clients:     . {creds.folder}/<role>.env, then MICROTUNE_NATS_USER and "
+          "MICROTUNE_NATS_PASSWORD (and MICROTUNE_ADMIN_TOKEN for admins)")
+    return 0
 
 
 BENCHMARKS = ("core", "nats", "ops", "hygiene", "quality")
@@ -201,7 +278,7 @@ def bench(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"serve": serve, "bench": bench}
+COMMANDS = {"serve": serve, "bench": bench, "auth-config": auth_config}
 
 
 USAGE = """usage: microtune <command> [--help]
@@ -209,6 +286,7 @@ USAGE = """usage: microtune <command> [--help]
   serve     run the service (embedded NATS + SQLite by default)
   demo      simulated users against a running service, with a live view
   bench     core | nats | ops | hygiene | quality: the benchmarks (figures to bench-results/)
+  auth-config  users per role and admin tokens for an external NATS (serve makes its own)
 
 operators' tools (offline against the store; rollback, forget, stats also --nats-url):
   replay    rebuild state from the log: --user U | --all, --until-seq/--until-time,

@@ -27,8 +27,10 @@ async def run_demo(url: str, *, users: int, rounds: int, dim: int, prefix: str,
                    console: Console) -> list[float]:
     import nats
 
+    from adapters.auth import client_options
+
     rng = np.random.default_rng(7)
-    nc = await nats.connect(url)
+    nc = await nats.connect(url, **client_options())  # MICROTUNE_NATS_USER/PASSWORD
     js = nc.jetstream()
     items = {f"item{i}": rng.normal(size=dim) for i in range(200)}
     await upsert_items(js, items, prefix=prefix)

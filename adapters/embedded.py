@@ -51,10 +51,12 @@ class EmbeddedNats:
     """A nats-server process with JetStream; `start()` waits until it accepts connections."""
 
     def __init__(self, store_dir: Path | str, port: int | None = None,
-                 host: str = "127.0.0.1") -> None:
+                 host: str = "127.0.0.1", config: Path | str | None = None) -> None:
         self.store_dir = Path(store_dir)
         self.host = host
         self.port = port or free_port()
+        # a nats-server configuration file (`microtune serve` passes its authorization)
+        self.config = None if config is None else Path(config)
         self.process: subprocess.Popen | None = None
 
     @property
@@ -69,8 +71,9 @@ class EmbeddedNats:
             )
         self.store_dir.mkdir(parents=True, exist_ok=True)
         log_file = open(self.store_dir / "nats-server.log", "ab")  # noqa: SIM115 - kept open
+        config = [] if self.config is None else ["-c", str(self.config)]
         self.process = subprocess.Popen(
-            [server_binary(), "-a", self.host, "-p", str(self.port), "-js",
+            [server_binary(), *config, "-a", self.host, "-p", str(self.port), "-js",
              "-sd", str(self.store_dir)],
             stdout=log_file,
             stderr=subprocess.STDOUT,

@@ -34,9 +34,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+import hmac
 import json
 import threading
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -441,8 +443,9 @@ class Service:
     # ------------------------------------------------------------ admin
 
     async def _on_admin(self, msg: Msg) -> None:
-        """`<prefix>.admin.stats | rollback | forget`, request-reply, msgpack both ways.
-        Guard these subjects with NATS permissions: they change and erase users' data."""
+        """`<prefix>.admin.stats | rollback | forget | clear_bot`, request-reply, msgpack both
+        ways. All but `stats` change users' data: they need an admin token (`tok`), and the
+        audit names the token. Guard these subjects with NATS permissions too."""
         if not msg.reply:
             return
         command = msg.subject.rsplit(".", 1)[-1]
@@ -454,6 +457,8 @@ class Service:
             body = msgpack.unpackb(msg.data, raw=False) if msg.data else {}
             if not isinstance(body, dict):
                 raise Rejected(Reason.WRONG_TYPE, "an admin request is a msgpack map")
+            if command != "stats":
+                body["by"] = self._admin_identity(body)
             answer = await handler(self, body)
         except Rejected as rejected:
             answer = rejected.to_wire()
@@ -463,8 +468,31 @@ class Service:
             answer = {"e": "timeout", "m": str(exc)}
         await self.qnc.publish(msg.reply, msgpack.packb(answer, use_bin_type=True))
 
+    def _admin_identity(self, body: dict) -> str:
+        """Who acts: the name of the admin token in the request (with the `by` it claims, for
+        the audit). Refused without a known token."""
+        tokens = self.config.admin_tokens
+        given = body.get("tok")
+        name = None
+        if isinstance(given, str):
+            for candidate, token in tokens.items():
+                if hmac.compare_digest(given.encode(), token.encode()):
+                    name = candidate
+        if name is None:
+            self.stats.admin_refused += 1
+            log.warning("admin.refused", configured=bool(tokens))
+            if not tokens:
+                raise Rejected(Reason.FORBIDDEN, "admin commands are disabled: the service has "
+                               "no admin tokens (serve --admin-tokens-file)")
+            raise Rejected(Reason.FORBIDDEN, "a valid admin token ('tok') is required "
+                           "(MICROTUNE_ADMIN_TOKEN)", "tok")
+        claimed = _text(body.get("by"))
+        return name if not claimed or claimed == name else f"{name} ({claimed})"
+
     async def _admin_stats(self, _body: dict) -> dict:
-        return {**self.stats.to_map(), "live_actors": len(self.system.directory),
+        return {**self.stats.to_map(), "held_now": len(self._held),
+                "unsettled_now": len(self._unsettled),
+                "live_actors": len(self.system.directory),
                 "journal_commits": self.system.journal.stats.commits,
                 "segment_model_steps": self.system.context.models.steps}
 
@@ -488,6 +516,18 @@ class Service:
         user = _admin_user(body, self.config.limits)
         return await asyncio.to_thread(self.system.forget, user, by=_text(body.get("by")),
                                        why=_text(body.get("why")))
+
+    async def _admin_clear_bot(self, body: dict) -> dict:
+        """Clear a user's bot verdict: a `clear_bot` event in its log, naming who and why."""
+        user = _admin_user(body, self.config.limits)
+        extra = {k: v for k, v in (("by", body["by"]), ("why", _text(body.get("why"))))
+                 if v is not None}
+        event = Event(id=f"clear_bot-{uuid.uuid4().hex}", user=user, t=time.time(),
+                      kind="clear_bot", extra=extra)
+        outcome = await asyncio.to_thread(lambda: self.system.track_many([event])[0])
+        if outcome.error is not None:
+            return outcome.error.to_wire()
+        return {"status": outcome.status, "seq": outcome.seq}
 
     # ------------------------------------------------------------ catalog
 
@@ -582,6 +622,7 @@ _ADMIN = {
     "stats": Service._admin_stats,
     "rollback": Service._admin_rollback,
     "forget": Service._admin_forget,
+    "clear_bot": Service._admin_clear_bot,
 }
 
 

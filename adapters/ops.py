@@ -121,10 +121,20 @@ async def _admin(url: str, prefix: str, command: str, body: dict) -> dict:
     import nats
     from nats import errors
 
+    from adapters.auth import admin_token, client_options
+
     subject = f"{prefix}.admin.{command}"
+    token = admin_token()
+    if command != "stats":
+        if token is None:
+            raise OperatorError("this needs the admin token: set MICROTUNE_ADMIN_TOKEN or "
+                                "MICROTUNE_ADMIN_TOKEN_FILE (`microtune serve` wrote it to "
+                                "<data dir>/auth/admin.env: `set -a; . microtune-data/auth/"
+                                "admin.env; set +a`)")
+        body = {**body, "tok": token}
     try:
         nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=1,
-                                allow_reconnect=False, error_cb=_quiet)
+                                allow_reconnect=False, error_cb=_quiet, **client_options())
     except (OSError, errors.Error) as exc:
         raise OperatorError(f"cannot reach NATS at {url}: {exc or type(exc).__name__}") from None
     try:

@@ -333,15 +333,27 @@ def test_forget_leaves_no_row_of_the_user_anywhere(store, capsys):
 # ---------------------------------------------------------------- against a running service
 
 
-def test_rollback_forget_and_stats_through_a_running_service(store, tmp_path, capsys):
+def test_rollback_forget_and_stats_through_a_running_service(store, tmp_path, capsys,
+                                                             monkeypatch):
+    token = "t0ken-of-the-ops-team"
+
     async def scenario() -> None:
         server = EmbeddedNats(tmp_path / "nats").start()
         system = Microtune.open(store, CFG)
-        service = Service(system, ServiceConfig())
+        service = Service(system, ServiceConfig(admin_tokens={"ops-team": token}))
         try:
             await service.start(server.url)
             live = system.state("human5")
             args = ("--nats-url", server.url)
+            # without the admin token, or with a wrong one, nothing changes
+            monkeypatch.delenv("MICROTUNE_ADMIN_TOKEN", raising=False)
+            code = await asyncio.to_thread(main, ["forget", "--user", "human1", "--yes", *args])
+            assert code != 0 and len(list(system.recorder.read("human1"))) > 0
+            monkeypatch.setenv("MICROTUNE_ADMIN_TOKEN", "a-guess-of-some-length")
+            code = await asyncio.to_thread(main, ["forget", "--user", "human1", "--yes", *args])
+            assert code != 0 and len(list(system.recorder.read("human1"))) > 0
+            assert service.stats.admin_refused == 1  # the first never reached the service
+            monkeypatch.setenv("MICROTUNE_ADMIN_TOKEN", token)
             code = await asyncio.to_thread(main, ["rollback", "--user", "human5", "--to-seq",
                                                   "3", *args])
             assert code == 0
@@ -352,6 +364,8 @@ def test_rollback_forget_and_stats_through_a_running_service(store, tmp_path, ca
                                                   *args])
             assert code == 0
             assert list(system.recorder.read("human1")) == []
+            audit = msgpack.unpackb(system.recorder.audit_records()[-1][1])
+            assert audit["by"].startswith("ops-team")  # the token's name, not a claim
             code = await asyncio.to_thread(main, ["forget", "--user", "nobody", "--yes",
                                                   "--nats-url", server.url, "--prefix", "x"])
             assert code != 0  # no service answers on that prefix
