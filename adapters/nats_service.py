@@ -380,11 +380,16 @@ class Service:
         """Four times a second: release or refuse held events; keep slow messages alive."""
         cfg = self.config
         every = cfg.progress_every if cfg.progress_every is not None else cfg.ack_wait / 3
+        scan_every = min(1.0, every / 2)  # a scan of 20k unsettled messages takes ~1 ms
+        next_scan = time.monotonic() + scan_every
         while True:
             await asyncio.sleep(0.25)
             try:
                 await self._release_held()
                 now = time.monotonic()
+                if now < next_scan:
+                    continue
+                next_scan = now + scan_every
                 for entry in list(self._unsettled.values()):
                     if now - entry[1] >= every:
                         entry[1] = now

@@ -132,6 +132,33 @@ def test_redeliveries_during_a_store_outage_are_acked_only_after_the_commit(serv
     recorder.close()
 
 
+def test_in_progress_signals_keep_a_slow_commit_from_being_redelivered(server, tmp_path):
+    """A store outage longer than the ack wait: the messages waiting on it are kept alive
+    (+WPI), not redelivered, so they do not use up `max_deliver` on the way."""
+    path = tmp_path / "mt.db"
+
+    async def scenario():
+        system = Microtune.open(path, CFG)
+        service = Service(system, ServiceConfig(ack_wait=1.0, max_deliver=2))
+        await service.start(server.url)
+        nc = await nats.connect(server.url)
+        js = nc.jetstream()
+        await js.publish("microtune.events.ann", body("ann", "warm", 1.0))
+        await until(lambda: service.stats.applied == 1)
+        lock = SQLiteLock(path)
+        for i in range(4):
+            await js.publish("microtune.events.ann", body("ann", f"e{i}", 10.0 + i))
+        await asyncio.sleep(4.0)  # four ack waits
+        lock.release()
+        await until(lambda: service.stats.applied == 5, timeout=40)
+        assert service.stats.received == 5, "a message was redelivered"
+        assert service.stats.progress_signals >= 4 and service.stats.dead_lettered == 0
+        await service.stop()
+        await nc.close()
+
+    asyncio.run(scenario())
+
+
 # ---------------------------------------------------------------- 2. a poison request
 
 
