@@ -13,10 +13,16 @@ The rules, in the order an event meets them (README "Data hygiene" has the table
    second, not the smallest, so that one bogus timestamp does not move it). Offsets within
    `skew_tolerance` are delay, offsets beyond `max_skew` are delayed delivery (backfills):
    neither is corrected. The corrected time tc = t + offset is never later than r.
+   A backfill event (`Event.backfill`, wire `bf`) is history the publisher vouches for: its
+   time is trusted (only never later than r) and its offset, which measures how late the
+   history was sent, not the device's clock, stays out of the estimate.
 2. Ordering. Events wait in a buffer until the user's newest time minus `lateness` passes
    them, and leave it in (tc, seq) order. An event older than the last one released is late:
    `late_policy` "apply" learns from it at the release frontier, "drop" ignores it.
+   A backfill event at or after the frontier is ordered like any other; one before it is not
+   late but history behind the frontier (`actors.learning.apply` says what it does).
 3. Sessions, recent windows and the bot heuristics see released events in event-time order.
+   Backfill events arrive as fast as they are published: they do not feed the pacing checks.
 4. Impressions wait `impression_timeout`; an engagement with the same item cancels them, and
    an impression still waiting then becomes a negative at its deadline.
 5. Dwell and hover are tested against the segment's log-statistics (outliers dropped or
@@ -112,6 +118,8 @@ class Hygiene:
         t, r = event.t, event.received
         if r is None:  # no receive time (a library caller, an old log): trust the client
             return t
+        if event.backfill:  # trusted history; its offset says how late it was sent, no more
+            return r if t > r + seg.skew_tolerance else t
         offsets = self.offsets = (*self.offsets[-(SKEW_SAMPLES - 1):], r - t)
         skew = sorted(offsets)[min(SKEW_RANK, len(offsets) - 1)]
         tc = t + skew if seg.skew_tolerance < abs(skew) <= seg.max_skew else t
@@ -201,6 +209,9 @@ class Hygiene:
             return
         if event.kind not in ACTION_KINDS:
             return
+        if event.backfill:
+            self._check_history(event, seg)
+            return
         dt = tc - self.last_action if self.last_action >= 0 else None
         level = (max(0.0, self.rate_level - dt * seg.bot_max_rate) if dt is not None
                  else 0.0) + 1.0
@@ -227,6 +238,18 @@ class Hygiene:
         elif n >= seg.bot_regular_min and sd < seg.bot_regular_cv * mean:
             self.bot = (f"regular intervals: {n} intervals of {mean:.3g} s with "
                         f"std/mean {sd / mean:.3g}")
+
+    def _check_history(self, event: Event, seg: SegmentConfig) -> None:
+        """A backfill action: history is published as fast as the importer goes, so its pace
+        says nothing about a hand. It feeds neither the rate bucket nor the interval
+        statistics, nor `last_action` (live pace is measured between live actions); what the
+        events themselves say (a run of sub-human dwells) still counts."""
+        if event.kind != "dwell":
+            return
+        self.short_streak = self.short_streak + 1 if event.dwell < seg.bot_short_dwell else 0
+        if self.short_streak >= seg.bot_short_dwell_streak:
+            self.bot = (f"short dwell: {self.short_streak} dwells under "
+                        f"{seg.bot_short_dwell:g} s in a row")
 
     def clear_bot(self) -> None:
         """The admin's `clear_bot` event: no verdict, detectors from scratch."""

@@ -106,6 +106,8 @@ def apply(
 
     h = (state.hyg or hygiene.EMPTY).copy()  # this call's own: mutated below, nowhere else
     tc = h.align(event, seg)
+    if tc < h.frontier and event.backfill:
+        return _history(state, h, tc, event, config, trace)
     if tc < h.frontier:  # later than the lateness window
         h.late += 1
         if seg.late_policy == "drop":
@@ -120,6 +122,28 @@ def apply(
     h.buffer(tc, state.seq, event)
     watermark = h.t_max - seg.lateness
     return _release(state, h, config, watermark, watermark, trace)
+
+
+def _history(state: UserState, h: hygiene.Hygiene, tc: float, event: Event,
+             config: TuningConfig, trace: list[Step] | None) -> UserState:
+    """A backfill event older than what the user has already learned (its frontier).
+
+    A backfill at or after the frontier (a newcomer's history, or history newer than anything
+    learned) goes through the reorder buffer like any event and learns in event-time order,
+    with its sessions and recent windows. This one cannot: the state is a fold of the log and
+    the events after it are learned already. It is not *late* either: lateness is about live
+    delivery, while the publisher vouches for this time, so it is neither counted late nor
+    dropped by `late_policy`, nor moved to the frontier. It learns at once at its own time
+    (an older event: no decay, the user's clock stays), in the order the history is sent, so
+    publish history oldest first. It joins no session and no recent window: both describe
+    the present. Its impressions wait as any do: an engagement with the item later in the
+    same history cancels them; the user's next release makes the rest negatives at their
+    deadlines (this call releases nothing, so a burst of history can cancel its own).
+    Caveat: behind the frontier the movement budget does not drain (the clock stands), so
+    such history moves the weights by at most what is left of the window's budget.
+    """
+    state = _released(state, h, tc, event, config, trace, history=True)
+    return _with_hygiene(state, h)
 
 
 def _restore(state: UserState, event: Event, config: TuningConfig,
@@ -178,12 +202,15 @@ def _impression_negative(state: UserState, event_id: str, x: np.ndarray, base: f
 
 
 def _released(state: UserState, h: hygiene.Hygiene, tc: float, event: Event,
-              config: TuningConfig, trace: list[Step] | None) -> UserState:
+              config: TuningConfig, trace: list[Step] | None,
+              history: bool = False) -> UserState:
     """One event leaves the buffer: sessions, windows, bots, impressions, outliers, learning.
-    Mutates `h` (the caller's own copy); returns the state, learned or not."""
+    Mutates `h` (the caller's own copy); returns the state, learned or not. `history`: a
+    backfill behind the frontier (`_history`), which skips sessions and windows."""
     seg = config.segment(state.segment)
-    h.observe_session(tc, event, seg)
-    h.count_window(tc, event.kind, seg)
+    if not history:
+        h.observe_session(tc, event, seg)
+        h.count_window(tc, event.kind, seg)
     if not h.bot:
         h.check_bot(tc, event, seg)
     if tc > h.frontier:

@@ -5,7 +5,8 @@
 - `replay_all`: every user, streamed in (user, seq) order: constant memory, whatever the log size.
 - `current_states`: every user's current state from one consistent read (snapshot + tail).
 - `verify_snapshots` / `check_snapshot`: latest snapshots against a replay from seq 1.
-- `seq_at_time`: where a log prefix "up to time T" ends (--until-time, --to-time).
+- `seq_at_time`: where a log prefix "up to time T" ends (--until-time, --to-time), by the
+  broker's receive time (the default) or by event time (`--time-basis event`).
 
 A counterfactual replays from seq 1 (snapshots were made under the recorded configs); a plain
 replay may start from a snapshot at or before the target seq.
@@ -38,18 +39,31 @@ def _config_for(configs: ConfigRegistry, override: TuningConfig | None):
     return lambda _version: override
 
 
-def event_time(event: Event) -> float:
-    """When an event happened for the operators' tools (--until-time, --to-time): the broker's
-    receive time when logged (it follows the log's order), else the event's own time."""
-    return event.t if event.received is None else event.received
+TIME_BASES = ("received", "event")
 
 
-def seq_at_time(recorder: Recorder, user: str, until_time: float) -> int:
+def event_time(event: Event, basis: str = "received") -> float:
+    """When an event happened for the operators' tools (--until-time, --to-time).
+
+    "received" (the default): the broker's receive time when logged (it follows the log's
+    order), else the event's own time. "event": the event's own time `t`, which is what
+    slices a backfill, whose events were all received within moments of each other."""
+    if basis == "event" or event.received is None:
+        return event.t
+    return event.received
+
+
+def seq_at_time(recorder: Recorder, user: str, until_time: float,
+                basis: str = "received") -> int:
     """The seq of the log prefix up to `until_time`: the events before the first one that
-    happened (see `event_time`) later than it."""
+    happened (see `event_time`, by `basis`) later than it. A prefix, because a state is a
+    fold of the log: by event time, the first event logged with a later time ends it, even
+    if older ones follow (a skewed clock, history sent after newer events)."""
+    if basis not in TIME_BASES:
+        raise ValueError(f"time basis {basis!r} is not one of {TIME_BASES}")
     seq = 0
     for row in recorder.read(user):
-        if event_time(event_from_log(row.body)) > until_time:
+        if event_time(event_from_log(row.body), basis) > until_time:
             break
         seq = row.seq
     return seq
@@ -64,11 +78,12 @@ def replay_user(
     until_time: float | None = None,
     config: TuningConfig | None = None,
     use_snapshots: bool = True,
+    time_basis: str = "received",
 ) -> UserState:
     """The user's state after the events with seq <= until_seq (all when None), or after the
-    log prefix up to `until_time` (see `seq_at_time`)."""
+    log prefix up to `until_time` (see `seq_at_time`; `time_basis` "received" or "event")."""
     if until_time is not None:
-        seq = seq_at_time(recorder, user, until_time)
+        seq = seq_at_time(recorder, user, until_time, time_basis)
         until_seq = seq if until_seq is None else min(until_seq, seq)
     config_for = _config_for(configs, config)
     state = UserState(user)

@@ -32,6 +32,7 @@ from actors.user import UserActor, UserContext
 from events.config import TuningConfig
 from events.errors import Rejected
 from events.types import Event, Query, Ranking
+from store import lease
 from store.catalog import Catalog
 from store.journal import Journal
 from store.recorder import Recorder, open_recorder
@@ -81,25 +82,38 @@ class Microtune:
     ) -> None:
         if tune_gc:  # process-wide; see actors.runtime.tune_gc
             runtime.tune_gc()
-        self.recorder = recorder
-        self.configs = ConfigRegistry(recorder, config)
-        self.catalog = Catalog(recorder)
-        self.journal = Journal(recorder, max_batch_rows=max_batch_rows)
-        self.dispatcher = Dispatcher(workers=workers)
-        self.context = UserContext(recorder, self.journal, self.configs, snapshot_every)
-        self.context.models.load(recorder.segment_models())
-        self.directory = Directory(
-            lambda user: UserActor.start(self.dispatcher, user, self.context),
-            max_live=max_live,
-            idle_timeout=idle_timeout,
-        )
+        # The store's single writer for as long as this lives (store/lease.py): a second one,
+        # in this process or another, is refused with the holder's pid, host and start time.
+        self.lease = lease.acquire(recorder.engine.url)
+        try:
+            self.recorder = recorder
+            self.configs = ConfigRegistry(recorder, config)
+            self.catalog = Catalog(recorder)
+            self.journal = Journal(recorder, max_batch_rows=max_batch_rows)
+            self.dispatcher = Dispatcher(workers=workers)
+            self.context = UserContext(recorder, self.journal, self.configs, snapshot_every)
+            self.context.models.load(recorder.segment_models())
+            self.directory = Directory(
+                lambda user: UserActor.start(self.dispatcher, user, self.context),
+                max_live=max_live,
+                idle_timeout=idle_timeout,
+            )
+        except BaseException:
+            self.lease.release()
+            raise
         self.context.on_stopped = self.directory.stopped
         self._closed = False
 
     @classmethod
     def open(cls, store: str | Path, config: TuningConfig = DEFAULT_CONFIG, **kw: Any):
-        """Open (or create) a store by SQLAlchemy URL or SQLite path."""
-        return cls(open_recorder(store), config, **kw)
+        """Open (or create) a store by SQLAlchemy URL or SQLite path. Raises
+        `store.lease.LeaseHeld` if another writer holds it."""
+        recorder = open_recorder(store)
+        try:
+            return cls(recorder, config, **kw)
+        except BaseException:
+            recorder.close()
+            raise
 
     def __enter__(self) -> Microtune:
         return self
@@ -212,10 +226,13 @@ class Microtune:
         if self._closed:
             return
         self._closed = True
-        if snapshot and not self.directory.passivate_all(timeout):
-            log.warning("shutdown.passivation_timeout", live=len(self.directory))
-        self.journal.close(timeout)
-        if snapshot:
-            self.checkpoint()
-        self.dispatcher.shutdown()
-        self.recorder.close()
+        try:
+            if snapshot and not self.directory.passivate_all(timeout):
+                log.warning("shutdown.passivation_timeout", live=len(self.directory))
+            self.journal.close(timeout)
+            if snapshot:
+                self.checkpoint()
+            self.dispatcher.shutdown()
+            self.recorder.close()
+        finally:  # only once the last write is done may another writer start
+            self.lease.release()

@@ -91,7 +91,13 @@ def serve(argv: list[str]) -> int:
     file_values = _file_values(argv)
     args = _settings_parser("serve", SERVE_SETTINGS, file_values).parse_args(argv)
     configure_logging(args.log_level, json=args.log_format == "json")
-    return asyncio.run(_serve(args, _tuning(file_values, args.dim)))
+    from store.lease import LeaseHeld
+
+    try:
+        return asyncio.run(_serve(args, _tuning(file_values, args.dim)))
+    except LeaseHeld as exc:  # another writer won the race since _serve's check
+        print(f"microtune serve: {exc}", file=sys.stderr)
+        return 2
 
 
 async def _serve(args: argparse.Namespace, tuning) -> int:
@@ -99,10 +105,14 @@ async def _serve(args: argparse.Namespace, tuning) -> int:
     from adapters.auth import ensure_credentials, load_admin_tokens
     from adapters.embedded import EmbeddedNats
     from adapters.nats_service import Service, ServiceConfig
+    from store import lease
 
     data_dir = Path(args.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     store = args.store or str(data_dir / "microtune.db")
+    if held := lease.refusal(store):  # another writer: say so before starting anything
+        print(f"microtune serve: {held}", file=sys.stderr)
+        return 2
     embedded = None
     url = args.nats_url
     options: dict[str, Any] = {}
@@ -296,7 +306,11 @@ operators' tools (offline against the store; rollback, forget, stats also --nats
   export    every user's current state: --format jsonl|parquet|msgpack --out PATH
   import    restore an export into a new store
   forget    erase a user (privacy law), audited
-  stats     users, events, segments; the service's counters with --nats-url"""
+  stats     users, events, segments, bot verdicts, hygiene drops; the service's counters
+            with --nats-url
+
+  import-events FILE --nats-url URL   publish past events (JSON lines or msgpack) as history:
+            flagged bf=true, event times trusted, Nats-Msg-Id <user>.<id>"""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,9 @@ and the segment models (as of their last checkpoint), so it also scores as the o
 - parquet: one row per user; the header is the file's key-value metadata `microtune`.
 
 An imported user's log starts with one `restore` event at the exported seq (its history
-before that stays in the source store); new events follow from seq + 1.
+before that stays in the source store); new events follow from seq + 1. Each record also
+carries the user's event ids up to that seq (`ids`), which the import records so that an old
+id redelivered to the new store is refused as a duplicate, as it would have been in the old.
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ PARQUET_ROWS = 5000  # rows per Parquet row group: the writer's memory bound
 IMPORT_BATCH = 1000  # restore events per transaction
 
 
-def record(state: UserState) -> dict[str, Any]:
-    """One user's export record (`state`: the full encoded state, bytes)."""
+def record(state: UserState, ids: list[str] | None = None) -> dict[str, Any]:
+    """One user's export record (`state`: the full encoded state, bytes; `ids`: the user's
+    event ids up to its seq, the dedupe memory)."""
     h = state.hyg
     return {
         "user": state.user,
@@ -54,6 +57,7 @@ def record(state: UserState) -> dict[str, Any]:
         "steps": state.steps,
         "w": state.w.tolist(),
         "state": encode_state(state),
+        "ids": ids or [],
     }
 
 
@@ -77,16 +81,44 @@ def export(recorder: Recorder, configs: ConfigRegistry, path: str | Path, fmt: s
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r} (one of {', '.join(FORMATS)})")
     writer = _WRITERS[fmt](Path(path), header(configs, recorder.segment_models()))
+    # A second stream, beside the scan's and begun after it: the ids up to a user's exported
+    # seq never change later (append-only), so a later read has all of them.
+    id_rows = recorder.export_ids()
+    ids = _IdsByUser(id_rows)
     count = 0
     try:
         for state in current_states(recorder, configs, users=users):
-            writer.write(record(state))
+            writer.write(record(state, ids.up_to(state.user, state.seq)))
             count += 1
             if progress is not None:
                 progress()
     finally:
+        id_rows.close()  # its connection goes back now, not when collected
         writer.close()
     return count
+
+
+class _IdsByUser:
+    """Walks `Recorder.export_ids` (ordered by user, as the scan) alongside the scan."""
+
+    def __init__(self, rows: Iterator[tuple[str, int, str]]) -> None:
+        self._rows = rows
+        self._next: tuple[str, int, str] | None = None
+        self._started = False
+
+    def up_to(self, user: str, seq: int) -> list[str]:
+        """The user's ids with seq <= `seq` (users before it are skipped for good)."""
+        if not self._started:  # only now, once the scan has begun: no id it has is missed
+            self._started = True
+            self._next = next(self._rows, None)
+        while self._next is not None and self._next[0] < user:
+            self._next = next(self._rows, None)
+        ids = []
+        while self._next is not None and self._next[0] == user:
+            if self._next[1] <= seq:
+                ids.append(self._next[2])
+            self._next = next(self._rows, None)
+        return ids
 
 
 def read_export(path: str | Path, fmt: str | None = None) -> tuple[dict, Iterator[dict]]:
@@ -115,27 +147,37 @@ def import_(recorder: Recorder, path: str | Path, fmt: str | None = None, *,
     if head.get("microtune_export") != EXPORT_SCHEMA:
         raise ValueError(f"not a microtune export of schema {EXPORT_SCHEMA}")
     for _version, body in sorted(head["configs"].items(), key=lambda kv: int(kv[0])):
-        config = TuningConfig.from_map(body)
+        config = TuningConfig.from_map(body, stored=True)  # its schema's defaults
         if not recorder.save_config(config.version, config.encode()):
             raise ValueError(f"config version {config.version} exists with other values")
     recorder.save_segment_models({name: base64.b64decode(m["state"])
                                   for name, m in head.get("segment_models", {}).items()})
     batch: list[StoredEvent] = []
+    seen: list[tuple[str, str]] = []  # the batch's users' ids (an older export has none)
     count = 0
     for rec in records:
         state = decode_state(rec["state"])
         event = Event(id=f"restore-{state.seq}", user=state.user, t=max(state.t_last, 0.0),
                       kind="restore", config=state.config or None, restored=rec["state"])
         batch.append(StoredEvent(state.user, state.seq, event.id, encode_logged_event(event)))
+        # not the restore's own id: a store imported before may have logged the same one
+        seen.extend((state.user, i) for i in rec.get("ids") or () if i != event.id)
         count += 1
         if progress is not None:
             progress()
         if len(batch) >= IMPORT_BATCH:
-            recorder.append(batch)
-            batch = []
+            _restore_batch(recorder, batch, seen)
+            batch, seen = [], []
     if batch:
-        recorder.append(batch)
+        _restore_batch(recorder, batch, seen)
     return count
+
+
+def _restore_batch(recorder: Recorder, batch: list[StoredEvent],
+                   seen: list[tuple[str, str]]) -> None:
+    # the ids first: a user is never in the log without its dedupe memory
+    recorder.save_imported_ids(seen)
+    recorder.append(batch)
 
 
 # ---------------------------------------------------------------- formats
@@ -203,7 +245,8 @@ class _Parquet:
             [("user", pa.string()), ("seq", pa.int64()), ("config", pa.int32()),
              ("segment", pa.string()), ("session", pa.int64()),
              ("session_start", pa.float64()), ("bot", pa.string()), ("steps", pa.int64()),
-             ("w", pa.list_(pa.float64())), ("state", pa.binary())],
+             ("w", pa.list_(pa.float64())), ("state", pa.binary()),
+             ("ids", pa.list_(pa.string()))],
             metadata={"microtune": json.dumps(head)})
         self.writer = pq.ParquetWriter(path, self.schema)
         self.rows: list[dict] = []

@@ -4,6 +4,8 @@ They work offline against the store (safe while the service writes: SQLite WAL, 
 and the ones that change a user (rollback, forget) or read live counters (stats) can go
 through a running service instead (`--nats-url`: `<prefix>.admin.*` requests), which is the
 way to change a user while the service serves it: its actor is the user's single writer.
+The ones that write offline (rollback, forget, import) take the store's lease
+(store/lease.py), so they refuse, naming the holder, while the service runs.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from actors import debug as debugging
 from actors.configs import ConfigRegistry
 from actors.learning import settle
 from actors.replay import (
+    TIME_BASES,
     check_snapshot,
     current_states,
     replay_all,
@@ -41,6 +44,7 @@ from actors.segment_model import SegmentModels
 from adapters.logs import configure_logging
 from events.config import TuningConfig
 from events.errors import Rejected
+from store import lease
 from store.recorder import Recorder, open_recorder
 
 DEFAULT_STORE = "microtune-data/microtune.db"
@@ -177,7 +181,11 @@ def replay(argv: list[str]) -> int:
     until.add_argument("--until-seq", type=int)
     until.add_argument("--until-time", type=_time,
                        help="seconds or ISO 8601: the log up to the first event that happened "
-                            "later (broker receive time, else event time)")
+                            "later (by --time-basis)")
+    parser.add_argument("--time-basis", choices=TIME_BASES,
+                        help="what 'happened' means for --until-time: 'received' (the default: "
+                             "the broker's receive time, else the event time) or 'event' (the "
+                             "event's own time, which slices a backfill)")
     parser.add_argument("--config", type=Path,
                         help="TOML file whose [tuning] table replaces the recorded tuning")
     parser.add_argument("--verify", action="store_true",
@@ -189,6 +197,8 @@ def replay(argv: list[str]) -> int:
         parser.error("--verify checks the recorded history: no --config or --until-*")
     if args.all and (args.until_seq is not None or args.until_time):
         parser.error("--until-seq/--until-time go with --user")
+    if args.time_basis is not None and args.until_time is None:
+        parser.error("--time-basis goes with --until-time")
     recorder, configs = open_store(args.store)
     try:
         override = _counterfactual(args.config, configs) if args.config else None
@@ -214,14 +224,15 @@ def _counterfactual(path: Path, configs: ConfigRegistry) -> TuningConfig:
 
 
 def _replay_one(recorder, configs, args, override) -> int:
+    basis = args.time_basis or "received"
     state = replay_user(recorder, configs, args.user, until_seq=args.until_seq,
-                        until_time=args.until_time, config=override)
+                        until_time=args.until_time, config=override, time_basis=basis)
     if state.seq == 0:
         raise OperatorError(f"user {args.user!r} has no events (up to that point)")
     summary = _describe(state, override or configs.get(state.config or None))
     if override is not None:
         recorded = replay_user(recorder, configs, args.user, until_seq=args.until_seq,
-                               until_time=args.until_time)
+                               until_time=args.until_time, time_basis=basis)
         recorded = settle(recorded, configs.get(recorded.config or None))
         change = settle(state, override).w - recorded.w
         summary["counterfactual"] = "under the --config tuning, not the recorded one"
@@ -404,6 +415,8 @@ def forget(argv: list[str]) -> int:
     parser.add_argument("--by", default=os.environ.get("USER"))
     parser.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     args = parser.parse_args(argv)
+    if not args.nats_url and (held := lease.refusal(args.store)):
+        raise OperatorError(held)  # before asking: it could not be done now
     if not args.yes:
         answer = input(f"Erase every event and snapshot of user {args.user!r}? "
                        "This cannot be undone. [y/N] ")
@@ -460,16 +473,17 @@ def import_(argv: list[str]) -> int:
     parser.add_argument("path", type=Path)
     parser.add_argument("--format", choices=exporting.FORMATS)
     args = parser.parse_args(argv)
-    recorder = open_recorder(args.store)
-    try:
-        with _progress() as progress:
-            task = progress.add_task("import", total=None)
-            count = exporting.import_(recorder, args.path, args.format,
-                                      progress=lambda: progress.advance(task))
-    except ValueError as exc:
-        raise OperatorError(str(exc)) from None
-    finally:
-        recorder.close()
+    with lease.acquire(args.store):  # a writer: not beside a running service
+        recorder = open_recorder(args.store)
+        try:
+            with _progress() as progress:
+                task = progress.add_task("import", total=None)
+                count = exporting.import_(recorder, args.path, args.format,
+                                          progress=lambda: progress.advance(task))
+        except ValueError as exc:
+            raise OperatorError(str(exc)) from None
+        finally:
+            recorder.close()
     console.print(f"imported {count:,} users into {args.store}")
     return 0
 
@@ -478,8 +492,9 @@ def import_(argv: list[str]) -> int:
 
 
 def stats(argv: list[str]) -> int:
-    parser = _parser("stats", "Users, events, snapshots, per-segment summaries; with "
-                              "--nats-url also the running service's counters.")
+    parser = _parser("stats", "Users, events, snapshots, per-segment summaries (bot verdicts "
+                              "and hygiene drops included); with --nats-url also the running "
+                              "service's counters.")
     _service_args(parser)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
@@ -491,6 +506,7 @@ def stats(argv: list[str]) -> int:
         result["store"] = recorder.counts()
         result["audit_records"] = len(recorder.audit_records())
         result["segments"] = _segments(recorder, configs)
+        result["hygiene"] = _hygiene_totals(result["segments"])
         models = SegmentModels()
         models.load(recorder.segment_models())
         result["segment_models"] = models.summary()
@@ -504,14 +520,13 @@ def stats(argv: list[str]) -> int:
         store.add_row(key, f"{value:,}")
     out.print(store)
     segments = Table(title="segments (current states)")
-    for column in ("segment", "users", "bots", "events", "learning steps", "mean |w - w0|",
-                   "late", "outliers"):
+    for column in ("segment", "users", "bots", "events", "learning steps", "mean |w - w0|"):
         segments.add_column(column, justify="left" if column == "segment" else "right")
     for name, s in result["segments"].items():
         segments.add_row(name, f"{s['users']:,}", f"{s['bots']:,}", f"{s['events']:,}",
-                         f"{s['learning_steps']:,}", f"{s['mean_distance_from_prior']:.4f}",
-                         f"{s['late']:,}", f"{s['outliers']:,}")
+                         f"{s['learning_steps']:,}", f"{s['mean_distance_from_prior']:.4f}")
     out.print(segments)
+    out.print(_hygiene_table(result["segments"], result["hygiene"]))
     if result["segment_models"]:
         shared = Table(title="segment models (last checkpoint)")
         for column in ("segment", "learning steps", "weights (bias first)"):
@@ -529,8 +544,22 @@ def stats(argv: list[str]) -> int:
     return 0
 
 
+HYGIENE_COUNTS = ("bots", "ignored", "late", "late_dropped", "outliers", "outliers_dropped",
+                  "waiting")
+
+
 def _segments(recorder: Recorder, configs: ConfigRegistry) -> dict[str, dict]:
+    """Per segment (each user's current one): users, events, learning, and data hygiene's
+    verdicts and drops summed over users' states.
+
+    Hygiene is read from the state as a query sees it (`settle`: events still in the
+    lateness window released), as `replay` and `debug` show it: a bot verdict reached by
+    events that wait there is already in force. `waiting` counts those events. A user's
+    counters cover its whole history; `late_dropped` / `outliers_dropped` apply the
+    segment's current `late_policy` / `outlier_action` to them (a late event is otherwise
+    learned at the frontier, an outlier clipped)."""
     sums: dict[str, Counter] = defaultdict(Counter)
+    reasons: dict[str, Counter] = defaultdict(Counter)
     distance: dict[str, float] = defaultdict(float)
     with _progress() as progress:
         task = progress.add_task("users", total=recorder.counts()["users"])
@@ -539,23 +568,75 @@ def _segments(recorder: Recorder, configs: ConfigRegistry) -> dict[str, dict]:
             s["users"] += 1
             s["events"] += state.seq
             s["learning_steps"] += state.steps
-            h = state.hyg
-            if h is not None:
-                s["bots"] += bool(h.bot)
-                s["late"] += h.late
-                s["outliers"] += h.outliers
+            if state.hyg is not None:
+                config = configs.get(state.config or None)
+                waiting = len(state.hyg.pending)
+                state = settle(state, config)
+                _count_hygiene(s, reasons[state.segment], state.hyg,
+                               config.segment(state.segment), waiting)
             if state.w.shape[0]:
                 w0 = configs.get(state.config or None).prior(state.segment)
                 distance[state.segment] += float(np.linalg.norm(state.w - w0))
             progress.advance(task)
-    return {name: {**{k: s[k] for k in ("users", "bots", "events", "learning_steps", "late",
-                                        "outliers")},
+    return {name: {**{k: s[k] for k in ("users", "events", "learning_steps")},
+                   **{k: s[k] for k in HYGIENE_COUNTS},
+                   "bot_reasons": dict(sorted(reasons[name].items())),
                    "mean_distance_from_prior": distance[name] / max(s["users"], 1)}
             for name, s in sorted(sums.items())}
 
 
+def _count_hygiene(s: Counter, reasons: Counter, h, seg, waiting: int) -> None:
+    if h.bot:
+        s["bots"] += 1
+        reasons[h.bot.split(":", 1)[0]] += 1  # "rate", "short dwell", "declared", ...
+    s["ignored"] += h.ignored  # events of a marked bot: logged, never learned from
+    s["late"] += h.late
+    s["late_dropped"] += h.late if seg.late_policy == "drop" else 0
+    s["outliers"] += h.outliers
+    s["outliers_dropped"] += h.outliers if seg.outlier_action == "drop" else 0
+    s["waiting"] += waiting
+
+
+def _hygiene_totals(segments: dict[str, dict]) -> dict[str, Any]:
+    totals: dict[str, Any] = {k: sum(s[k] for s in segments.values()) for k in HYGIENE_COUNTS}
+    reasons: Counter = Counter()
+    for s in segments.values():
+        reasons.update(s["bot_reasons"])
+    totals["bot_reasons"] = dict(sorted(reasons.items()))
+    return totals
+
+
+def _hygiene_table(segments: dict[str, dict], totals: dict[str, Any]) -> Table:
+    table = Table(title="data hygiene (current states, as queries see them)",
+                  caption="ignored: events of marked bots; late / outliers: dropped / "
+                          "counted (by the segment's late_policy / outlier_action); waiting: "
+                          "in the lateness window")
+    for column in ("segment", "bots", "bot verdicts", "ignored", "late", "outliers",
+                   "waiting"):
+        table.add_column(column, justify="left" if column in ("segment", "bot verdicts")
+                         else "right")
+    rows = list(segments.items())
+    if len(rows) > 1:
+        rows.append(("(all)", totals))
+    for name, s in rows:
+        verdicts = ", ".join(f"{k} {v:,}" for k, v in s["bot_reasons"].items()) or "-"
+        table.add_row(name, f"{s['bots']:,}", verdicts, f"{s['ignored']:,}",
+                      f"{s['late_dropped']:,} / {s['late']:,}",
+                      f"{s['outliers_dropped']:,} / {s['outliers']:,}", f"{s['waiting']:,}",
+                      style="bold" if name == "(all)" else None)
+    return table
+
+
+def import_events(argv: list[str]) -> int:
+    """`microtune import-events FILE`: publish history as backfill events (adapters/backfill)."""
+    from adapters import backfill
+
+    return backfill.main(argv)
+
+
 COMMANDS = {"replay": replay, "debug": debug, "rollback": rollback, "export": export,
-            "import": import_, "forget": forget, "stats": stats}
+            "import": import_, "forget": forget, "stats": stats,
+            "import-events": import_events}
 
 
 def run(name: str, argv: list[str]) -> int:
@@ -564,6 +645,6 @@ def run(name: str, argv: list[str]) -> int:
         configure_logging(os.environ.get("MICROTUNE_LOG_LEVEL", "warning"), json=False)
     try:
         return COMMANDS[name](argv)
-    except OperatorError as exc:
+    except (OperatorError, lease.LeaseHeld) as exc:  # a writer refused: the service runs
         console.print(f"[red]microtune {name}:[/red] {exc}")
         return 2

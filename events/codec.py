@@ -34,7 +34,7 @@ from events.types import (
 
 _EVENT_KEYS = frozenset(
     {"v", "id", "u", "t", "k", "i", "x", "d", "s", "h", "y", "g", "c", "r", "sid", "a", "ns", "b",
-     "to", "st"}
+     "to", "st", "bf"}
 )
 _TOKEN_FORBIDDEN = frozenset(" \t\r\n.*>")
 _F64 = np.dtype("<f8")
@@ -198,6 +198,10 @@ def event_from_map(obj: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> E
         if not isinstance(obj["a"], bool):
             raise Rejected(Reason.WRONG_TYPE, "'a' (automated) must be true or false", "a")
         fields["automated"] = obj["a"]
+    if obj.get("bf") is not None:
+        if not isinstance(obj["bf"], bool):
+            raise Rejected(Reason.WRONG_TYPE, "'bf' (backfill) must be true or false", "bf")
+        fields["backfill"] = obj["bf"]
     # 'ns' (segment statistics) and 'b' (segment model score) are stamped by the service; a
     # publisher's are ignored
     extra = {k: obj[k] for k in obj if k not in _EVENT_KEYS}
@@ -245,6 +249,8 @@ def event_to_map(event: Event, *, pack_x: bool = False) -> dict[str, Any]:
             out[key] = value
     if event.automated:
         out["a"] = True
+    if event.backfill:  # only when set: an event without it encodes as it always did
+        out["bf"] = True
     if event.norms:
         out["ns"] = {k: list(v) for k, v in event.norms.items()}
     if event.base is not None:
@@ -287,6 +293,7 @@ def event_from_log(body: bytes) -> Event:
         base=obj.get("b"),
         to_seq=obj.get("to"),
         restored=obj.get("st"),
+        backfill=obj.get("bf", False),
         extra={k: obj[k] for k in obj if k not in _EVENT_KEYS},
     )
 

@@ -3,6 +3,10 @@
 A `TuningConfig` version holds the feature dimension and one `SegmentConfig` per segment
 (`default` always present). Replay uses the version recorded with each event, or, for a
 counterfactual, another config given on request.
+
+A stored config names the schema of its encoding (`schema`). A field missing from a stored
+body takes the default it had at that schema (`SEGMENT_DEFAULTS`), never today's default, so
+that a change of defaults cannot silently change how an old version learns.
 """
 
 from __future__ import annotations
@@ -90,6 +94,33 @@ class SegmentConfig:
     segment_half_life: float = 60 * 86400.0  # population tastes fade slower than a user's
 
 
+# The encoding's schema. Changing a SegmentConfig default (or adding a field) needs a new
+# schema: bump CONFIG_SCHEMA and add its row below; earlier rows are never edited, except that
+# a new field gets, in every earlier row, the value that keeps the old behaviour (what a body
+# of that schema, which cannot name the field, meant). tests/test_config_schema.py checks that
+# the current row equals the dataclass's defaults.
+CONFIG_SCHEMA = 1
+# Bodies written before the `schema` key existed (they hold every field of their time).
+LEGACY_SCHEMA = 1
+SEGMENT_DEFAULTS: dict[int, dict[str, Any]] = {
+    1: {
+        "optimizer": "rmsprop", "lr": 0.05, "lr_min": 0.01, "lr_max": 0.12, "beta1": 0.9,
+        "beta2": 0.999, "eps": 1e-08, "half_life": 1209600.0, "l2": 0.03, "max_step": 1.0,
+        "window": 3600.0, "window_budget": 10.0, "impression_importance": 0.2,
+        "click_importance": 1.0, "dwell_importance": 1.0, "scroll_importance": 1.0,
+        "hover_importance": 0.5, "feedback_importance": 1.0, "dwell_scale": 30.0,
+        "hover_scale": 5.0, "prior": None, "hygiene": True, "lateness": 5.0,
+        "late_policy": "apply", "skew_tolerance": 2.0, "max_skew": 86400.0,
+        "session_timeout": 1800.0, "impression_timeout": 30.0, "bot_max_rate": 5.0,
+        "bot_burst": 30.0, "bot_short_dwell": 0.1, "bot_short_dwell_streak": 8,
+        "bot_regular_cv": 0.05, "bot_regular_min": 20, "outlier_rule": "z", "outlier_z": 3.5,
+        "outlier_iqr": 3.0, "outlier_action": "drop", "dwell_max": 7200.0, "hover_max": 120.0,
+        "normalize": True, "norm_slope": 1.0, "freq_power": 0.5, "recent_window": 300.0,
+        "segment_model": True, "segment_lr": 0.02, "segment_half_life": 5184000.0,
+    },
+}
+
+
 class Constants(NamedTuple):
     """A segment's constants as 0-d arrays: numpy multiplies an array by a 0-d array markedly
     faster than by a Python float, and `apply` does so a dozen times per event."""
@@ -146,7 +177,9 @@ class TuningConfig:
         return replace(self, version=version)
 
     def to_map(self) -> dict[str, Any]:
+        """The stored form: every field, and the schema whose defaults fill absent ones."""
         return {
+            "schema": CONFIG_SCHEMA,
             "version": self.version,
             "dim": self.dim,
             "segments": {k: asdict(v) for k, v in self.segments.items()},
@@ -156,9 +189,17 @@ class TuningConfig:
         return msgpack.packb(self.to_map(), use_bin_type=True)
 
     @classmethod
-    def from_map(cls, obj: dict[str, Any]) -> TuningConfig:
-        """Build from a plain map (a TOML file, a stored row); raises `Rejected`."""
+    def from_map(cls, obj: dict[str, Any], *, stored: bool = False) -> TuningConfig:
+        """Build from a plain map; raises `Rejected`. Absent fields take the defaults of the
+        map's `schema`; without one, a map someone writes now (a TOML file: `stored=False`)
+        means today's defaults, a stored one (a row, an export: `stored=True`) was written
+        before schemas were named: `LEGACY_SCHEMA`."""
         try:
+            schema = int(obj.get("schema", LEGACY_SCHEMA if stored else CONFIG_SCHEMA))
+            defaults = SEGMENT_DEFAULTS.get(schema)
+            if defaults is None:
+                raise Rejected(Reason.UNKNOWN_CONFIG, f"config schema {schema} is unknown here "
+                               f"(this version knows {sorted(SEGMENT_DEFAULTS)})")
             known = {f.name for f in fields(SegmentConfig)}
             segments = {}
             for name, body in dict(obj.get("segments") or {"default": {}}).items():
@@ -167,8 +208,13 @@ class TuningConfig:
                     raise Rejected(
                         Reason.UNKNOWN_CONFIG, f"segment {name!r}: unknown keys {sorted(unknown)}"
                     )
+                body = {**defaults, **body}  # the schema's defaults, not the dataclass's
+                missing = known - body.keys()
+                if missing:  # never a dataclass default in silence
+                    raise Rejected(Reason.UNKNOWN_CONFIG, f"config schema {schema} records no "
+                                   f"default for {sorted(missing)} (SEGMENT_DEFAULTS)")
                 if body.get("prior") is not None:
-                    body = {**body, "prior": tuple(float(p) for p in body["prior"])}
+                    body["prior"] = tuple(float(p) for p in body["prior"])
                 segments[name] = SegmentConfig(**body)
             return cls(version=int(obj["version"]), dim=int(obj["dim"]), segments=segments)
         except Rejected:
@@ -178,7 +224,8 @@ class TuningConfig:
 
     @classmethod
     def decode(cls, raw: bytes) -> TuningConfig:
-        return cls.from_map(msgpack.unpackb(raw, raw=False))
+        """A stored config (see `from_map`, `stored=True`)."""
+        return cls.from_map(msgpack.unpackb(raw, raw=False), stored=True)
 
 
 def _validate(cfg: TuningConfig) -> None:

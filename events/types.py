@@ -69,6 +69,9 @@ class Event(NamedTuple):
     base: float | None = None  # the segment model's score of this item, stamped at ingest
     to_seq: int | None = None  # rollback: the seq whose state comes back
     restored: bytes | None = None  # rollback, restore: that state (actors.state encoding)
+    # the publisher vouches for `t`: history sent late on purpose (`bf` on the wire; README
+    # "Backfill"). Hygiene trusts its time and does not pace it as a hand's actions.
+    backfill: bool = False
     extra: Mapping[str, Any] = _NO_EXTRA  # unknown wire keys, kept and logged
 
     @property
@@ -94,7 +97,7 @@ class Event(NamedTuple):
 
 _SCALAR_FIELDS = (
     "id", "user", "t", "kind", "item", "dwell", "depth", "hover", "target", "segment", "config",
-    "received", "session", "automated", "norms", "base", "to_seq", "restored",
+    "received", "session", "automated", "norms", "base", "to_seq", "restored", "backfill",
 )
 
 

@@ -19,11 +19,19 @@ from pathlib import Path
 from typing import NamedTuple
 
 import structlog
-from sqlalchemy import Engine, bindparam, create_engine, event, func, select
+from sqlalchemy import Engine, bindparam, create_engine, event, func, literal, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from store.schema import audit_log, configs, events, metadata, segment_models, snapshots
+from store.schema import (
+    audit_log,
+    configs,
+    events,
+    imported_ids,
+    metadata,
+    segment_models,
+    snapshots,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -135,6 +143,7 @@ class Recorder:
                     self._insert_events(cur, rows)
                 if snaps:
                     cur.executemany(self.insert_snapshot_sql, snaps)
+                self._after_insert(conn, cur, rows, snaps)
                 cur.close()
                 conn.commit()
             except self._dbapi.IntegrityError as exc:
@@ -197,6 +206,108 @@ class Recorder:
 
     def save_snapshots(self, snaps: Sequence[Snapshot]) -> None:
         self.append((), snaps)
+
+    # ------------------------------------------------------------ in append's transaction
+
+    keep_snapshots = 3  # snapshots kept per user; older ones go when a newer one is written
+    _imported: bool | None = None  # are there imported ids at all? (None: not looked yet)
+    _import_users: dict[str, bool] | None = None  # user -> has imported ids (a cache)
+    _IMPORT_USERS_MAX = 250_000  # cache entries at most (~25 MiB; then it starts afresh)
+    _PROBE_CHUNK = 256  # users, or (user, id) pairs, per probe statement
+
+    def _after_insert(self, conn, cur, rows: Sequence[StoredEvent],
+                      snaps: Sequence[Snapshot]) -> None:
+        """Runs in `append`'s transaction after its inserts: refuse redelivered imported ids
+        (raising `AppendConflict` as the log's own key does), then prune old snapshots."""
+        if rows:
+            if self._imported is None:  # once: a store never imported into costs nothing
+                cur.execute("SELECT 1 FROM mt_imported_ids LIMIT 1")
+                self._imported = cur.fetchone() is not None
+            if self._imported:
+                duplicates = self._imported_duplicates(cur, rows)
+                if duplicates:
+                    conn.rollback()  # none of the batch lands, as with a unique violation
+                    raise AppendConflict(duplicates, set())
+        if snaps and self.keep_snapshots > 0:
+            self._prune_snapshots(cur, snaps)
+
+    def _imported_duplicates(self, cur, rows: Sequence[StoredEvent]) -> set[tuple[str, str]]:
+        """The rows' (user, event id) pairs that an import recorded (see `save_imported_ids`).
+
+        Which users have imported ids is looked up once per user and cached, so that only
+        their rows are probed: a user created after the import costs one lookup per process."""
+        users = self._import_users
+        if users is None or len(users) > self._IMPORT_USERS_MAX:
+            users = self._import_users = {}
+        unknown = list({r.user for r in rows if r.user not in users})
+        if unknown:
+            having = self._users_with_imported_ids(cur, unknown)
+            users.update((u, u in having) for u in unknown)
+        pairs = [(r.user, r.event_id) for r in rows if users[r.user]]
+        return self._imported_pairs(cur, pairs) if pairs else set()
+
+    # SQLite's probes (PostgresRecorder has its own): a primary-key search per user or pair
+    def _users_with_imported_ids(self, cur, users: list[str]) -> set[str]:
+        found: set[str] = set()
+        for start in range(0, len(users), self._PROBE_CHUNK):
+            chunk = users[start:start + self._PROBE_CHUNK]
+            cur.execute("SELECT DISTINCT user_id FROM mt_imported_ids WHERE user_id IN "
+                        f"({', '.join(['?'] * len(chunk))})", chunk)
+            found.update(u for (u,) in cur.fetchall())
+        return found
+
+    def _imported_pairs(self, cur, pairs: list[tuple[str, str]]) -> set[tuple[str, str]]:
+        found: set[tuple[str, str]] = set()
+        for start in range(0, len(pairs), self._PROBE_CHUNK):
+            chunk = pairs[start:start + self._PROBE_CHUNK]
+            cur.execute(self._sql_probe(len(chunk)), [v for pair in chunk for v in pair])
+            found.update((u, e) for u, e in cur.fetchall())
+        return found
+
+    @staticmethod
+    @functools.cache
+    def _sql_probe(count: int) -> str:
+        # EXISTS per pair (a row-value IN over a VALUES list scans the whole table)
+        return (f"WITH v(u, e) AS (VALUES {', '.join(['(?, ?)'] * count)}) "
+                "SELECT v.u, v.e FROM v WHERE EXISTS (SELECT 1 FROM mt_imported_ids i "
+                "WHERE i.user_id = v.u AND i.event_id = v.e)")
+
+    def _prune_snapshots(self, cur, snaps: Sequence[Snapshot]) -> None:
+        """Keep each user's latest `keep_snapshots` snapshots. Snapshots only save replay
+        work, the log has everything: activation, export and verify read the latest one,
+        a rollback the latest at or before its target (an older target replays from seq 1).
+        Keeping a few makes rollbacks to recent points cheap; older ones only take space."""
+        p = self.placeholder
+        cur.executemany(
+            f"DELETE FROM mt_snapshots WHERE user_id = {p} AND seq < (SELECT seq FROM "
+            f"mt_snapshots WHERE user_id = {p} ORDER BY seq DESC LIMIT 1 OFFSET {p})",
+            [(u, u, self.keep_snapshots - 1) for u in dict.fromkeys(s.user for s in snaps)])
+
+    def save_imported_ids(self, pairs: Iterable[tuple[str, str]]) -> None:
+        """Record imported users' event ids from before their import (idempotent)."""
+        rows = [{"user_id": u, "event_id": e} for u, e in pairs]
+        if rows:
+            with self.engine.begin() as conn:
+                conn.execute(self._insert_ignore(imported_ids), rows)
+            self._imported, self._import_users = True, None
+
+    def export_ids(self) -> Iterator[tuple[str, int, str]]:
+        """Every user's event ids as (user, seq, id), user by user in code-point order (as
+        `scan`), streamed: the log's ids and, at seq 0, the ids an import recorded. For an
+        export, which carries each user's ids up to its exported seq (the dedupe memory)."""
+        both = select(events.c.user_id, events.c.seq, events.c.event_id).union_all(
+            select(imported_ids.c.user_id, literal(0), imported_ids.c.event_id)).subquery()
+        query = select(both.c.user_id, both.c.seq, both.c.event_id).order_by(
+            self._bytewise(both.c.user_id), both.c.seq, both.c.event_id)
+        with self._one_pass_read() as conn:
+            result = conn.execution_options(stream_results=True, yield_per=5000).execute(query)
+            yield from result  # rows are tuples
+
+    @contextlib.contextmanager
+    def _one_pass_read(self) -> Iterator:
+        """A connection for a read that passes over its rows once (beside a `scan`)."""
+        with self.engine.connect() as conn:
+            yield conn
 
     def save_config(self, version: int, body: bytes) -> bool:
         """Record a config version (append-only: an existing version is never replaced)."""
@@ -335,6 +446,7 @@ class Recorder:
             n_events = conn.execute(events.delete().where(events.c.user_id == user)).rowcount
             n_snaps = conn.execute(
                 snapshots.delete().where(snapshots.c.user_id == user)).rowcount
+            conn.execute(imported_ids.delete().where(imported_ids.c.user_id == user))
             audit_id = conn.execute(audit_log.insert().values(body=audit)).inserted_primary_key[0]
         return n_events, n_snaps, audit_id
 
@@ -452,6 +564,18 @@ class SQLiteRecorder(Recorder):
         # moment. An explicit BEGIN makes both of the scan's statements read one WAL snapshot.
         conn.exec_driver_sql("BEGIN")
 
+    @contextlib.contextmanager
+    def _one_pass_read(self) -> Iterator:
+        # One pass gains nothing from the page cache, and this connection's 64 MiB beside a
+        # scan's would double an export's memory: a small cache while it reads.
+        with self.engine.connect() as conn:
+            size = conn.exec_driver_sql("PRAGMA cache_size").scalar()
+            conn.exec_driver_sql("PRAGMA cache_size=-2048")
+            try:
+                yield conn
+            finally:
+                conn.exec_driver_sql(f"PRAGMA cache_size={int(size)}")  # back to the pool
+
     _CHUNK = 256  # rows per INSERT statement (4 parameters each, well under SQLite's limit)
 
     def _insert_events(self, cur, rows: Sequence[StoredEvent]) -> None:
@@ -484,6 +608,42 @@ class PostgresRecorder(Recorder):
 
     def __init__(self, url: str) -> None:
         super().__init__(create_engine(url, pool_size=8, max_overflow=8, pool_pre_ping=True))
+        self._create_forget_function()
+
+    # The audited erasure as a SECURITY DEFINER function: the service's role needs no UPDATE
+    # or DELETE on the log (README "PostgreSQL roles"), only EXECUTE on this. It runs as its
+    # owner, with the search_path it was created under.
+    _FORGET_FUNCTION = """
+        CREATE FUNCTION mt_forget(target text, audit bytea,
+                                  OUT n_events bigint, OUT n_snapshots bigint,
+                                  OUT audit_id integer)
+        LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+        BEGIN
+            DELETE FROM mt_events WHERE user_id = target;
+            GET DIAGNOSTICS n_events = ROW_COUNT;
+            DELETE FROM mt_snapshots WHERE user_id = target;
+            GET DIAGNOSTICS n_snapshots = ROW_COUNT;
+            DELETE FROM mt_imported_ids WHERE user_id = target;
+            INSERT INTO mt_audit (body) VALUES (audit) RETURNING id INTO audit_id;
+        END $$
+    """
+
+    def _create_forget_function(self) -> None:
+        with self.engine.begin() as conn:
+            exists = conn.exec_driver_sql(
+                "SELECT to_regprocedure('mt_forget(text, bytea)') IS NOT NULL").scalar()
+            if not exists:  # created by the store's owner, once; a service role cannot
+                conn.exec_driver_sql(self._FORGET_FUNCTION)
+                # PostgreSQL lets every role execute a new function: only grantees may erase
+                conn.exec_driver_sql("REVOKE EXECUTE ON FUNCTION mt_forget(text, bytea) "
+                                     "FROM PUBLIC")
+
+    def forget(self, user: str, audit: bytes) -> tuple[int, int, int]:
+        with self.engine.begin() as conn:
+            row = conn.exec_driver_sql(
+                "SELECT n_events, n_snapshots, audit_id FROM mt_forget(%s, %s)",
+                (user, audit)).one()
+        return int(row[0]), int(row[1]), int(row[2])
 
     def _insert_ignore(self, table):
         return pg_insert(table).on_conflict_do_nothing()
@@ -500,6 +660,29 @@ class PostgresRecorder(Recorder):
 
     def _bytewise(self, column):
         return column.collate("C")  # the database's collation may not be code-point order
+
+    # The batch as arrays, one statement; LATERAL ... LIMIT 1 keeps a primary-key search
+    # per row whatever the statistics say (right after an import, a hash join over the whole
+    # table measured 10x slower).
+    def _users_with_imported_ids(self, cur, users: list[str]) -> set[str]:
+        cur.execute("SELECT u.id FROM unnest(%s::text[]) AS u(id) CROSS JOIN LATERAL "
+                    "(SELECT 1 FROM mt_imported_ids i WHERE i.user_id = u.id LIMIT 1) hit",
+                    (users,))
+        return {u for (u,) in cur.fetchall()}
+
+    def _imported_pairs(self, cur, pairs: list[tuple[str, str]]) -> set[tuple[str, str]]:
+        cur.execute("SELECT v.u, v.e FROM unnest(%s::text[], %s::text[]) AS v(u, e) CROSS JOIN "
+                    "LATERAL (SELECT 1 FROM mt_imported_ids i WHERE i.user_id = v.u AND "
+                    "i.event_id = v.e LIMIT 1) hit", ([u for u, _ in pairs], [e for _, e in pairs]))
+        return {(u, e) for u, e in cur.fetchall()}
+
+    def _prune_snapshots(self, cur, snaps: Sequence[Snapshot]) -> None:
+        # one statement for the batch's users (executemany: a round trip's worth each)
+        cur.execute(
+            "DELETE FROM mt_snapshots s USING (SELECT u.id, (SELECT seq FROM mt_snapshots "
+            "WHERE user_id = u.id ORDER BY seq DESC LIMIT 1 OFFSET %s) AS floor "
+            "FROM unnest(%s::text[]) AS u(id)) k WHERE s.user_id = k.id AND s.seq < k.floor",
+            (self.keep_snapshots - 1, list(dict.fromkeys(s.user for s in snaps))))
 
     def _begin_consistent_read(self, conn) -> None:
         conn.execution_options(isolation_level="REPEATABLE READ")

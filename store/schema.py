@@ -39,6 +39,18 @@ snapshots = Table(
     sqlite_with_rowid=False,
 )
 
+imported_ids = Table(
+    "mt_imported_ids",
+    metadata,
+    # an imported user's event ids from before its `restore` event (adapters/export.py): its
+    # dedupe memory, which the append path checks (Recorder._after_insert), so that an old id
+    # redelivered after an import is refused as a duplicate, as the log's unique key would
+    Column("user_id", String(128), nullable=False),
+    Column("event_id", String(128), nullable=False),
+    PrimaryKeyConstraint("user_id", "event_id", name="mt_imported_ids_pk"),
+    sqlite_with_rowid=False,
+)
+
 configs = Table(
     "mt_configs",
     metadata,

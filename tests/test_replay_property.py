@@ -67,6 +67,7 @@ def event_op(draw):
         received=None if delay is None else t + delay,
         session=draw(st.sampled_from([None, "tab1", "tab2"])),
         automated=draw(st.integers(0, 15)) == 0,  # hygiene: a declared bot, now and then
+        backfill=draw(st.integers(0, 3)) == 0,  # history: trusted time, not paced
         **fields,
     ))
 
