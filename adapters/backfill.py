@@ -143,14 +143,18 @@ def prepare(record: Any, limits: Limits = DEFAULT_LIMITS) -> tuple[str, str, byt
 # ---------------------------------------------------------------- publishing
 
 
-async def check_stream(js, prefix: str) -> str:
+async def check_stream(js, prefix: str) -> str | None:
     """The JetStream stream that takes `<prefix>.events.>`; `LookupError` without one (or
-    without JetStream at all)."""
+    without JetStream at all); None if this client may not ask (a `publisher` may only
+    publish events: then the first publish tells)."""
     from nats import errors
+    from nats.js.errors import NotFoundError
 
     try:
         return await js.find_stream_name_by_subject(f"{prefix}.events.backfill")
-    except errors.Error:  # NotFoundError, and no responders where JetStream is off
+    except errors.TimeoutError:  # a permissions violation gets no reply
+        return None
+    except (NotFoundError, errors.NoRespondersError):  # no stream; JetStream off
         raise LookupError(f"no JetStream stream takes {prefix}.events.>: start the service "
                           "once (it creates the stream) or check --prefix") from None
 

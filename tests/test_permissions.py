@@ -177,3 +177,28 @@ def test_auth_config_for_an_external_server(tmp_path):
         asyncio.run(scenario())
     finally:
         server.stop()
+
+
+def test_a_publisher_backfills_history_with_its_own_credentials(served, tmp_path):
+    url, data, _banner = served
+    history = tmp_path / "history.jsonl"
+    history.write_text("".join(
+        f'{{"v": 1, "id": "h{i}", "u": "hist", "t": {1_700_000_000 + 60 * i}, "k": "click", '
+        f'"i": "a", "x": {X}}}\n' for i in range(5)))
+    publisher = env_file(data / "auth" / "publisher.env")
+    done = subprocess.run([sys.executable, "-m", "adapters.cli", "import-events", str(history),
+                           "--nats-url", url], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, env={**os.environ, **publisher})
+    assert done.returncode == 0, done.stderr
+
+    async def seq_of_hist() -> int:
+        querier = await connect(url, **login(data / "auth", "querier"))
+        for _ in range(100):
+            ranking = await client.rank(querier, "hist", [("a", X)])
+            if ranking.seq == 5:
+                break
+            await asyncio.sleep(0.05)
+        await querier.close()
+        return ranking.seq
+
+    assert asyncio.run(seq_of_hist()) == 5
