@@ -188,7 +188,7 @@ async def _serve(args: argparse.Namespace, tuning) -> int:
             f"  query weights:   request on {p}.query.<user>, msgpack {{v:1, c:[item ids or "
             "[id, features]], n?}\n"
             f"  catalog:         {p}.content, msgpack {{v:1, i, x}}; rejections on {p}.rejected\n"
-            f"  try it:          {_env_hint(credentials, 'admin')}microtune demo --nats-url {url}\n"
+            f"  try it:          {_try_it(credentials, url)}\n"
             f"{_auth_banner(credentials, admin_tokens)}"
             "  stop with Ctrl-C (finishes in-flight work, snapshots users).",
             flush=True,
@@ -216,13 +216,20 @@ def _env_hint(credentials, role: str) -> str:
     return f"set -a; . {credentials.folder / (role + '.env')}; set +a; "
 
 
+def _try_it(credentials, url: str) -> str:
+    demo = f"microtune demo --nats-url {url}"
+    if credentials is None:
+        return demo
+    return f"{_env_hint(credentials, 'admin')}\n                   {demo}"
+
+
 def _auth_banner(credentials, admin_tokens: dict[str, str]) -> str:
     if credentials is not None:
         roles = ", ".join(f"{r}.env" for r in ("publisher", "querier", "catalog", "admin"))
-        return (f"  who may do what: clients log in as a role; credentials (owner-only) in "
-                f"{credentials.folder}/: {roles}\n"
-                f"                   e.g. {_env_hint(credentials, 'publisher')}"
-                "then MICROTUNE_NATS_USER/PASSWORD for your NATS client\n")
+        return (f"  who may do what: clients log in as a role (README \"Who may do what\"):\n"
+                f"                   {roles} in {credentials.folder}/ (owner-only)\n"
+                f"                   set MICROTUNE_NATS_USER/PASSWORD for your NATS client:\n"
+                f"                   {_env_hint(credentials, 'publisher')}\n")
     if not admin_tokens:
         return ("  admin commands (rollback, forget, clear_bot) are off: no admin tokens "
                 "(--admin-tokens-file)\n")

@@ -164,7 +164,7 @@ def test_broker_killed_and_restarted_loses_no_acknowledged_event(tmp_path):
                 try:
                     await js.publish(f"microtune.events.u{i % 7}",
                                      body(f"u{i % 7}", f"e{i}", float(i)), timeout=1,
-                                     headers={"Nats-Msg-Id": f"e{i}"})
+                                     headers={"Nats-Msg-Id": f"u{i % 7}.e{i}"})
                     acknowledged.add(f"e{i}")
                     break
                 except Exception:  # not acknowledged: the publisher retries, as it should

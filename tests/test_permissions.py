@@ -51,7 +51,9 @@ def served(tmp_path):
         [sys.executable, "-m", "adapters.cli", "serve", "--data-dir", str(data), "--dim", "4",
          "--embedded-port", str(port), "--log-level", "warning"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    banner = [proc.stdout.readline() for _ in range(8)]
+    banner = [proc.stdout.readline()]
+    while banner[-1] and "stop with Ctrl-C" not in banner[-1]:
+        banner.append(proc.stdout.readline())
     assert "microtune is serving" in banner[0], banner
     yield f"nats://127.0.0.1:{port}", data, "".join(banner)
     proc.send_signal(signal.SIGTERM)
