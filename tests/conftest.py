@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import uuid
@@ -32,20 +33,38 @@ def _pg_unreachable_reason() -> str | None:
 _PG_REASON = _pg_unreachable_reason()
 
 
-@pytest.fixture
-def pg_url():
+@contextlib.contextmanager
+def fresh_pg_schema():
     """A PostgreSQL URL whose search_path is a fresh schema, dropped afterwards."""
-    if _PG_REASON is not None:
-        pytest.skip(_PG_REASON)
     import psycopg
 
     schema = f"mt_test_{uuid.uuid4().hex[:12]}"
     dsn = PG_URL.replace("postgresql+psycopg://", "postgresql://")
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(f"CREATE SCHEMA {schema}")
-    yield f"{PG_URL}?options=-csearch_path%3D{schema}"
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(f"DROP SCHEMA {schema} CASCADE")
+    try:
+        yield f"{PG_URL}?options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture
+def pg_url():
+    if _PG_REASON is not None:
+        pytest.skip(_PG_REASON)
+    with fresh_pg_schema() as url:
+        yield url
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A nats-server of the test's own (JetStream, a free loopback port), stopped after."""
+    from adapters.embedded import EmbeddedNats
+
+    srv = EmbeddedNats(tmp_path / "nats").start()
+    yield srv
+    srv.stop()
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

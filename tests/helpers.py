@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -26,3 +28,13 @@ def canonical(value: Any) -> Any:
     if isinstance(value, Mapping):
         return tuple(sorted((k, canonical(v)) for k, v in value.items()))
     return value
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 20.0,
+                what: str = "condition") -> None:
+    """Wait (in an event loop) until `predicate()` holds; fail naming `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)

@@ -20,6 +20,7 @@ import msgpack
 import nats
 import numpy as np
 import pytest
+from helpers import until
 
 from actors import Microtune, encode_state, replay_user
 from actors.configs import ConfigRegistry
@@ -29,7 +30,6 @@ from actors.replay import seq_at_time
 from actors.state import UserState
 from adapters.backfill import detect_format, prepare, read_records
 from adapters.cli import main
-from adapters.embedded import EmbeddedNats
 from adapters.nats_service import Service, ServiceConfig
 from events import Event, SegmentConfig, TuningConfig
 from events.codec import decode_event, encode_logged_event, event_from_log, event_to_map
@@ -73,12 +73,6 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))
 
 
-@pytest.fixture
-def server(tmp_path):
-    srv = EmbeddedNats(tmp_path / "nats").start()
-    yield srv
-    srv.stop()
-
 
 async def running(tmp_path: Path, url: str) -> tuple[Microtune, Service]:
     system = Microtune.open(tmp_path / "mt.db", CFG)
@@ -86,13 +80,6 @@ async def running(tmp_path: Path, url: str) -> tuple[Microtune, Service]:
     await service.start(url)
     return system, service
 
-
-async def until(predicate, timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def publish(js, maps: list[dict]) -> None:
@@ -146,7 +133,8 @@ def test_a_history_burst_learns_with_the_flag_and_marks_bots_without_it(server, 
             for maps in (*flagged.values(), *plain.values()):
                 await publish(js, maps)
             await live_user(js)
-            await until(lambda: service.stats.applied == total, what="every event applied")
+            await until(lambda: service.stats.applied == total, timeout=60,
+                        what="every event applied")
             assert not service.stats.rejected
 
             for k, user in enumerate(flagged):
@@ -235,7 +223,7 @@ def test_import_events_publishes_a_file_as_history(server, tmp_path, capsys):
             assert report["records"] == len(lines) - 1  # the blank line is no record
             assert {e["reason"] for e in report["examples"]} == {"malformed", "invalid_id",
                                                                  "missing_field"}
-            await until(lambda: service.stats.applied == published, what="the import")
+            await until(lambda: service.stats.applied == published, timeout=60, what="the import")
             logged = [event_from_log(r.body) for r in system.recorder.read("ann")]
             assert len(logged) == len(maps) and all(e.backfill for e in logged)
             state = settle(system.state("ann"), CFG)

@@ -4,11 +4,10 @@ than the state's ring of recent ids) is still a duplicate in the imported store.
 from __future__ import annotations
 
 import json
-import uuid
 
 import numpy as np
 import pytest
-from conftest import PG_URL
+from conftest import fresh_pg_schema
 from sqlalchemy import func, select
 
 from actors import Microtune, encode_state
@@ -28,15 +27,8 @@ def other_store_url(store_url, tmp_path):
     if "://" not in store_url:
         yield str(tmp_path / "imported.db")
         return
-    import psycopg
-
-    schema = f"mt_test_{uuid.uuid4().hex[:12]}"
-    dsn = PG_URL.replace("postgresql+psycopg://", "postgresql://")
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    yield f"{PG_URL}?options=-csearch_path%3D{schema}"
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(f"DROP SCHEMA {schema} CASCADE")
+    with fresh_pg_schema() as url:
+        yield url
 
 
 def click(user: str, event_id: str, t: float) -> Event:

@@ -16,6 +16,7 @@ import msgpack
 import nats
 import numpy as np
 import pytest
+from helpers import until
 
 from actors import Microtune, decode_state, encode_state, replay_user
 from actors.configs import ConfigRegistry
@@ -30,25 +31,12 @@ CFG = TuningConfig(version=1, dim=DIM)
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def server(tmp_path):
-    srv = EmbeddedNats(tmp_path / "nats").start()
-    yield srv
-    srv.stop()
-
 
 def body(user: str, event_id: str, t: float, kind: str = "click", item: str = "a",
          x=(1.0, 0.0, 0.0, 0.0), **extra) -> bytes:
     return msgpack.packb({"v": 1, "id": event_id, "u": user, "t": t, "k": kind, "i": item,
                           "x": list(x), **extra})
 
-
-async def until(predicate, timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def running(tmp_path, url, **service_kw):

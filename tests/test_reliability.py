@@ -21,10 +21,9 @@ import time
 
 import msgpack
 import nats
-import pytest
+from helpers import until
 
 from actors import Microtune
-from adapters.embedded import EmbeddedNats
 from adapters.nats_service import Service, ServiceConfig
 from events import Event, TuningConfig
 from store import Journal, StoredEvent, StoreRefused, WriteRequest, open_recorder
@@ -34,12 +33,6 @@ CFG = TuningConfig(version=1, dim=DIM)
 X = (1.0, 0.0, 0.0, 0.0)
 
 
-@pytest.fixture
-def server(tmp_path):
-    srv = EmbeddedNats(tmp_path / "nats").start()
-    yield srv
-    srv.stop()
-
 
 def body(user: str, event_id: str, t: float, kind: str = "click", item: str = "a",
          x=X, **extra) -> bytes:
@@ -48,13 +41,6 @@ def body(user: str, event_id: str, t: float, kind: str = "click", item: str = "a
         fields["x"] = list(x)
     return msgpack.packb(fields)
 
-
-async def until(predicate, timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 class SQLiteLock:
