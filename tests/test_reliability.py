@@ -283,6 +283,41 @@ def test_a_message_delivered_max_deliver_times_is_dead_lettered(server, tmp_path
     asyncio.run(scenario())
 
 
+def test_a_message_jetstream_gave_up_on_is_dead_lettered_from_the_stream(server, tmp_path):
+    """The net under the last delivery: when the service died during each delivery of a
+    message (here: a bare subscriber takes the deliveries and never answers), JetStream gives
+    up on it after `max_deliver` and says so in an advisory; the service fetches the message
+    from the stream, records it as `undeliverable` and deletes it: nothing stays for ever."""
+
+    async def scenario():
+        system = Microtune.open(tmp_path / "mt.db", CFG)
+        service = Service(system, ServiceConfig(ack_wait=1.0, max_deliver=2))
+        await service.start(server.url)
+        await service.stop_consuming()
+        nc = await nats.connect(server.url)
+        js = nc.jetstream()
+        deliveries: list = []
+
+        async def crashing(msg):
+            deliveries.append(msg)
+
+        await nc.subscribe("_MICROTUNE.deliver.microtune-ingest", cb=crashing)
+        raw = body("ann", "crasher", 1.0)
+        await js.publish("microtune.events.ann", raw)
+        await until(lambda: service.stats.dead_lettered == 1, timeout=20, what="the advisory")
+        assert len(deliveries) == 2
+        stream = await js.stream_info("MICROTUNE_EVENTS")
+        assert stream.state.messages == 0
+        sub = await js.pull_subscribe("microtune.rejected", durable="reader")
+        (msg,) = await sub.fetch(1, timeout=5)
+        record = msgpack.unpackb(msg.data)
+        assert record["e"] == "undeliverable" and record["raw"] == raw
+        await service.stop()
+        await nc.close()
+
+    asyncio.run(scenario())
+
+
 # ---------------------------------------------------------------- 4. ids are per user
 
 
