@@ -574,19 +574,20 @@ class Service:
 
     async def _send(self, batch: list[tuple]) -> None:
         qnc = self.qnc
-        done = 0
+        # answered: no longer in flight (counted down before the acks, which let JetStream
+        # deliver more while this batch yields; `stop` waits for the tasks themselves)
+        done = sum(1 for answer in batch if answer[0] == "ack")
+        if done:
+            with self._in_flight_lock:
+                self._in_flight -= done
         for n, answer in enumerate(batch, start=1):
             if answer[0] == "reply":
                 await qnc.publish(answer[1], answer[2])
                 continue
             _, msg, outcome = answer
-            done += 1
             await self._settle(msg, outcome)
             if n % YIELD_EVERY == 0:  # a commit's acks (hundreds) must not hold up queries
                 await asyncio.sleep(0)
-        if done:
-            with self._in_flight_lock:
-                self._in_flight -= done
 
     async def _settle(self, msg: Msg, outcome: Outcome) -> None:
         if outcome.status == "applied":

@@ -210,3 +210,64 @@ def test_query_features_as_packed_float64_bytes():
     assert [c.x.tolist() for c in a.candidates] == [c.x.tolist() for c in b.candidates]
     uneven = decode_query(pack({"v": 1, "u": "a", "c": [*packed, ["d", b"\0" * 16]]}))
     assert uneven.matrix is None and uneven.candidates[-1].x.tolist() == [0.0, 0.0]
+
+
+def _wire_value(draw_kind: str):
+    """Values near the edges of what an interaction event's fields accept."""
+    numbers = st.one_of(st.integers(-2, 3), st.floats(allow_nan=True, allow_infinity=True),
+                        st.sampled_from([0, 0.0, 1, 1.0, 1e-300, 1e200, -0.0]))
+    ids = st.one_of(st.text(max_size=5), st.sampled_from(["a", "u.1", "x" * 128, "x" * 129,
+                                                          "e\x00", "tab\t", "é", ""]))
+    packed = st.one_of(
+        st.lists(st.floats(allow_nan=True, allow_infinity=True), max_size=4).map(
+            lambda v: np.array(v, dtype="<f8").tobytes()),
+        st.binary(max_size=17), st.lists(st.floats(), max_size=3))
+    return {"v": st.one_of(st.just(1), st.just(2), st.just(True), st.just(1.0)),
+            "id": ids, "u": ids, "i": ids, "sid": ids, "t": numbers,
+            "k": st.sampled_from(["click", "impression", "dwell", "scroll", "hover",
+                                  "feedback", "segment", "teleport", 3]),
+            "x": packed, "d": numbers, "s": numbers, "h": numbers, "y": numbers,
+            "a": st.booleans(), "zz": st.integers()}[draw_kind]
+
+
+@settings(max_examples=600, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_the_fast_path_accepts_only_what_the_careful_path_accepts_and_builds_the_same(data):
+    """`event_from_map` takes a one-pass path for the common interaction event: it must
+    accept nothing the careful path refuses, and build the identical event (types included:
+    a canonical form compares float bits and array bytes)."""
+    from types import MappingProxyType
+
+    from helpers import canonical
+
+    from events.codec import event_from_map
+
+    kind = data.draw(st.sampled_from(["click", "impression", "dwell", "scroll", "hover",
+                                      "feedback"]))
+    body = {"v": 1, "id": "e1", "u": "ann", "t": 5.5, "k": kind, "i": "a",
+            "x": np.ones(3).tobytes()}
+    field = {"dwell": "d", "scroll": "s", "hover": "h", "feedback": "y"}.get(kind)
+    if field:
+        body[field] = 0.5
+    if data.draw(st.booleans()):
+        body["sid"] = "tab-1"
+    # a valid event, then up to two fields changed to edge values or removed
+    for key in data.draw(st.sets(st.sampled_from(
+            ["v", "id", "u", "t", "k", "i", "x", "sid", "d", "s", "h", "y", "a", "zz"]),
+            max_size=2)):
+        if data.draw(st.integers(0, 4)) == 0:
+            body.pop(key, None)
+        else:
+            body[key] = data.draw(_wire_value(key))
+    try:
+        careful = event_from_map(MappingProxyType(body))  # not a dict: the careful path
+    except Rejected:
+        careful = None
+    try:
+        fast = event_from_map(body)
+    except Rejected:
+        fast = None
+    if careful is None:
+        assert fast is None, body
+    else:
+        assert canonical(fast) == canonical(careful), body
