@@ -93,6 +93,9 @@ class Microtune:
             self.dispatcher = Dispatcher(workers=workers)
             self.context = UserContext(recorder, self.journal, self.configs, snapshot_every)
             self.context.models.load(recorder.segment_models())
+            # who has a log: activating anyone else reads nothing (one pass over the users
+            # at start; ~60 bytes a user)
+            self.context.known = set(recorder.users())
             self.directory = Directory(
                 lambda user: UserActor.start(self.dispatcher, user, self.context),
                 max_live=max_live,
@@ -194,6 +197,7 @@ class Microtune:
         try:
             at = time.time()
             audit = {"action": "forget", "at": at, "by": by, "why": why}
+            self.context.known.discard(user)
             n_events, n_snaps, audit_id = self.recorder.forget(
                 user, msgpack.packb(audit, use_bin_type=True))
         finally:

@@ -62,6 +62,9 @@ class UserContext:
     # user -> its actor once its state is loaded: queries read that state directly (see
     # `UserActor.rank_now`) instead of queueing behind ingest in the dispatcher
     readable: dict[str, UserActor] = field(default_factory=dict)
+    # users the store has a log of (None: unknown, ask the store): the store's single writer
+    # (see store/lease.py) knows them all, so a new user's activation reads nothing
+    known: set[str] | None = None
 
 
 def rebuild(recorder: Recorder, configs: ConfigRegistry, user: str) -> tuple[UserState, int]:
@@ -105,7 +108,11 @@ class UserActor(PooledActor):
     # ------------------------------------------------------------ lifecycle
 
     def on_start(self) -> None:
-        self.state, self.snap_seq = rebuild(self.ctx.recorder, self.ctx.configs, self.user)
+        known = self.ctx.known
+        if known is None or self.user in known:
+            self.state, self.snap_seq = rebuild(self.ctx.recorder, self.ctx.configs, self.user)
+        # else a user with no history: the empty state. Were the set wrong, the first write
+        # would collide with the log's seqs, and `_resolve_conflict` rebuilds from the store.
         self.ctx.readable[self.user] = self
 
     def on_stop(self) -> None:
@@ -267,6 +274,8 @@ class UserActor(PooledActor):
         batch, self._inflight = self._inflight, None
         assert batch is not None
         if error is None:
+            if self.ctx.known is not None and self.state.seq == 0:
+                self.ctx.known.add(self.user)  # its log exists now
             configs, models = self.ctx.configs, self.ctx.models
             steps: list = []  # what apply learned: the segment model takes its side of it
             for event, done in batch:
