@@ -4,7 +4,8 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: serve test bench bench-core bench-nats bench-ops bench-hygiene bench-quality lint clean
+.PHONY: serve test bench bench-core bench-nats bench-ceiling bench-ops bench-hygiene bench-quality \
+	lint clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +23,8 @@ test: $(BIN)/.installed
 bench: bench-core
 
 # one command per benchmark; figures go to bench-results/ (README "Benchmarks")
-bench-core bench-nats bench-ops bench-hygiene bench-quality: bench-%: $(BIN)/.installed
+BENCHMARKS := core nats ceiling ops hygiene quality
+$(BENCHMARKS:%=bench-%): bench-%: $(BIN)/.installed
 	$(BIN)/microtune bench $*
 
 clean:

@@ -4,10 +4,13 @@
   service (this process: embedded nats-server; SQLite, or PostgreSQL with --store) consumes,
   commits, applies and acks them; events/s from resuming the consumer to the last applied
   event, and the service's RSS sampled every second (plotted to bench-results/nats.png);
+  --backlog publishes before the service starts (events/s from its start);
 - queries: a client process sends requests open-loop at fixed rates (default 500, 1000,
   5000/s), each with 100 candidates carrying their features (packed float64, as the client
   helper sends them; --list-features for lists of numbers), and records p50/p95/p99; first
-  with ingest idle, then while a fresh batch of events (--during-ingest) is ingested.
+  with ingest idle, then while a fresh batch of events (--during-ingest) is ingested;
+- beside the ceilings: with bench-results/ceiling.json (`microtune bench ceiling`), each
+  figure beside its ceiling on this machine, the ratio and its target (DESIGN.md section 6).
 
     microtune bench nats                      # 100k users, 600k events, SQLite
     microtune bench nats --store postgresql+psycopg://postgres@127.0.0.1/test --out \
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import multiprocessing as mp
 import os
@@ -28,11 +32,13 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import structlog
 from bench_report import report
 from rich.console import Console
 from rich.progress import Progress
+from rich.table import Table
 
 from actors import Microtune
 from adapters.embedded import EmbeddedNats
@@ -42,22 +48,32 @@ from events import TuningConfig
 console = Console()
 
 
+def event_items(dim: int) -> list[list[float]]:
+    """The 1000 items the events name, with their features (the same every run)."""
+    return np.random.default_rng(1).normal(size=(1000, dim)).round(4).tolist()
+
+
+def event(n: int, users: int, items: list[list[float]]) -> tuple[str, bytes]:
+    """The benchmark's n-th event: (subject, msgpack body; 194-210 bytes at dim 16, the id
+    growing with n). Its user is n % users, so the first `users` events are each their user's
+    first."""
+    u = n % users
+    body = msgpack.packb({"v": 1, "id": f"e{n}", "u": f"user{u}", "t": 1.7e9 + n * 0.01,
+                          "k": "click" if n % 4 == 0 else "impression",
+                          "i": f"item{n % 1000}", "x": items[n % 1000]})
+    return f"microtune.events.user{u}", body
+
+
 def publisher(url: str, users: int, events: int, dim: int, first: int = 0) -> None:
-    import msgpack
     import nats
 
     async def run():
         nc = await nats.connect(url)
         js = nc.jetstream()
-        rng = np.random.default_rng(1)
-        items = rng.normal(size=(1000, dim)).round(4).tolist()
+        items = event_items(dim)
         pending = []
         for n in range(first, first + events):
-            u = n % users
-            body = msgpack.packb({"v": 1, "id": f"e{n}", "u": f"user{u}", "t": 1.7e9 + n * 0.01,
-                                  "k": "click" if n % 4 == 0 else "impression",
-                                  "i": f"item{n % 1000}", "x": items[n % 1000]})
-            pending.append(await js.publish_async(f"microtune.events.user{u}", body))
+            pending.append(await js.publish_async(*event(n, users, items)))
             if len(pending) >= 5000:
                 await asyncio.gather(*pending)
                 pending.clear()
@@ -67,9 +83,22 @@ def publisher(url: str, users: int, events: int, dim: int, first: int = 0) -> No
     asyncio.run(run())
 
 
+async def create_events_stream(url: str, config: ServiceConfig) -> None:
+    """The events stream as the service creates it (so that a backlog can wait in it before
+    the service starts); the service finds it and leaves it as it is."""
+    import nats
+    from nats.js import api
+
+    nc = await nats.connect(url)
+    await nc.jetstream().add_stream(api.StreamConfig(
+        name=config.events_stream, subjects=[f"{config.prefix}.events.>"],
+        retention=api.RetentionPolicy.WORK_QUEUE, storage=api.StorageType.FILE,
+        duplicate_window=config.duplicate_window))
+    await nc.close()
+
+
 def querier(url: str, rate: float, seconds: float, dim: int, users: int, out,
             lists: bool = False) -> None:
-    import msgpack
     import nats
 
     async def run():
@@ -157,10 +186,13 @@ def latency(results: dict, key: str, res: dict) -> None:
     results[f"{key}_errors"] = res["errors"]
 
 
-async def ingest(service: Service, count: int, label: str) -> float:
-    """Resume consuming and wait until `count` more events are applied; events/s."""
+async def ingest(service: Service, count: int, label: str, *, url: str | None = None) -> float:
+    """Resume consuming (or start the service, given its server's `url`) and wait until `count`
+    more events are applied; events/s."""
     target = service.stats.applied + service.stats.duplicates + count
     start = time.perf_counter()
+    if url is not None:
+        await service.start(url)  # consumes at once
     await service.resume_consuming()
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task(label, total=count)
@@ -184,18 +216,27 @@ async def main_async(args) -> dict:
     results: dict = {"users": args.users, "events": args.events, "dim": args.dim,
                      "store": backend,
                      "query_features": "lists" if args.list_features else "packed float64"}
+    config = ServiceConfig(max_ack_pending=args.max_ack_pending)
+    if args.backlog:  # the events wait in the stream before the service exists
+        results["ingest_from"] = "backlog published before the service started"
+        await create_events_stream(server.url, config)
+        console.print(f"publishing {args.events:,} events for {args.users:,} users ...")
+        await publish(server.url, args.users, args.events, args.dim)
     system = Microtune.open(store, TuningConfig(version=1, dim=args.dim),
                             max_live=args.users + 1)
-    service = Service(system, ServiceConfig(max_ack_pending=args.max_ack_pending))
-    await service.start(server.url)  # creates the streams
-    await service.stop_consuming()
+    service = Service(system, config)
+    if not args.backlog:
+        results["ingest_from"] = "backlog published while the consumer was paused"
+        await service.start(server.url)  # creates the streams
+        await service.stop_consuming()
+        console.print(f"publishing {args.events:,} events for {args.users:,} users ...")
+        await publish(server.url, args.users, args.events, args.dim)
 
     # 1. durable ingest alone, RSS sampled
-    console.print(f"publishing {args.events:,} events for {args.users:,} users ...")
-    await publish(server.url, args.users, args.events, args.dim)
     sampler = RssSampler(service)
     cpu0 = time.process_time()
-    results["ingest_events_per_s"] = round(await ingest(service, args.events, "ingest"))
+    results["ingest_events_per_s"] = round(await ingest(
+        service, args.events, "ingest", url=server.url if args.backlog else None))
     sampler.stop()
     results["ingest_seconds"] = round(sampler.samples[-1][0] if sampler.samples else 0, 1)
     results["ingest_cpu_us_per_event"] = round(
@@ -273,6 +314,65 @@ def plot_rss(samples: list, path: Path, backend: str) -> None:
     plt.close(fig)
 
 
+def beside_ceiling(results: dict, path: Path) -> dict | None:
+    """Each figure beside its ceiling (`microtune bench ceiling`, measured on this machine) and
+    the ratio, with the target of DESIGN.md section 6 where there is one; None without a
+    ceilings file."""
+    if not path.exists():
+        console.print(f"no ceilings at {path}: `microtune bench ceiling` measures them")
+        return None
+    ceiling = json.loads(path.read_text())
+    rows: dict[str, dict] = {}
+
+    def add(name: str, ours, theirs, target: str | None = None) -> None:
+        if ours is None or theirs is None or not theirs:
+            return
+        ratio = ours / theirs
+        row = {"microtune": ours, "ceiling": theirs, "ratio": round(ratio, 2)}
+        if target is not None:  # ">= 0.5" or "<= 3"
+            op, bound = target.split()
+            row["target"] = target
+            row["met"] = ratio >= float(bound) if op == ">=" else ratio <= float(bound)
+        rows[name] = row
+
+    add("ingest events/s (ceiling: the null pipeline)", results.get("ingest_events_per_s"),
+        ceiling.get("null_pipeline_events_per_s"), ">= 0.5")
+    add("CPU µs per event (ceiling: the null pipeline)", results.get("ingest_cpu_us_per_event"),
+        ceiling.get("null_pipeline_cpu_us_per_event"))
+    for rate in sorted({int(k.split("_")[1][:-3]) for k in ceiling if k.startswith("responder_")
+                        and k.endswith("_p50_ms")}):
+        for pct, target in (("p50", "<= 1.5"), ("p95", None), ("p99", "<= 3")):
+            add(f"query {rate} q/s idle {pct} ms (ceiling: the bare responder)",
+                results.get(f"query_{rate}qps_idle_{pct}_ms"),
+                ceiling.get(f"responder_{rate}qps_{pct}_ms"), target)
+    for key in results:  # the query tail while a backlog drains, against microtune's own idle
+        if key.startswith("query_") and key.endswith("_ingesting_p99_ms"):
+            rate = key.split("_")[1]
+            add(f"query {rate[:-3]} q/s p99 ms while ingesting (against microtune idle)",
+                results[key], results.get(f"query_{rate}_idle_p99_ms"), "<= 3")
+    add("full replay events/s (ceiling: read + decode)", results.get("replay_events_per_s"),
+        ceiling.get("replay_rows_per_s"), ">= 0.5")
+
+    measured = ceiling.get("machine", {})
+    return {"file": str(path), "measured": measured.get("date"),
+            "events": ceiling.get("events"), "users": ceiling.get("users"), "figures": rows}
+
+
+def show_beside(beside: dict) -> None:
+    table = Table(title=f"beside the ceilings ({beside['file']}: {beside['events']:,} events "
+                        f"over {beside['users']:,} users, {beside['measured']})")
+    for column in ("figure", "microtune", "ceiling", "ratio", "target"):
+        table.add_column(column, justify="left" if column == "figure" else "right")
+    for name, row in beside["figures"].items():
+        target = row.get("target", "-")
+        if "met" in row:
+            verdict = "[green]met[/]" if row["met"] else "[red]missed[/]"
+            target = f"{target} {verdict}"
+        table.add_row(name, f"{row['microtune']:,}", f"{row['ceiling']:,}",
+                      f"{row['ratio']:.2f}x", target)
+    console.print(table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--users", type=int, default=100_000)
@@ -286,12 +386,23 @@ def main() -> None:
     parser.add_argument("--store", help="SQLAlchemy URL (PostgreSQL); default: a temp SQLite")
     parser.add_argument("--list-features", action="store_true",
                         help="queries carry features as lists of numbers, not packed float64")
+    parser.add_argument("--backlog", action="store_true",
+                        help="publish the events before the service starts, which then "
+                             "drains them (default: publish while its consumer is paused)")
+    parser.add_argument("--ceiling", default="bench-results/ceiling.json", type=Path,
+                        help="figures of `microtune bench ceiling` to print ours beside")
     parser.add_argument("--out", default="bench-results/nats.json")
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     results = asyncio.run(main_async(args))
-    report(f"microtune end-to-end benchmark (NATS + {results['store']})", results, args.out,
-           console)
+    title = f"microtune end-to-end benchmark (NATS + {results['store']})"
+    if results["store"] != "sqlite":  # the ceilings are SQLite's
+        console.print("the ceilings were measured on SQLite: no ratios for another store")
+    elif (beside := beside_ceiling(results, args.ceiling)) is not None:
+        results["vs_ceiling"] = beside
+    report(title, results, args.out, console)
+    if "vs_ceiling" in results:
+        show_beside(results["vs_ceiling"])
 
 if __name__ == "__main__":
     main()

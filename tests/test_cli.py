@@ -77,3 +77,13 @@ def test_each_benchmark_is_one_command(tmp_path, capsys):
     assert main(["bench", "hygiene", "--humans", "8", "--bots", "2", "--out", str(out)]) == 0
     figures = json.loads(out.read_text())
     assert figures["humans"] == 8 and figures["bots marked (of bots)"].startswith("2 /")
+    out = tmp_path / "ceiling.json"
+    assert main(["bench", "ceiling", "--users", "100", "--events", "300", "--rates", "100",
+                 "--query-seconds", "0.3", "--out", str(out)]) == 0
+    ceiling = json.loads(out.read_text())
+    assert ceiling["events"] == 300 and ceiling["first_event_share"] == 0.333
+    assert ceiling["null_pipeline_events_per_s"] > 0
+    assert ceiling["null_pipeline_cpu_us_per_event"] > 0
+    assert ceiling["responder_100qps_p99_ms"] > 0 and ceiling["responder_100qps_errors"] == 0
+    assert ceiling["replay_rows"] == 300 and ceiling["replay_rows_per_s"] > 0
+    assert ceiling["machine"]["cores"] >= 1
