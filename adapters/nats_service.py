@@ -63,6 +63,7 @@ from events.codec import (
 from events.errors import Reason, Rejected
 from events.limits import DEFAULT_LIMITS, Limits
 from events.types import Candidate, Event, Ranking
+from store.recorder import StoreRefused, StoreUnavailable
 
 log = structlog.get_logger(__name__)
 
@@ -179,9 +180,8 @@ class Service:
             cfg.content_stream, self.content_subject, f"{cfg.durable}-content",
             self._on_content, 1000))
         await self.resume_consuming()
-        self._dead_letter_sub = await self.nc.subscribe(
-            f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{cfg.events_stream}.{cfg.durable}",
-            cb=self._on_max_deliveries)
+        self._dead_letter_sub = await self.nc.subscribe(  # ours are picked by the handler
+            "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.>", cb=self._on_max_deliveries)
         self._ticker = asyncio.create_task(self._tick())
         self._query_sub = await self.qnc.subscribe(
             f"{self.query_subject}.*", cb=self._on_query, pending_msgs_limit=100_000)
@@ -358,8 +358,14 @@ class Service:
         """JetStream gave up on a message (the service died during its last delivery): fetch
         it from the stream, dead-letter it, delete it. A net under `_dead_letter`."""
         try:
-            seq = int(json.loads(advisory.data)["stream_seq"])
-            stored = await self.js.get_msg(self.config.events_stream, seq)
+            body = json.loads(advisory.data)
+            stream, seq = str(body["stream"]), int(body["stream_seq"])
+            cfg = self.config
+            if (stream, body.get("consumer")) not in (
+                    (cfg.events_stream, cfg.durable),
+                    (cfg.content_stream, f"{cfg.durable}-content")):
+                return  # another consumer's
+            stored = await self.js.get_msg(stream, seq)
         except Exception as exc:  # already gone, or a malformed advisory
             log.warning("dead_letter.advisory_skipped", error=repr(exc))
             return
@@ -367,7 +373,7 @@ class Service:
         try:
             await self.js.publish(self.rejected_subject, _record(
                 stored.subject, stored.data or b"", rejected))
-            await self.js.delete_msg(self.config.events_stream, seq)
+            await self.js.delete_msg(stream, seq)
         except Exception as exc:
             self.stats.dead_letter_failed += 1
             log.error("dead_letter.store_failed", error=repr(exc), stream_seq=seq)
@@ -537,6 +543,10 @@ class Service:
     # ------------------------------------------------------------ catalog
 
     async def _on_content(self, msg: Msg) -> None:
+        delivered = delivery_count(msg.reply)
+        if delivered >= self.config.max_deliver:
+            await self._dead_letter(msg, delivered)
+            return
         try:
             items = decode_content(msg.data, self.config.limits)
             dim = self.system.configs.current.dim
@@ -547,7 +557,21 @@ class Service:
         except Rejected as rejected:
             await self._reject(msg, rejected)
             return
-        await asyncio.to_thread(self.system.catalog.upsert, items)
+        backoff = 0.05
+        while True:  # in order: the next upsert waits for this one
+            try:
+                await asyncio.to_thread(self.system.catalog.upsert, items)
+                break
+            except StoreRefused as exc:
+                await self._reject(msg, Rejected(Reason.STORE_REFUSED, str(exc)))
+                return
+            except StoreUnavailable as exc:  # an outage: retry, keeping the message alive
+                if self._closing or self._ticker is None or self._ticker.done():
+                    return  # stopping: JetStream delivers it again later
+                log.warning("catalog.retry", error=str(exc), backoff=backoff)
+                await msg.in_progress()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
         self.stats.content_items += len(items)
         await msg.ack()
         await self._release_held()  # events that waited for these items

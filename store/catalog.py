@@ -13,8 +13,9 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import DBAPIError
 
-from store.recorder import Recorder
+from store.recorder import Recorder, StoreRefused, StoreUnavailable, is_refusal
 from store.schema import catalog
 
 _F64 = np.dtype("<f8")
@@ -37,7 +38,8 @@ class Catalog:
         return self._items.get(item)
 
     def upsert(self, items: Iterable[tuple[str, np.ndarray]]) -> int:
-        """Insert or replace items' features (persisted before they are served)."""
+        """Insert or replace items' features (persisted before they are served). Raises
+        `StoreUnavailable` (retry) or `StoreRefused` (never), as `Recorder.append` does."""
         rows = [
             {"item_id": item, "features": np.ascontiguousarray(x, _F64).tobytes()}
             for item, x in items
@@ -49,8 +51,15 @@ class Catalog:
         stmt = insert.on_conflict_do_update(
             index_elements=[catalog.c.item_id], set_={"features": insert.excluded.features}
         )
-        with self._lock, self._recorder.engine.begin() as conn:
-            conn.execute(stmt, rows)
+        try:
+            with self._lock, self._recorder.engine.begin() as conn:
+                conn.execute(stmt, rows)
+        except DBAPIError as exc:  # as the recorder does: a refusal is final, else retry
+            dbapi = self._recorder.engine.dialect.dbapi
+            if is_refusal(dbapi, exc.orig):
+                raise StoreRefused(str(exc.orig).splitlines()[0]) from exc
+            raise StoreUnavailable(str(exc.orig).splitlines()[0]) from exc
+        with self._lock:
             for row in rows:
                 self._items[row["item_id"]] = _frozen(np.frombuffer(row["features"], _F64))
         return len(rows)

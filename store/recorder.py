@@ -76,7 +76,7 @@ class StoreRefused(Exception):
     type it cannot bind); retrying the same rows cannot succeed."""
 
 
-def _refusal(dbapi, exc: BaseException) -> bool:
+def is_refusal(dbapi, exc: BaseException) -> bool:
     """Is this a definite refusal of the data, not an outage (connection lost, database
     locked, disk full, a closed connection), which a retry may get past?"""
     if isinstance(exc, dbapi.DataError | ValueError | TypeError):
@@ -152,7 +152,7 @@ class Recorder:
                 if not self._unique_violation(exc):  # NOT NULL, CHECK: the data's fault
                     raise StoreRefused(_first_line(exc)) from exc
             except (self._dbapi.Error, ValueError, TypeError) as exc:
-                if _refusal(self._dbapi, exc):
+                if is_refusal(self._dbapi, exc):
                     with contextlib.suppress(Exception):
                         conn.rollback()
                     raise StoreRefused(_first_line(exc)) from exc

@@ -304,14 +304,19 @@ def test_a_message_jetstream_gave_up_on_is_dead_lettered_from_the_stream(server,
         await nc.subscribe("_MICROTUNE.deliver.microtune-ingest", cb=crashing)
         raw = body("ann", "crasher", 1.0)
         await js.publish("microtune.events.ann", raw)
-        await until(lambda: service.stats.dead_lettered == 1, timeout=20, what="the advisory")
-        assert len(deliveries) == 2
-        stream = await js.stream_info("MICROTUNE_EVENTS")
-        assert stream.state.messages == 0
+        # the catalog's consumer too: its deliveries die the same way
+        await service._subs.pop(0).unsubscribe()
+        await nc.subscribe("_MICROTUNE.deliver.microtune-ingest-content", cb=crashing)
+        item = msgpack.packb({"v": 1, "i": "a", "x": list(X)})
+        await js.publish("microtune.content", item)
+        await until(lambda: service.stats.dead_lettered == 2, timeout=20, what="the advisory")
+        assert len(deliveries) == 4
+        for name in ("MICROTUNE_EVENTS", "MICROTUNE_CONTENT"):
+            assert (await js.stream_info(name)).state.messages == 0
         sub = await js.pull_subscribe("microtune.rejected", durable="reader")
-        (msg,) = await sub.fetch(1, timeout=5)
-        record = msgpack.unpackb(msg.data)
-        assert record["e"] == "undeliverable" and record["raw"] == raw
+        records = [msgpack.unpackb(m.data) for m in await sub.fetch(2, timeout=5)]
+        assert {r["e"] for r in records} == {"undeliverable"}
+        assert {r["raw"] for r in records} == {raw, item}
         await service.stop()
         await nc.close()
 
