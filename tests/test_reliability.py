@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import sqlite3
 import threading
@@ -41,6 +42,21 @@ def body(user: str, event_id: str, t: float, kind: str = "click", item: str = "a
         fields["x"] = list(x)
     return msgpack.packb(fields)
 
+
+
+@contextlib.asynccontextmanager
+async def serving(url: str, store, **config):
+    """A service on `store` and a client (its connection and JetStream context); the service
+    stops gracefully after (within 30 s: a stop that hangs fails the test)."""
+    system = Microtune.open(store, CFG)
+    service = Service(system, ServiceConfig(**config))
+    await service.start(url)
+    nc = await nats.connect(url)
+    try:
+        yield system, service, nc, nc.jetstream()
+    finally:
+        await asyncio.wait_for(service.stop(), 30)
+        await nc.close()
 
 
 class SQLiteLock:
@@ -90,27 +106,22 @@ def test_redeliveries_during_a_store_outage_are_acked_only_after_the_commit(serv
     path = tmp_path / "mt.db"
 
     async def scenario():
-        system = Microtune.open(path, CFG)
-        service = Service(system, ServiceConfig(ack_wait=1.0, progress_every=60.0))
-        await service.start(server.url)
-        nc = await nats.connect(server.url)
-        js = nc.jetstream()
-        await js.publish("microtune.events.ann", body("ann", "warm", 1.0))
-        await until(lambda: service.stats.applied == 1)
-        lock = SQLiteLock(path)
-        for i in range(4):
-            await js.publish("microtune.events.ann", body("ann", f"e{i}", 10.0 + i))
-        await asyncio.sleep(3.5)  # past the 1 s ack wait: JetStream redelivers them
-        assert service.stats.received >= 1 + 2 * 4, "the scenario needs redeliveries"
-        info = await js.consumer_info("MICROTUNE_EVENTS", "microtune-ingest")
-        assert info.num_ack_pending == 4, "a redelivery was settled before its commit"
-        stream = await js.stream_info("MICROTUNE_EVENTS")
-        assert stream.state.messages == 4  # work queue: acked messages would be gone
-        lock.release()
-        await until(lambda: service.stats.applied == 5, timeout=40)
-        await until(lambda: service._in_flight == 0)
-        await service.stop()
-        await nc.close()
+        async with serving(server.url, path, ack_wait=1.0, progress_every=60.0) as (
+                _system, service, _nc, js):
+            await js.publish("microtune.events.ann", body("ann", "warm", 1.0))
+            await until(lambda: service.stats.applied == 1)
+            lock = SQLiteLock(path)
+            for i in range(4):
+                await js.publish("microtune.events.ann", body("ann", f"e{i}", 10.0 + i))
+            await asyncio.sleep(3.5)  # past the 1 s ack wait: JetStream redelivers them
+            assert service.stats.received >= 1 + 2 * 4, "the scenario needs redeliveries"
+            info = await js.consumer_info("MICROTUNE_EVENTS", "microtune-ingest")
+            assert info.num_ack_pending == 4, "a redelivery was settled before its commit"
+            stream = await js.stream_info("MICROTUNE_EVENTS")
+            assert stream.state.messages == 4  # work queue: acked messages would be gone
+            lock.release()
+            await until(lambda: service.stats.applied == 5, timeout=40)
+            await until(lambda: service._in_flight == 0)
 
     asyncio.run(scenario())
     recorder = open_recorder(path)
@@ -124,23 +135,18 @@ def test_in_progress_signals_keep_a_slow_commit_from_being_redelivered(server, t
     path = tmp_path / "mt.db"
 
     async def scenario():
-        system = Microtune.open(path, CFG)
-        service = Service(system, ServiceConfig(ack_wait=1.0, max_deliver=2))
-        await service.start(server.url)
-        nc = await nats.connect(server.url)
-        js = nc.jetstream()
-        await js.publish("microtune.events.ann", body("ann", "warm", 1.0))
-        await until(lambda: service.stats.applied == 1)
-        lock = SQLiteLock(path)
-        for i in range(4):
-            await js.publish("microtune.events.ann", body("ann", f"e{i}", 10.0 + i))
-        await asyncio.sleep(4.0)  # four ack waits
-        lock.release()
-        await until(lambda: service.stats.applied == 5, timeout=40)
-        assert service.stats.received == 5, "a message was redelivered"
-        assert service.stats.progress_signals >= 4 and service.stats.dead_lettered == 0
-        await service.stop()
-        await nc.close()
+        async with serving(server.url, path, ack_wait=1.0, max_deliver=2) as (
+                _system, service, _nc, js):
+            await js.publish("microtune.events.ann", body("ann", "warm", 1.0))
+            await until(lambda: service.stats.applied == 1)
+            lock = SQLiteLock(path)
+            for i in range(4):
+                await js.publish("microtune.events.ann", body("ann", f"e{i}", 10.0 + i))
+            await asyncio.sleep(4.0)  # four ack waits
+            lock.release()
+            await until(lambda: service.stats.applied == 5, timeout=40)
+            assert service.stats.received == 5, "a message was redelivered"
+            assert service.stats.progress_signals >= 4 and service.stats.dead_lettered == 0
 
     asyncio.run(scenario())
 
@@ -207,18 +213,12 @@ def test_sqlite_and_postgresql_accept_and_refuse_the_same_ids(store_url):
 
 def test_a_poison_event_on_postgresql_is_refused_and_ingest_goes_on(server, pg_url):
     async def scenario():
-        system = Microtune.open(pg_url, CFG)
-        service = Service(system)
-        await service.start(server.url)
-        nc = await nats.connect(server.url)
-        js = nc.jetstream()
-        await js.publish("microtune.events.ann", body("ann", "e\x00vil", 1.0))
-        for i in range(20):
-            await js.publish(f"microtune.events.u{i % 4}", body(f"u{i % 4}", f"e{i}", 2.0 + i))
-        await until(lambda: service.stats.applied == 20, what="the good events")
-        assert service.stats.rejected == {"invalid_id": 1}
-        await asyncio.wait_for(service.stop(), 30)  # a graceful stop does not hang
-        await nc.close()
+        async with serving(server.url, pg_url) as (_system, service, _nc, js):
+            await js.publish("microtune.events.ann", body("ann", "e\x00vil", 1.0))
+            for i in range(20):
+                await js.publish(f"microtune.events.u{i % 4}", body(f"u{i % 4}", f"e{i}", 2.0 + i))
+            await until(lambda: service.stats.applied == 20, what="the good events")
+            assert service.stats.rejected == {"invalid_id": 1}
 
     asyncio.run(scenario())
 
@@ -228,26 +228,20 @@ def test_a_poison_event_on_postgresql_is_refused_and_ingest_goes_on(server, pg_u
 
 def test_a_rejection_record_always_fits_and_the_message_is_settled(server, tmp_path):
     async def scenario():
-        system = Microtune.open(tmp_path / "mt.db", CFG)
-        service = Service(system)
-        await service.start(server.url)
-        nc = await nats.connect(server.url)
-        js = nc.jetstream()
-        raw = body("ann", "huge", 1.0, pad="x" * 1_048_400)
-        assert 1_048_000 < len(raw) <= nc.max_payload, len(raw)  # fits NATS's 1 MiB
-        await js.publish("microtune.events.ann", raw)
-        await until(lambda: service.stats.rejected["oversize"] == 1, what="the rejection")
-        await until(lambda: not service._unsettled, what="settlement")
-        stream = await js.stream_info("MICROTUNE_EVENTS")
-        assert stream.state.messages == 0, "the message was never acked"
-        sub = await js.pull_subscribe("microtune.rejected", durable="reader")
-        (msg,) = await sub.fetch(1, timeout=5)
-        record = msgpack.unpackb(msg.data)
-        assert record["e"] == "oversize" and record["rt"] is True and record["n"] == len(raw)
-        assert record["raw"] == raw[: len(record["raw"])]
-        assert record["sha256"] == hashlib.sha256(raw).hexdigest()
-        await service.stop()
-        await nc.close()
+        async with serving(server.url, tmp_path / "mt.db") as (_system, service, nc, js):
+            raw = body("ann", "huge", 1.0, pad="x" * 1_048_400)
+            assert 1_048_000 < len(raw) <= nc.max_payload, len(raw)  # fits NATS's 1 MiB
+            await js.publish("microtune.events.ann", raw)
+            await until(lambda: service.stats.rejected["oversize"] == 1, what="the rejection")
+            await until(lambda: not service._unsettled, what="settlement")
+            stream = await js.stream_info("MICROTUNE_EVENTS")
+            assert stream.state.messages == 0, "the message was never acked"
+            sub = await js.pull_subscribe("microtune.rejected", durable="reader")
+            (msg,) = await sub.fetch(1, timeout=5)
+            record = msgpack.unpackb(msg.data)
+            assert record["e"] == "oversize" and record["rt"] is True and record["n"] == len(raw)
+            assert record["raw"] == raw[: len(record["raw"])]
+            assert record["sha256"] == hashlib.sha256(raw).hexdigest()
 
     asyncio.run(scenario())
 
@@ -259,26 +253,20 @@ def test_a_message_delivered_max_deliver_times_is_dead_lettered(server, tmp_path
     path = tmp_path / "mt.db"
 
     async def scenario():
-        system = Microtune.open(path, CFG)
-        service = Service(system, ServiceConfig(ack_wait=1.0, max_deliver=3,
-                                                progress_every=3600.0))
-        await service.start(server.url)
-        nc = await nats.connect(server.url)
-        js = nc.jetstream()
-        await js.publish("microtune.events.ann", body("ann", "warm", 1.0))
-        await until(lambda: service.stats.applied == 1)
-        lock = SQLiteLock(path)
-        await js.publish("microtune.events.ann", body("ann", "stuck", 2.0))
-        await until(lambda: service.stats.dead_lettered == 1, timeout=15, what="dead letter")
-        stream = await js.stream_info("MICROTUNE_EVENTS")
-        assert stream.state.messages == 0
-        sub = await js.pull_subscribe("microtune.rejected", durable="reader")
-        (msg,) = await sub.fetch(1, timeout=5)
-        record = msgpack.unpackb(msg.data)
-        assert record["e"] == "undeliverable" and record["raw"] == body("ann", "stuck", 2.0)
-        lock.release()
-        await service.stop()
-        await nc.close()
+        async with serving(server.url, path, ack_wait=1.0, max_deliver=3,
+                           progress_every=3600.0) as (_system, service, _nc, js):
+            await js.publish("microtune.events.ann", body("ann", "warm", 1.0))
+            await until(lambda: service.stats.applied == 1)
+            lock = SQLiteLock(path)
+            await js.publish("microtune.events.ann", body("ann", "stuck", 2.0))
+            await until(lambda: service.stats.dead_lettered == 1, timeout=15, what="dead letter")
+            stream = await js.stream_info("MICROTUNE_EVENTS")
+            assert stream.state.messages == 0
+            sub = await js.pull_subscribe("microtune.rejected", durable="reader")
+            (msg,) = await sub.fetch(1, timeout=5)
+            record = msgpack.unpackb(msg.data)
+            assert record["e"] == "undeliverable" and record["raw"] == body("ann", "stuck", 2.0)
+            lock.release()
 
     asyncio.run(scenario())
 
@@ -290,35 +278,30 @@ def test_a_message_jetstream_gave_up_on_is_dead_lettered_from_the_stream(server,
     from the stream, records it as `undeliverable` and deletes it: nothing stays for ever."""
 
     async def scenario():
-        system = Microtune.open(tmp_path / "mt.db", CFG)
-        service = Service(system, ServiceConfig(ack_wait=1.0, max_deliver=2))
-        await service.start(server.url)
-        await service.stop_consuming()
-        nc = await nats.connect(server.url)
-        js = nc.jetstream()
-        deliveries: list = []
+        async with serving(server.url, tmp_path / "mt.db", ack_wait=1.0, max_deliver=2) as (
+                _system, service, nc, js):
+            await service.stop_consuming()
+            deliveries: list = []
 
-        async def crashing(msg):
-            deliveries.append(msg)
+            async def crashing(msg):
+                deliveries.append(msg)
 
-        await nc.subscribe("_MICROTUNE.deliver.microtune-ingest", cb=crashing)
-        raw = body("ann", "crasher", 1.0)
-        await js.publish("microtune.events.ann", raw)
-        # the catalog's consumer too: its deliveries die the same way
-        await service._subs.pop(0).unsubscribe()
-        await nc.subscribe("_MICROTUNE.deliver.microtune-ingest-content", cb=crashing)
-        item = msgpack.packb({"v": 1, "i": "a", "x": list(X)})
-        await js.publish("microtune.content", item)
-        await until(lambda: service.stats.dead_lettered == 2, timeout=20, what="the advisory")
-        assert len(deliveries) == 4
-        for name in ("MICROTUNE_EVENTS", "MICROTUNE_CONTENT"):
-            assert (await js.stream_info(name)).state.messages == 0
-        sub = await js.pull_subscribe("microtune.rejected", durable="reader")
-        records = [msgpack.unpackb(m.data) for m in await sub.fetch(2, timeout=5)]
-        assert {r["e"] for r in records} == {"undeliverable"}
-        assert {r["raw"] for r in records} == {raw, item}
-        await service.stop()
-        await nc.close()
+            await nc.subscribe("_MICROTUNE.deliver.microtune-ingest", cb=crashing)
+            raw = body("ann", "crasher", 1.0)
+            await js.publish("microtune.events.ann", raw)
+            # the catalog's consumer too: its deliveries die the same way
+            await service._subs.pop(0).unsubscribe()
+            await nc.subscribe("_MICROTUNE.deliver.microtune-ingest-content", cb=crashing)
+            item = msgpack.packb({"v": 1, "i": "a", "x": list(X)})
+            await js.publish("microtune.content", item)
+            await until(lambda: service.stats.dead_lettered == 2, timeout=20, what="the advisory")
+            assert len(deliveries) == 4
+            for name in ("MICROTUNE_EVENTS", "MICROTUNE_CONTENT"):
+                assert (await js.stream_info(name)).state.messages == 0
+            sub = await js.pull_subscribe("microtune.rejected", durable="reader")
+            records = [msgpack.unpackb(m.data) for m in await sub.fetch(2, timeout=5)]
+            assert {r["e"] for r in records} == {"undeliverable"}
+            assert {r["raw"] for r in records} == {raw, item}
 
     asyncio.run(scenario())
 
@@ -330,20 +313,14 @@ def test_two_users_with_the_same_event_id_both_count(server, tmp_path):
     from adapters import client
 
     async def scenario():
-        system = Microtune.open(tmp_path / "mt.db", CFG)
-        service = Service(system)
-        await service.start(server.url)
-        nc = await nats.connect(server.url)
-        js = nc.jetstream()
-        first = await client.track(js, "ann", id="e1", t=1.0, kind="click", item="a", x=X)
-        second = await client.track(js, "bob", id="e1", t=1.0, kind="click", item="a", x=X)
-        again = await client.track(js, "bob", id="e1", t=1.0, kind="click", item="a", x=X)
-        assert [bool(a.duplicate) for a in (first, second, again)] == [False, False, True]
-        await until(lambda: service.stats.applied == 2, what="both users' e1")
-        assert [r.event_id for r in system.recorder.read("ann")] == ["e1"]
-        assert [r.event_id for r in system.recorder.read("bob")] == ["e1"]
-        await service.stop()
-        await nc.close()
+        async with serving(server.url, tmp_path / "mt.db") as (system, service, _nc, js):
+            first = await client.track(js, "ann", id="e1", t=1.0, kind="click", item="a", x=X)
+            second = await client.track(js, "bob", id="e1", t=1.0, kind="click", item="a", x=X)
+            again = await client.track(js, "bob", id="e1", t=1.0, kind="click", item="a", x=X)
+            assert [bool(a.duplicate) for a in (first, second, again)] == [False, False, True]
+            await until(lambda: service.stats.applied == 2, what="both users' e1")
+            assert [r.event_id for r in system.recorder.read("ann")] == ["e1"]
+            assert [r.event_id for r in system.recorder.read("bob")] == ["e1"]
 
     asyncio.run(scenario())
 
@@ -355,24 +332,19 @@ def test_an_event_whose_item_is_on_its_way_waits_for_it_in_order(server, tmp_pat
     from adapters import client
 
     async def scenario():
-        system = Microtune.open(tmp_path / "mt.db", CFG)
-        service = Service(system, ServiceConfig(catalog_grace=2.0))
-        await service.start(server.url)
-        nc = await nats.connect(server.url)
-        js = nc.jetstream()
-        await client.track(js, "ann", id="e1", t=1.0, kind="click", item="new")
-        await client.track(js, "ann", id="e2", t=2.0, kind="click", item="a", x=X)
-        await client.track(js, "bob", id="e1", t=1.0, kind="click", item="never")
-        await asyncio.sleep(0.3)
-        assert service.stats.applied == 0 and service.stats.held == 3  # e2 waits behind e1
-        await client.upsert_items(js, {"new": [0.0, 1.0, 0.0, 0.0]})
-        await until(lambda: service.stats.applied == 2, what="ann's events")
-        assert [r.event_id for r in system.recorder.read("ann")] == ["e1", "e2"]
-        await until(lambda: service.stats.rejected["missing_field"] == 1, timeout=10,
-                    what="bob's event refused after the grace period")
-        assert system.recorder.last_seq("bob") == 0
-        await until(lambda: not service._unsettled, what="settlement")
-        await service.stop()
-        await nc.close()
+        async with serving(server.url, tmp_path / "mt.db", catalog_grace=2.0) as (
+                system, service, _nc, js):
+            await client.track(js, "ann", id="e1", t=1.0, kind="click", item="new")
+            await client.track(js, "ann", id="e2", t=2.0, kind="click", item="a", x=X)
+            await client.track(js, "bob", id="e1", t=1.0, kind="click", item="never")
+            await asyncio.sleep(0.3)
+            assert service.stats.applied == 0 and service.stats.held == 3  # e2 waits behind e1
+            await client.upsert_items(js, {"new": [0.0, 1.0, 0.0, 0.0]})
+            await until(lambda: service.stats.applied == 2, what="ann's events")
+            assert [r.event_id for r in system.recorder.read("ann")] == ["e1", "e2"]
+            await until(lambda: service.stats.rejected["missing_field"] == 1, timeout=10,
+                        what="bob's event refused after the grace period")
+            assert system.recorder.last_seq("bob") == 0
+            await until(lambda: not service._unsettled, what="settlement")
 
     asyncio.run(scenario())
