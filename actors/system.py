@@ -30,7 +30,7 @@ from actors.runtime import Dispatcher
 from actors.state import UserState
 from actors.user import UserActor, UserContext
 from events.config import TuningConfig
-from events.errors import Rejected
+from events.errors import Reason, Rejected
 from events.types import Event, Query, Ranking
 from store import lease
 from store.catalog import Catalog
@@ -158,9 +158,20 @@ class Microtune:
         return waiter.wait(timeout)
 
     def rank(self, query: Query, timeout: float = 10.0) -> Ranking:
+        """Rank, blocking; with `query.min_seq`, from a state at that seq or later (waiting
+        up to `timeout`, then `Rejected` with reason `timeout`)."""
+        deadline = time.monotonic() + timeout
         waiter = _Waiter(1)
         self.rank_async(query, waiter.callback(0))
         (result,) = waiter.wait(timeout)
+        while (query.min_seq is not None and isinstance(result, Ranking)
+               and result.seq < query.min_seq and time.monotonic() < deadline):
+            time.sleep(0.001)
+            result = self.rank_now(query) or result
+        if isinstance(result, Ranking) and query.min_seq is not None and \
+                result.seq < query.min_seq:
+            result = Rejected(Reason.TIMEOUT, f"seq {query.min_seq} not reached within "
+                              f"{timeout:g} s (the state is at {result.seq})", "ms")
         if isinstance(result, Rejected):
             raise result
         return result

@@ -57,9 +57,12 @@ async def track(js, user: str, *, prefix: str = "microtune", **event: Any):
 
 
 async def rank(nc, user: str, candidates: Iterable[str | tuple[str, Sequence[float]]], *,
-               top: int | None = None, prefix: str = "microtune",
-               timeout: float = 2.0) -> Ranking:
-    """Ask for this user's content weights; raises `Rejected` if the service refuses."""
+               top: int | None = None, min_seq: int | None = None,
+               prefix: str = "microtune", timeout: float = 2.0) -> Ranking:
+    """Ask for this user's content weights; raises `Rejected` if the service refuses.
+
+    `min_seq`: read your own writes, from a state at that seq or later (the service waits up
+    to its `read_wait`, 2 s by default, then answers `timeout`); `timeout` here is on top."""
     _check_user(user)
     # features as packed little-endian float64: the service decodes them without per-number
     # work (a list of numbers works too, from any language)
@@ -68,6 +71,9 @@ async def rank(nc, user: str, candidates: Iterable[str | tuple[str, Sequence[flo
     body: dict[str, Any] = {"v": SCHEMA_VERSION, "c": cands}
     if top is not None:
         body["n"] = top
+    if min_seq is not None:
+        body["ms"] = min_seq
+        timeout += 2.0  # the service's default read_wait
     reply = await nc.request(f"{prefix}.query.{user}", msgpack.packb(body, use_bin_type=True),
                              timeout=timeout)
     return decode_reply(reply.data)

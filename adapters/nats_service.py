@@ -87,6 +87,7 @@ class ServiceConfig:
     # so that a slow store does not cause redeliveries (nor use up max_deliver)
     progress_every: float | None = None
     catalog_grace: float = 10.0  # how long an event waits for its item (adapters.held)
+    read_wait: float = 2.0  # a query with `ms` waits at most this long for that seq
     max_held: int = 10_000
     # name -> token: who may rollback, forget, clear_bot (none: those commands are refused)
     admin_tokens: dict[str, str] = field(default_factory=dict)
@@ -434,12 +435,37 @@ class Service:
             return
         if not msg.reply:
             return
+        if query.min_seq is not None:  # read your own writes: wait (bounded) for that seq
+            task = asyncio.create_task(self._rank_at_least(query, msg.reply))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
         answer = self.system.rank_now(query)  # a live user: straight back, no hand-off
         if answer is not None:
             await self.qnc.publish(msg.reply, _encode_answer(answer))
             return
         self.system.rank_async(query, lambda result, r=msg.reply: self._answer(
             ("reply", r, _encode_answer(result))))
+
+    async def _rank_at_least(self, query, reply: str) -> None:
+        """Answer from a state at `query.min_seq` or later, polling the live state (a cheap
+        read) every 2 ms for at most `read_wait`; `timeout` if it does not get there."""
+        deadline = time.monotonic() + self.config.read_wait
+        answer = self.system.rank_now(query)
+        if answer is None:  # not live: activate it through its actor
+            future = self._loop.create_future()
+            self.system.rank_async(query, lambda result: self._loop.call_soon_threadsafe(
+                future.set_result, result))
+            answer = await future
+        while (isinstance(answer, Ranking) and answer.seq < query.min_seq
+               and time.monotonic() < deadline):
+            await asyncio.sleep(0.002)
+            answer = self.system.rank_now(query) or answer
+        if isinstance(answer, Ranking) and answer.seq < query.min_seq:
+            answer = Rejected(Reason.TIMEOUT, f"seq {query.min_seq} not reached within "
+                              f"{self.config.read_wait:g} s (the state is at {answer.seq})",
+                              "ms")
+        await self.qnc.publish(reply, _encode_answer(answer))
 
     def _resolve(self, candidate: Candidate) -> Candidate:
         if candidate.x is not None:

@@ -393,8 +393,14 @@ def query_from_map(obj: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> Q
     windows = obj.get("w", False)
     if not isinstance(windows, bool):
         raise Rejected(Reason.WRONG_TYPE, "'w' (recent windows) must be true or false", "w")
+    min_seq = obj.get("ms")
+    if min_seq is not None:
+        if isinstance(min_seq, bool) or not isinstance(min_seq, int):
+            raise Rejected(Reason.WRONG_TYPE, "'ms' (minimum seq) must be an integer", "ms")
+        if not 0 <= min_seq < 2**63:
+            raise Rejected(Reason.OUT_OF_RANGE, "'ms' (minimum seq) must be >= 0", "ms")
     return Query(user=user, candidates=tuple(candidates), top=top, windows=windows,
-                 matrix=matrix)
+                 matrix=matrix, min_seq=min_seq)
 
 
 def _candidates(raw: list, limits: Limits) -> list[Candidate]:
@@ -507,6 +513,8 @@ def encode_query(query: Query) -> bytes:
         body["n"] = query.top
     if query.windows:
         body["w"] = True
+    if query.min_seq is not None:
+        body["ms"] = query.min_seq
     return msgpack.packb(body, use_bin_type=True)
 
 

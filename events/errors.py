@@ -28,6 +28,9 @@ class Reason(StrEnum):
     FORBIDDEN = "forbidden"  # not allowed from this sender (an admin-only kind or command)
     # delivered `max_deliver` times without being settled: dead-lettered with its raw bytes
     UNDELIVERABLE = "undeliverable"
+    # a query that asked to read its own writes (`ms`) and the state did not reach that seq
+    # within the service's bound
+    TIMEOUT = "timeout"
 
 
 class Rejected(ValueError):

@@ -116,6 +116,9 @@ class Query(NamedTuple):
     # every candidate's features as one read-only matrix (rows in candidate order), when all
     # came with features of one length: scoring then needs no stacking
     matrix: np.ndarray | None = None
+    # read your own writes: answer from a state at this seq or later (the seq of the event
+    # the caller just wrote, from its outcome), waiting a bounded time for it
+    min_seq: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -164,6 +164,7 @@ def test_auth_config_for_an_external_server(tmp_path):
         pub = await connect(server.url, errors, **login(out, "publisher"))
         svc = await connect(server.url, **login(out, "service"))
         sub = await svc.subscribe("shop.events.>")
+        await svc.flush()  # the subscription is on the server before anything is published
         await pub.publish("shop.events.ann", b"allowed")
         await pub.publish("shop.admin.forget", b"denied")
         await pub.publish("microtune.events.ann", b"another prefix: denied")

@@ -22,11 +22,13 @@ import time
 
 import msgpack
 import nats
+import pytest
 from helpers import until
 
 from actors import Microtune
 from adapters.nats_service import Service, ServiceConfig
 from events import Event, TuningConfig
+from events.errors import Reason, Rejected
 from store import Journal, StoredEvent, StoreRefused, WriteRequest, open_recorder
 
 DIM = 4
@@ -348,3 +350,47 @@ def test_an_event_whose_item_is_on_its_way_waits_for_it_in_order(server, tmp_pat
             await until(lambda: not service._unsettled, what="settlement")
 
     asyncio.run(scenario())
+
+
+# ---------------------------------------------------------------- reading one's own writes
+
+
+def test_a_query_can_wait_for_its_own_write(server, tmp_path):
+    """`ms`: answer from a state at that seq or later. A publisher that saw seq q in a reply
+    and then published one event asks for q + 1 and gets it, without retrying; a seq never
+    reached is answered `timeout` after the service's bound."""
+    from adapters import client
+
+    async def scenario():
+        async with serving(server.url, tmp_path / "mt.db", read_wait=0.5) as (
+                _system, _service, nc, js):
+            first = await client.rank(nc, "ann", [("a", X)])
+            assert first.seq == 0
+            for n in range(1, 4):
+                await client.track(js, "ann", id=f"e{n}", t=float(n), kind="click", item="a",
+                                   x=X)
+                ranking = await client.rank(nc, "ann", [("a", X)], min_seq=n)
+                assert ranking.seq >= n
+            with pytest.raises(Rejected) as info:
+                await client.rank(nc, "ann", [("a", X)], min_seq=99)
+            assert info.value.reason is Reason.TIMEOUT and info.value.field == "ms"
+            with pytest.raises(Rejected) as info:  # a new user is activated, then waited for
+                await client.rank(nc, "bob", [("a", X)], min_seq=1)
+            assert info.value.reason is Reason.TIMEOUT
+
+    asyncio.run(scenario())
+
+
+def test_in_process_rank_reads_its_own_writes(tmp_path):
+    import numpy as np
+
+    from events import Candidate, Query
+
+    with Microtune.open(tmp_path / "mt.db", CFG) as mt:
+        done: list = []
+        mt.track(event("ann", "e1", 1.0), done.append)
+        ranking = mt.rank(Query("ann", (Candidate("a", np.array(X)),), min_seq=1))
+        assert ranking.seq == 1
+        with pytest.raises(Rejected) as info:
+            mt.rank(Query("ann", (Candidate("a", np.array(X)),), min_seq=5), timeout=0.2)
+        assert info.value.reason is Reason.TIMEOUT
