@@ -289,11 +289,13 @@ def test_a_message_jetstream_gave_up_on_is_dead_lettered_from_the_stream(server,
                 deliveries.append(msg)
 
             await nc.subscribe("_MICROTUNE.deliver.microtune-ingest", cb=crashing)
+            await nc.flush()  # on the server before anything is delivered
             raw = body("ann", "crasher", 1.0)
             await js.publish("microtune.events.ann", raw)
             # the catalog's consumer too: its deliveries die the same way
             await service._subs.pop(0).unsubscribe()
             await nc.subscribe("_MICROTUNE.deliver.microtune-ingest-content", cb=crashing)
+            await nc.flush()  # on the server before anything is delivered
             item = msgpack.packb({"v": 1, "i": "a", "x": list(X)})
             await js.publish("microtune.content", item)
             await until(lambda: service.stats.dead_lettered == 2, timeout=20, what="the advisory")
