@@ -187,6 +187,8 @@ class Service:
         self._query_sub = await self.qnc.subscribe(
             f"{self.query_subject}.*", cb=self._on_query, pending_msgs_limit=100_000)
         self._admin_sub = await self.qnc.subscribe(f"{cfg.prefix}.admin.*", cb=self._on_admin)
+        for nc in (self.nc, self.qnc):  # subscriptions on the server before start returns
+            await nc.flush()
         log.info("service.started", servers=servers, prefix=cfg.prefix,
                  max_ack_pending=cfg.max_ack_pending)
 
