@@ -181,7 +181,7 @@ async def _serve(args: argparse.Namespace, tuning) -> int:
         await service.start(url, **options)
         p = args.prefix
         print(
-            f"microtune is serving on {url} (store: {store}, feature dim "
+            f"microtune is serving on {url} (store: {_shown(store)}, feature dim "
             f"{system.configs.current.dim})\n"
             f"  publish events:  JetStream subject {p}.events.<user>, msgpack "
             "{v:1, id, u, t, k, i, x?, ...}\n"
@@ -202,6 +202,18 @@ async def _serve(args: argparse.Namespace, tuning) -> int:
         if embedded is not None:
             embedded.stop()
     return 0
+
+
+def _shown(store: str) -> str:
+    """A store URL as printed: never its password."""
+    if "://" not in store:
+        return store
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(store).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy reads: say nothing of it rather than too much
+        return store.split("://", 1)[0] + "://..."
 
 
 def _read_secret(value: str | None, path: str | None) -> str | None:

@@ -205,3 +205,17 @@ def test_a_publisher_backfills_history_with_its_own_credentials(served, tmp_path
         return ranking.seq
 
     assert asyncio.run(seq_of_hist()) == 5
+
+
+def test_serve_never_prints_a_store_password(server, pg_url, tmp_path):
+    store = pg_url.replace("postgres@", "postgres:s3cret-pw@")  # trust auth ignores it
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "adapters.cli", "serve", "--nats-url", server.url, "--store",
+         store, "--data-dir", str(tmp_path / "data"), "--dim", "4", "--log-level", "info"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    banner = proc.stdout.readline()
+    assert "microtune is serving" in banner and "***" in banner, banner
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert "s3cret-pw" not in banner + out + err
