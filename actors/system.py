@@ -21,7 +21,7 @@ from typing import Any
 import msgpack
 import structlog
 
-from actors import runtime
+from actors import gc_pauses, runtime
 from actors.configs import ConfigRegistry
 from actors.directory import Directory
 from actors.messages import Inspect, Outcome, Rank, Track
@@ -82,6 +82,7 @@ class Microtune:
     ) -> None:
         if tune_gc:  # process-wide; see actors.runtime.tune_gc
             runtime.tune_gc()
+        self.gc_pauses = gc_pauses.watch()  # process-wide: what the collector costs queries
         # The store's single writer for as long as this lives (store/lease.py): a second one,
         # in this process or another, is refused with the holder's pid, host and start time.
         self.lease = lease.acquire(recorder.engine.url)

@@ -533,7 +533,8 @@ class Service:
                 "unsettled_now": len(self._unsettled),
                 "live_actors": len(self.system.directory),
                 "journal_commits": self.system.journal.stats.commits,
-                "segment_model_steps": self.system.context.models.steps}
+                "segment_model_steps": self.system.context.models.steps,
+                "gc": self.system.gc_pauses.to_map()}
 
     async def _admin_rollback(self, body: dict) -> dict:
         user = _admin_user(body, self.config.limits)

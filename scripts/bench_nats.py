@@ -268,6 +268,11 @@ async def main_async(args) -> dict:
             results[f"ingest_events_per_s_with_{int(rate)}qps"] = round(await task)
             latency(results, f"query_{int(rate)}qps_ingesting", res)
 
+    # the collector's pauses in the service's process over the whole run (actors.gc_pauses)
+    pauses = system.gc_pauses.to_map()
+    results["gc_longest_pause_ms"] = pauses["longest_ms"]
+    results["gc_pauses_over_10ms"] = pauses["over_10ms"]
+    results["gc"] = pauses
     await service.stop()
     server.stop()
     if scratch is not None:

@@ -1,0 +1,63 @@
+"""How long the cyclic garbage collector stops this process: every collection timed.
+
+A collection holds the GIL for its whole length, so a query waits as long as it runs: the
+serving path's pauses are the collector's. `watch()` adds a `gc.callbacks` hook (once per
+process; about a microsecond per collection) that keeps, per generation, the number of
+collections, their total and their longest wall time, and how many took over 10 ms (the
+target: none). `microtune.admin.stats` and `microtune bench nats` report them.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+from typing import Any
+
+SLOW = 0.010  # seconds: a pause longer than this is counted as slow
+
+
+class GcPauses:
+    def __init__(self) -> None:
+        self.count = [0, 0, 0]
+        self.total = [0.0, 0.0, 0.0]
+        self.longest = [0.0, 0.0, 0.0]
+        self.slow = 0
+        self._started = threading.local()
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        now = time.perf_counter()
+        if phase == "start":
+            self._started.at = now
+            return
+        started = getattr(self._started, "at", None)
+        if started is None:
+            return
+        pause, generation = now - started, info["generation"]
+        self.count[generation] += 1
+        self.total[generation] += pause
+        self.longest[generation] = max(self.longest[generation], pause)
+        self.slow += pause > SLOW
+
+    def to_map(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            f"gen{g}": {"collections": self.count[g], "total_s": round(self.total[g], 3),
+                        "longest_ms": round(self.longest[g] * 1e3, 2)}
+            for g in range(3)}
+        out["over_10ms"] = self.slow
+        out["longest_ms"] = round(max(self.longest) * 1e3, 2)
+        return out
+
+
+_watch: GcPauses | None = None
+_lock = threading.Lock()
+
+
+def watch() -> GcPauses:
+    """The process's pause recorder, installed on first use."""
+    global _watch
+    with _lock:
+        if _watch is None:
+            _watch = GcPauses()
+            gc.callbacks.append(_watch)
+        return _watch
