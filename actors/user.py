@@ -98,7 +98,8 @@ class UserActor(PooledActor):
         self._inflight: list[tuple[Event, Callable[[Outcome], None]]] | None = None
         # ids buffered or in flight -> the callbacks of their repeats (redeliveries), which
         # are settled by the outcome of the write they join, never before it commits
-        self._pending: dict[str, list[Callable[[Outcome], None]]] | None = None
+        # (an empty tuple until one joins: no container per event for the collector to scan)
+        self._pending: dict[str, tuple[Callable[[Outcome], None], ...]] | None = None
         self._isolate = 0  # writes left to send one event at a time (see `_refused`)
         self._passivating = False
         self._snapshot_on_stop = True
@@ -196,7 +197,7 @@ class UserActor(PooledActor):
             # a repeat of an event not yet committed (JetStream redelivers after its ack
             # wait while a commit is slow): it is settled by that write's outcome
             log.debug("event.repeat_joins_write", user_id=self.user, event_id=event.id)
-            self._pending[event.id].append(done)
+            self._pending[event.id] += (done,)
             return
         if self.state.has_seen(_id_hash(event.id)):
             log.debug("event.duplicate", user_id=self.user, event_id=event.id)
@@ -230,7 +231,7 @@ class UserActor(PooledActor):
             event = Event(*event[:11], config.version, *event[12:15], norms, base, *event[17:])
         if self._pending is None:
             self._pending, self._buffer = {}, []
-        self._pending[event.id] = []
+        self._pending[event.id] = ()
         self._buffer.append((event, done))
         if self._inflight is None:
             self._flush()

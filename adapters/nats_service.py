@@ -150,7 +150,10 @@ class Service:
         self._in_flight_lock = threading.Lock()
         self._tasks: set[asyncio.Task] = set()
         # every event message taken and not yet settled: id(msg) -> [msg, last sign of life]
-        self._unsettled: dict[int, list] = {}
+        self._unsettled: dict[int, Msg] = {}
+        # id(msg) -> its last sign of life (monotonic); ints and floats only, so that the
+        # collector never scans it (a container per message would cost every collection)
+        self._alive: dict[int, float] = {}
         self._held = HeldEvents(self.config.catalog_grace, self.config.max_held)
         self._ticker: asyncio.Task | None = None
         self._dead_letter_sub = None
@@ -214,7 +217,7 @@ class Service:
         if self._ticker is not None:
             self._ticker.cancel()
         for _event, msg in self._held.drain():  # JetStream delivers them again later
-            self._unsettled.pop(id(msg), None)
+            self._forget(msg)
             await msg.nak()
         deadline = time.monotonic() + timeout
         while self._in_flight and time.monotonic() < deadline:
@@ -306,7 +309,8 @@ class Service:
         except Rejected as rejected:
             await self._reject(msg, rejected)
             return
-        self._unsettled[id(msg)] = [msg, time.monotonic()]
+        self._unsettled[id(msg)] = msg
+        self._alive[id(msg)] = time.monotonic()
         if self._held.waiting(user) or (event.is_interaction and event.x is None and x is None):
             # its item may be on its way (content and events are separate streams), or an
             # earlier event of this user waits for one: keep the user's order
@@ -314,12 +318,18 @@ class Service:
                 self.stats.held += 1
                 return
             self.stats.held_overflow += 1
-            del self._unsettled[id(msg)]
+            self._forget(msg)
             await msg.nak(delay=self.config.catalog_grace)
             return
         if x is not None:
             event = event._replace(x=x)
         self._track(event, msg)
+
+    def _forget(self, msg: Msg) -> None:
+        """The message is settled, or handed back to JetStream: no longer ours to keep alive."""
+        key = id(msg)
+        self._unsettled.pop(key, None)
+        self._alive.pop(key, None)
 
     def _track(self, event: Event, msg: Msg) -> None:
         with self._in_flight_lock:
@@ -335,9 +345,9 @@ class Service:
             await self.js.publish(self.rejected_subject, _rejection_record(msg, rejected))
         except Exception as exc:  # not stored: leave the original unacked, it comes back
             log.error("rejected.store_failed", error=repr(exc), subject=msg.subject)
-            self._unsettled.pop(id(msg), None)  # up to JetStream (and max_deliver) now
+            self._forget(msg)  # up to JetStream (and max_deliver) now
             return
-        self._unsettled.pop(id(msg), None)
+        self._forget(msg)
         if ack:
             await msg.ack()
 
@@ -351,7 +361,7 @@ class Service:
             self.stats.dead_letter_failed += 1
             log.error("dead_letter.store_failed", error=repr(exc), subject=msg.subject)
             return
-        self._unsettled.pop(id(msg), None)
+        self._forget(msg)
         self.stats.dead_lettered += 1
         self.stats.rejected[rejected.reason.value] += 1
         log.error("message.dead_lettered", subject=msg.subject, deliveries=delivered)
@@ -399,11 +409,12 @@ class Service:
                 if now < next_scan:
                     continue
                 next_scan = now + scan_every
-                for entry in list(self._unsettled.values()):
-                    if now - entry[1] >= every:
-                        entry[1] = now
+                alive = self._alive
+                for key, since in list(alive.items()):
+                    if now - since >= every and key in alive:
+                        alive[key] = now
                         self.stats.progress_signals += 1
-                        await entry[0].in_progress()
+                        await self._unsettled[key].in_progress()
             except Exception as exc:  # never let housekeeping die (a disconnect, say)
                 log.warning("service.tick_failed", error=repr(exc))
 
@@ -645,17 +656,17 @@ class Service:
     async def _settle(self, msg: Msg, outcome: Outcome) -> None:
         if outcome.status == "applied":
             self.stats.applied += 1
-            self._unsettled.pop(id(msg), None)
+            self._forget(msg)
             await msg.ack()
         elif outcome.status == "duplicate":
             self.stats.duplicates += 1
-            self._unsettled.pop(id(msg), None)
+            self._forget(msg)
             await msg.ack()
         elif outcome.status == "rejected":
             await self._reject(msg, outcome.error)
         else:  # failed (shutting down): let JetStream deliver it again, a bounded number of times
             self.stats.failed += 1
-            self._unsettled.pop(id(msg), None)
+            self._forget(msg)
             delivered = delivery_count(msg.reply)
             if delivered >= self.config.max_deliver - 1:
                 await self._dead_letter(msg, delivered)
