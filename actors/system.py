@@ -67,6 +67,18 @@ class _Waiter:
         return self.results
 
 
+def behind(query: Query, answer: Ranking | Rejected) -> bool:
+    """Is `answer` from a state older than the seq the query asked to read (`min_seq`)?"""
+    return (query.min_seq is not None and isinstance(answer, Ranking)
+            and answer.seq < query.min_seq)
+
+
+def not_reached(query: Query, answer: Ranking, waited: float) -> Rejected:
+    """The refusal of a query whose `min_seq` was not reached within `waited` seconds."""
+    return Rejected(Reason.TIMEOUT, f"seq {query.min_seq} not reached within {waited:g} s "
+                    f"(the state is at {answer.seq})", "ms")
+
+
 class Microtune:
     def __init__(
         self,
@@ -165,14 +177,11 @@ class Microtune:
         waiter = _Waiter(1)
         self.rank_async(query, waiter.callback(0))
         (result,) = waiter.wait(timeout)
-        while (query.min_seq is not None and isinstance(result, Ranking)
-               and result.seq < query.min_seq and time.monotonic() < deadline):
+        while behind(query, result) and time.monotonic() < deadline:
             time.sleep(0.001)
             result = self.rank_now(query) or result
-        if isinstance(result, Ranking) and query.min_seq is not None and \
-                result.seq < query.min_seq:
-            result = Rejected(Reason.TIMEOUT, f"seq {query.min_seq} not reached within "
-                              f"{timeout:g} s (the state is at {result.seq})", "ms")
+        if behind(query, result):
+            result = not_reached(query, result, timeout)
         if isinstance(result, Rejected):
             raise result
         return result

@@ -51,7 +51,7 @@ from nats.js import api
 from nats.js.errors import NotFoundError
 
 from actors.messages import Outcome
-from actors.system import Microtune
+from actors.system import Microtune, behind, not_reached
 from adapters.held import HeldEvents
 from events.codec import (
     decode_content,
@@ -291,7 +291,7 @@ class Service:
             # are queued: thousands in a row. Step aside now and then so that queries and
             # acks run (measured without it: query p50 2-3 s while ingesting).
             await asyncio.sleep(0)
-        delivered = delivery_count(msg.reply)
+        delivered, stored = ack_info(msg.reply)
         if delivered >= self.config.max_deliver:  # the last delivery JetStream will make
             await self._dead_letter(msg, delivered)
             return
@@ -303,7 +303,7 @@ class Service:
                 raise Rejected(Reason.FORBIDDEN, f"'{event.kind}' is an admin command: request "
                                f"{self.config.prefix}.admin.{event.kind} with an admin token",
                                "k")
-            event = event._replace(received=broker_time(msg.reply))
+            event = event._replace(received=stored)
             if event.is_interaction and event.x is None:
                 x = self.system.catalog.get(event.item)
         except Rejected as rejected:
@@ -355,17 +355,10 @@ class Service:
         """Settle a message that was delivered too often: its record, then the ack."""
         rejected = Rejected(Reason.UNDELIVERABLE,
                             f"delivered {delivered} times without being settled")
-        try:
-            await self.js.publish(self.rejected_subject, _rejection_record(msg, rejected))
-        except Exception as exc:
-            self.stats.dead_letter_failed += 1
-            log.error("dead_letter.store_failed", error=repr(exc), subject=msg.subject)
-            return
-        self._forget(msg)
-        self.stats.dead_lettered += 1
-        self.stats.rejected[rejected.reason.value] += 1
-        log.error("message.dead_lettered", subject=msg.subject, deliveries=delivered)
-        await msg.ack()
+        if await self._store_dead_letter(msg.subject, bytes(msg.data), rejected,
+                                         deliveries=delivered):
+            self._forget(msg)
+            await msg.ack()
 
     async def _on_max_deliveries(self, advisory: Msg) -> None:
         """JetStream gave up on a message (the service died during its last delivery): fetch
@@ -383,17 +376,27 @@ class Service:
             log.warning("dead_letter.advisory_skipped", error=repr(exc))
             return
         rejected = Rejected(Reason.UNDELIVERABLE, "JetStream's max deliveries reached")
+        if await self._store_dead_letter(stored.subject, stored.data or b"", rejected,
+                                         stream_seq=seq):
+            try:
+                await self.js.delete_msg(stream, seq)
+            except Exception as exc:  # recorded; JetStream delivers it no more anyway
+                log.warning("dead_letter.delete_failed", error=repr(exc), stream_seq=seq)
+
+    async def _store_dead_letter(self, subject: str, raw: bytes, rejected: Rejected,
+                                 **where: Any) -> bool:
+        """Record an undeliverable message on the rejected stream, counted; False if even
+        that failed (then it is left to JetStream)."""
         try:
-            await self.js.publish(self.rejected_subject, _record(
-                stored.subject, stored.data or b"", rejected))
-            await self.js.delete_msg(stream, seq)
+            await self.js.publish(self.rejected_subject, _record(subject, raw, rejected))
         except Exception as exc:
             self.stats.dead_letter_failed += 1
-            log.error("dead_letter.store_failed", error=repr(exc), stream_seq=seq)
-            return
+            log.error("dead_letter.store_failed", error=repr(exc), subject=subject, **where)
+            return False
         self.stats.dead_lettered += 1
         self.stats.rejected[rejected.reason.value] += 1
-        log.error("message.dead_lettered", subject=stored.subject, stream_seq=seq)
+        log.error("message.dead_lettered", subject=subject, **where)
+        return True
 
     async def _tick(self) -> None:
         """Four times a second: release or refuse held events; keep slow messages alive."""
@@ -470,14 +473,11 @@ class Service:
             self.system.rank_async(query, lambda result: self._loop.call_soon_threadsafe(
                 future.set_result, result))
             answer = await future
-        while (isinstance(answer, Ranking) and answer.seq < query.min_seq
-               and time.monotonic() < deadline):
+        while behind(query, answer) and time.monotonic() < deadline:
             await asyncio.sleep(0.002)
             answer = self.system.rank_now(query) or answer
-        if isinstance(answer, Ranking) and answer.seq < query.min_seq:
-            answer = Rejected(Reason.TIMEOUT, f"seq {query.min_seq} not reached within "
-                              f"{self.config.read_wait:g} s (the state is at {answer.seq})",
-                              "ms")
+        if behind(query, answer):
+            answer = not_reached(query, answer, self.config.read_wait)
         await self.qnc.publish(reply, _encode_answer(answer))
 
     def _resolve(self, candidate: Candidate) -> Candidate:
@@ -707,29 +707,27 @@ def _text(value: Any) -> str | None:
     return None if value is None else str(value)[:500]
 
 
-def broker_time(reply: str | None) -> float | None:
-    """When the broker stored a JetStream message (seconds), from its ack subject: the
-    receive time hygiene aligns client clocks with. It stays the same on redelivery."""
+def ack_info(reply: str | None) -> tuple[int, float | None]:
+    """From a JetStream message's ack subject, split once: how many times it has been
+    delivered (1 the first time), and when the broker stored it (seconds: the receive time
+    hygiene aligns client clocks with; it stays the same on redelivery)."""
     if not reply:
-        return None
+        return 1, None
     tokens = reply.split(".")
-    index = 7 if len(tokens) == 9 else Msg.Ack.Timestamp  # v1 and v2 ack subjects
+    v1 = len(tokens) == 9  # v1 and v2 ack subjects
     try:
-        return int(tokens[index]) / 1e9
+        delivered = int(tokens[4 if v1 else Msg.Ack.NumDelivered])
     except (IndexError, ValueError):
-        return None
+        delivered = 1
+    try:
+        stored = int(tokens[7 if v1 else Msg.Ack.Timestamp]) / 1e9
+    except (IndexError, ValueError):
+        stored = None
+    return delivered, stored
 
 
 def delivery_count(reply: str | None) -> int:
-    """How many times JetStream has delivered this message (1 the first time)."""
-    if not reply:
-        return 1
-    tokens = reply.split(".")
-    index = 4 if len(tokens) == 9 else Msg.Ack.NumDelivered  # v1 and v2 ack subjects
-    try:
-        return int(tokens[index])
-    except (IndexError, ValueError):
-        return 1
+    return ack_info(reply)[0]
 
 
 # raw bytes a rejection record keeps at most: the largest valid message (so a valid-sized

@@ -38,3 +38,15 @@ async def until(predicate: Callable[[], bool], timeout: float = 20.0,
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+def fold(events, cfg, state=None):
+    """`apply` over events from an empty state (or `state`): the state and the trace."""
+    from actors.learning import Step, apply
+    from actors.state import UserState
+
+    state = state or UserState("u")
+    trace: list[Step] = []
+    for e in events:
+        state = apply(state, e, cfg, trace)
+    return state, trace

@@ -20,14 +20,13 @@ import msgpack
 import nats
 import numpy as np
 import pytest
-from helpers import until
+from helpers import fold, until
 
 from actors import Microtune, encode_state, replay_user
 from actors.configs import ConfigRegistry
 from actors.debug import timeline
-from actors.learning import Step, apply, settle
+from actors.learning import settle
 from actors.replay import seq_at_time
-from actors.state import UserState
 from adapters.backfill import detect_format, prepare, read_records
 from adapters.cli import main
 from adapters.nats_service import Service, ServiceConfig
@@ -269,14 +268,6 @@ def test_import_events_needs_a_password_from_the_environment_or_a_file(tmp_path,
 def ev(n: int | str, t: float, kind: str = "click", **fields) -> Event:
     return Event(id=str(n), user="u", t=t, kind=kind, item=fields.pop("item", "a"),
                  x=np.eye(DIM)[0], **fields)
-
-
-def fold(events, cfg: TuningConfig, state: UserState | None = None):
-    state = state or UserState("u")
-    trace: list[Step] = []
-    for e in events:
-        state = apply(state, e, cfg, trace)
-    return state, trace
 
 
 def test_history_behind_the_frontier_is_neither_late_nor_dropped_and_keeps_its_time():

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from helpers import fold
 
 from actors import Microtune, encode_state
 from actors.hygiene import MAX_PENDING, Hygiene, engagement, signal
@@ -27,14 +28,6 @@ def config(**seg) -> TuningConfig:
 
 def ev(n: int | str, t: float, kind: str = "click", item: str = "a", **fields) -> Event:
     return Event(id=str(n), user="u", t=t, kind=kind, item=item, x=X[item], **fields)
-
-
-def fold(events, cfg: TuningConfig, state: UserState | None = None):
-    state = state or UserState("u")
-    trace: list[Step] = []
-    for e in events:
-        state = apply(state, e, cfg, trace)
-    return state, trace
 
 
 def verdicts(trace: list[Step], verdict: str) -> list[str]:

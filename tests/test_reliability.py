@@ -76,6 +76,17 @@ class SQLiteLock:
 # ---------------------------------------------------------------- 1. redelivery mid-commit
 
 
+async def four_events_behind_a_lock(js, service, path) -> SQLiteLock:
+    """ann's first event applied (her actor live), then the store locked, then e0..e3
+    published: they wait on the lock. Returns the lock, to release."""
+    await js.publish("microtune.events.ann", body("ann", "warm", 1.0))
+    await until(lambda: service.stats.applied == 1)
+    lock = SQLiteLock(path)
+    for i in range(4):
+        await js.publish("microtune.events.ann", body("ann", f"e{i}", 10.0 + i))
+    return lock
+
+
 def event(user: str, event_id: str, t: float) -> Event:
     import numpy as np
 
@@ -110,11 +121,7 @@ def test_redeliveries_during_a_store_outage_are_acked_only_after_the_commit(serv
     async def scenario():
         async with serving(server.url, path, ack_wait=1.0, progress_every=60.0) as (
                 _system, service, _nc, js):
-            await js.publish("microtune.events.ann", body("ann", "warm", 1.0))
-            await until(lambda: service.stats.applied == 1)
-            lock = SQLiteLock(path)
-            for i in range(4):
-                await js.publish("microtune.events.ann", body("ann", f"e{i}", 10.0 + i))
+            lock = await four_events_behind_a_lock(js, service, path)
             await asyncio.sleep(3.5)  # past the 1 s ack wait: JetStream redelivers them
             assert service.stats.received >= 1 + 2 * 4, "the scenario needs redeliveries"
             info = await js.consumer_info("MICROTUNE_EVENTS", "microtune-ingest")
@@ -139,11 +146,7 @@ def test_in_progress_signals_keep_a_slow_commit_from_being_redelivered(server, t
     async def scenario():
         async with serving(server.url, path, ack_wait=1.0, max_deliver=2) as (
                 _system, service, _nc, js):
-            await js.publish("microtune.events.ann", body("ann", "warm", 1.0))
-            await until(lambda: service.stats.applied == 1)
-            lock = SQLiteLock(path)
-            for i in range(4):
-                await js.publish("microtune.events.ann", body("ann", f"e{i}", 10.0 + i))
+            lock = await four_events_behind_a_lock(js, service, path)
             await asyncio.sleep(4.0)  # four ack waits
             lock.release()
             await until(lambda: service.stats.applied == 5, timeout=40)
