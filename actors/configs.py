@@ -69,5 +69,21 @@ class ConfigRegistry:
                 Reason.UNKNOWN_CONFIG, f"config version {version} is unknown", "c"
             ) from None
 
+    def refresh(self) -> None:
+        """Read versions added by the store's writer since (a query process follows it)."""
+        with self._lock:
+            for version, body in self._recorder.configs().items():
+                if version not in self._versions:
+                    self._versions[version] = TuningConfig.decode(body)
+            self.current = self._versions[max(self._versions)]
+
+    def get_fresh(self, version: int | None) -> TuningConfig:
+        """`get`, reading the store again for a version not seen yet."""
+        try:
+            return self.get(version)
+        except Rejected:
+            self.refresh()
+            return self.get(version)
+
     def versions(self) -> dict[int, TuningConfig]:
         return dict(self._versions)

@@ -61,3 +61,8 @@ def watch() -> GcPauses:
             _watch = GcPauses()
             gc.callbacks.append(_watch)
         return _watch
+
+
+# A query process's collector settings (CPython's defaults): its young objects are a query's
+# own, so frequent small collections stay short.
+SERVING_THRESHOLDS = (700, 10, 10)

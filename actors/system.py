@@ -24,6 +24,7 @@ import structlog
 from actors import gc_pauses, runtime
 from actors.configs import ConfigRegistry
 from actors.directory import Directory
+from actors.feed import Feed
 from actors.messages import Inspect, Outcome, Rank, Track
 from actors.replay import replay_user
 from actors.runtime import Dispatcher
@@ -118,6 +119,7 @@ class Microtune:
             self.lease.release()
             raise
         self.context.on_stopped = self.directory.stopped
+        self.feed: Feed | None = None  # to query processes, once one is attached
         self._closed = False
 
     @classmethod
@@ -160,6 +162,13 @@ class Microtune:
             self.directory.tell(query.user, Rank(query, done))
         else:
             done(answer)
+
+    def open_feed(self) -> Feed:
+        """The feed of committed events to query processes (actors/feed.py)."""
+        if self.feed is None:
+            self.feed = Feed(self.context.models)
+            self.journal.on_commit = self.feed.rows
+        return self.feed
 
     # ------------------------------------------------------------ blocking conveniences
 
@@ -221,6 +230,8 @@ class Microtune:
             self.context.known.discard(user)
             n_events, n_snaps, audit_id = self.recorder.forget(
                 user, msgpack.packb(audit, use_bin_type=True))
+            if self.feed is not None:  # query processes drop their replica, before any
+                self.feed.forget(user)  # event of a new history reaches them
         finally:
             self.directory.resume(user)
         log.warning("user.forgotten", audit_id=audit_id, events=n_events, snapshots=n_snaps)
@@ -255,6 +266,8 @@ class Microtune:
             if snapshot and not self.directory.passivate_all(timeout):
                 log.warning("shutdown.passivation_timeout", live=len(self.directory))
             self.journal.close(timeout)
+            if self.feed is not None:
+                self.feed.close()
             if snapshot:
                 self.checkpoint()
             self.dispatcher.shutdown()

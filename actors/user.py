@@ -14,12 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import structlog
 
-from actors import hygiene
+from actors import ranking
 from actors.configs import ConfigRegistry
-from actors.learning import apply, settle
+from actors.learning import apply
 from actors.messages import (
     DUPLICATE,
     Inspect,
@@ -83,7 +82,7 @@ def rebuild(recorder: Recorder, configs: ConfigRegistry, user: str) -> tuple[Use
             tail = list(recorder.read(user))
     for row in tail:
         event = event_from_log(row.body)
-        state = apply(state, event, configs.get(event.config))
+        state = apply(state, event, configs.get_fresh(event.config))
     return state, snap_seq
 
 
@@ -104,7 +103,7 @@ class UserActor(PooledActor):
         self._passivating = False
         self._snapshot_on_stop = True
         self._snapshotting = False
-        self._settled: UserState | None = None  # what queries see (a cache, by seq)
+        self._view = ranking.View()  # what queries see (a cache, by seq)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -380,48 +379,10 @@ class UserActor(PooledActor):
         behind the events queued for the dispatcher; it sees every applied event."""
         return self._rank(query)
 
-    def _view(self) -> UserState:
-        """The state with the reorder buffer released: queries answer with every event the
-        user has sent, not only those past the lateness window. Not logged; cached by seq."""
-        state = self.state  # read once: the actor may replace it meanwhile
-        settled = self._settled
-        if settled is None or settled.seq != state.seq:
-            config = self.ctx.configs.get(state.config or None)
-            settled = self._settled = settle(state, config)
-        return settled
-
     def _rank(self, query: Query) -> Ranking | Rejected:
-        state = self._view()
+        state = self.state  # read once: the actor may replace it meanwhile
         config = self.ctx.configs.get(state.config or None)
-        dim = config.dim
-        features = query.matrix
-        if features is None or features.shape[1] != dim:  # the careful path finds the reason
-            for cand in query.candidates:
-                if cand.x is None:
-                    return Rejected(Reason.MISSING_FIELD,
-                                    f"no features for item {cand.item!r}", "c")
-                if cand.x.shape[0] != dim:
-                    return Rejected(Reason.DIMENSION,
-                                    f"item {cand.item!r} has {cand.x.shape[0]} != {dim}", "c")
-            features = np.stack([cand.x for cand in query.candidates])
-        w = self.ctx.models.total(state, config)  # the user's own + the segment's
-        scores = features @ w[1:] + w[0]
-        order = np.argsort(-scores, kind="stable")
-        if query.top is not None:
-            order = order[: query.top]
-        top = scores[order]
-        e = np.exp(top - top[0])
-        weights = e / e.sum()
-        return Ranking(
-            user=self.user,
-            items=tuple(query.candidates[i].item for i in order),
-            weights=tuple(weights.tolist()),
-            scores=tuple(top.tolist()),
-            seq=state.seq,
-            config=config.version,
-            windows=(state.hyg or hygiene.EMPTY).window_counts(config.segment(state.segment))
-            if query.windows else None,
-        )
+        return ranking.rank(self._view.of(state, config), query, config, self.ctx.models)
 
 
 _WRITTEN_OK = Written(None)

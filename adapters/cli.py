@@ -172,7 +172,9 @@ async def _serve(args: argparse.Namespace, tuning) -> int:
             log.info("config.adopted_from_file", version=current.version, previous=before)
     service = Service(system, ServiceConfig(prefix=args.prefix,
                                             max_ack_pending=args.max_ack_pending,
-                                            admin_tokens=admin_tokens))
+                                            admin_tokens=admin_tokens,
+                                            log_level=args.log_level,
+                                            log_json=args.log_format == "json"))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

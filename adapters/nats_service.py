@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
 import hmac
 import json
 import threading
@@ -51,18 +50,18 @@ from nats.js import api
 from nats.js.errors import NotFoundError
 
 from actors.messages import Outcome
-from actors.system import Microtune, behind, not_reached
+from actors.system import Microtune
+from adapters import query_process
 from adapters.held import HeldEvents
+from adapters.query_process import QueryProcess, QuerySettings
+from adapters.records import record, rejection_record
 from events.codec import (
     decode_content,
     decode_event,
-    decode_query,
-    encode_error,
-    encode_ranking,
 )
 from events.errors import Reason, Rejected
 from events.limits import DEFAULT_LIMITS, Limits
-from events.types import Candidate, Event, Ranking
+from events.types import Event
 from store.recorder import StoreRefused, StoreUnavailable
 
 log = structlog.get_logger(__name__)
@@ -91,6 +90,12 @@ class ServiceConfig:
     max_held: int = 10_000
     # name -> token: who may rollback, forget, clear_bot (none: those commands are refused)
     admin_tokens: dict[str, str] = field(default_factory=dict)
+    # processes that answer queries (adapters/query_process.py), each with its own
+    # interpreter lock: a query never waits behind ingest
+    query_processes: int = 1
+    query_max_users: int = 200_000  # user replicas a query process keeps
+    log_level: str = "warning"  # the query processes' logging (to stderr)
+    log_json: bool = True
 
 
 @dataclass(slots=True)
@@ -100,8 +105,6 @@ class ServiceStats:
     duplicates: int = 0
     failed: int = 0
     rejected: Counter = field(default_factory=Counter)
-    queries: int = 0
-    query_errors: int = 0
     content_items: int = 0
     dead_lettered: int = 0  # settled as `undeliverable` after max_deliver deliveries
     dead_letter_failed: int = 0  # could not even be dead-lettered (left to JetStream)
@@ -113,8 +116,8 @@ class ServiceStats:
     def to_map(self) -> dict[str, Any]:
         return {
             "received": self.received, "applied": self.applied, "duplicates": self.duplicates,
-            "failed": self.failed, "rejected": dict(self.rejected), "queries": self.queries,
-            "query_errors": self.query_errors, "content_items": self.content_items,
+            "failed": self.failed, "rejected": dict(self.rejected),
+            "content_items": self.content_items,
             "dead_lettered": self.dead_lettered,
             "dead_letter_failed": self.dead_letter_failed, "held": self.held,
             "held_overflow": self.held_overflow, "progress_signals": self.progress_signals,
@@ -135,11 +138,11 @@ class Service:
         self.config = config or ServiceConfig()
         self.stats = ServiceStats()
         self.nc: nats.NATS | None = None  # events, catalog, JetStream
-        self.qnc: nats.NATS | None = None  # queries and admin requests
+        self.qnc: nats.NATS | None = None  # admin requests
         self.js = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._subs: list = []
-        self._query_sub = None
+        self._queriers: list[QueryProcess] = []
         self._admin_sub = None
         self._events_sub = None
         self._closing = False
@@ -171,11 +174,11 @@ class Service:
                        pending_size=64 * 1024 * 1024, error_cb=self._on_error,
                        disconnected_cb=self._on_disconnected,
                        reconnected_cb=self._on_reconnected, **connect_options)
+        options = query_process.connect_options(options)
         self.nc = await nats.connect(servers, name="microtune-ingest", **options)
-        # Queries get a connection of their own: on the ingest connection a request would
-        # wait behind megabytes of event deliveries in the same socket (measured: p50 2.2 s
-        # at 500 q/s during ingest).
-        self.qnc = await nats.connect(servers, name="microtune-queries", **options)
+        # Admin requests get a connection of their own: on the ingest connection a request
+        # would wait behind megabytes of event deliveries in the same socket.
+        self.qnc = await nats.connect(servers, name="microtune-admin", **options)
         self.js = self.nc.jetstream()
         await self._ensure_streams()
         cfg = self.config
@@ -187,8 +190,7 @@ class Service:
         self._dead_letter_sub = await self.nc.subscribe(  # ours are picked by the handler
             "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.>", cb=self._on_max_deliveries)
         self._ticker = asyncio.create_task(self._tick())
-        self._query_sub = await self.qnc.subscribe(
-            f"{self.query_subject}.*", cb=self._on_query, pending_msgs_limit=100_000)
+        await self._start_query_processes(servers, connect_options)
         self._admin_sub = await self.qnc.subscribe(f"{cfg.prefix}.admin.*", cb=self._on_admin)
         for nc in (self.nc, self.qnc):  # subscriptions on the server before start returns
             await nc.flush()
@@ -225,13 +227,15 @@ class Service:
         self._drain()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        for sub in (self._query_sub, self._admin_sub, self._dead_letter_sub):
+        for sub in (self._admin_sub, self._dead_letter_sub):
             if sub is not None:
                 await sub.unsubscribe()
         for nc in (self.qnc, self.nc):
             if nc is not None and nc.is_connected:
                 await nc.flush(timeout=5)
         await asyncio.to_thread(self.system.close)
+        for querier in self._queriers:
+            await asyncio.to_thread(querier.stop)
         self._closing = True
         for nc in (self.qnc, self.nc):
             if nc is not None:
@@ -281,6 +285,61 @@ class Service:
             pending_msgs_limit=max_ack_pending * 2,
             pending_bytes_limit=max_ack_pending * self.config.limits.max_payload_bytes,
         )
+
+    # ------------------------------------------------------------ query processes
+
+    async def _start_query_processes(self, servers, options: dict[str, Any]) -> None:
+        cfg = self.config
+        if not cfg.query_processes:
+            return
+        feed = self.system.open_feed()
+        store = self.system.recorder.engine.url.render_as_string(hide_password=False)
+        for index in range(cfg.query_processes):
+            querier = QueryProcess(QuerySettings(
+                store=store, servers=servers, config=self.system.configs.current,
+                prefix=cfg.prefix, limits=cfg.limits, read_wait=cfg.read_wait,
+                max_users=cfg.query_max_users, options=options, log_level=cfg.log_level,
+                log_json=cfg.log_json, index=index))
+            querier.sender = feed.attach(querier.spawn(), name=f"feed-{index}")
+            self._queriers.append(querier)
+        for querier in self._queriers:
+            await asyncio.to_thread(querier.wait_ready)
+
+    async def _watch_query_processes(self) -> None:
+        """Take their stats; start again one that died (its replicas rebuild from the
+        store as they are asked for)."""
+        for querier in self._queriers:
+            querier.poll_stats()
+            if querier.alive() or self._closing:
+                continue
+            log.error("query_process.died", index=querier.settings.index,
+                      exitcode=querier.process.exitcode)
+            feed = self.system.open_feed()
+            feed.detach(querier.sender)
+            querier.stop(0)
+            querier.sender = feed.attach(querier.spawn(),
+                                         name=f"feed-{querier.settings.index}")
+            try:
+                await asyncio.to_thread(querier.wait_ready)
+                log.info("query_process.restarted", index=querier.settings.index)
+            except (RuntimeError, TimeoutError) as exc:  # tried again at the next tick
+                log.error("query_process.restart_failed", error=str(exc))
+
+    def query_stats(self) -> dict[str, Any]:
+        """The query processes' latest reports, summed (gc: per process)."""
+        total: Counter = Counter()
+        rejected: Counter = Counter()
+        gcs = []
+        for querier in self._queriers:
+            for key, value in querier.stats.items():
+                if isinstance(value, int | float):
+                    total[key] += value
+            rejected.update(querier.stats.get("rejected", {}))
+            gcs.append(querier.stats.get("gc"))
+        total["processes"] = sum(q.serving() for q in self._queriers)
+        total["restarts"] = sum(max(0, q.started - 1) for q in self._queriers)
+        total["feed_gaps"] = sum(q.sender.gaps for q in self._queriers)
+        return {**total, "rejected": dict(rejected), "gc": gcs}
 
     # ------------------------------------------------------------ events
 
@@ -342,7 +401,7 @@ class Service:
         log.warning("message.rejected", subject=msg.subject, reason=rejected.reason.value,
                     detail=rejected.detail, field=rejected.field)
         try:
-            await self.js.publish(self.rejected_subject, _rejection_record(msg, rejected))
+            await self.js.publish(self.rejected_subject, rejection_record(msg, rejected))
         except Exception as exc:  # not stored: leave the original unacked, it comes back
             log.error("rejected.store_failed", error=repr(exc), subject=msg.subject)
             self._forget(msg)  # up to JetStream (and max_deliver) now
@@ -388,7 +447,7 @@ class Service:
         """Record an undeliverable message on the rejected stream, counted; False if even
         that failed (then it is left to JetStream)."""
         try:
-            await self.js.publish(self.rejected_subject, _record(subject, raw, rejected))
+            await self.js.publish(self.rejected_subject, record(subject, raw, rejected))
         except Exception as exc:
             self.stats.dead_letter_failed += 1
             log.error("dead_letter.store_failed", error=repr(exc), subject=subject, **where)
@@ -408,6 +467,7 @@ class Service:
             await asyncio.sleep(0.25)
             try:
                 await self._release_held()
+                await self._watch_query_processes()
                 now = time.monotonic()
                 if now < next_scan:
                     continue
@@ -431,64 +491,6 @@ class Service:
             await self._reject(msg, Rejected(
                 Reason.MISSING_FIELD, f"item {event.item!r} is not in the catalog (waited "
                 f"{self.config.catalog_grace:g} s) and the event has no 'x'", "x"))
-
-    # ------------------------------------------------------------ queries
-
-    async def _on_query(self, msg: Msg) -> None:
-        self.stats.queries += 1
-        try:
-            user = msg.subject[len(self.query_subject) + 1:]
-            query = decode_query(msg.data, self.config.limits, subject_user=user)
-            if any(c.x is None for c in query.candidates):
-                query = query._replace(candidates=tuple(self._resolve(c)
-                                                        for c in query.candidates))
-        except Rejected as rejected:
-            self.stats.query_errors += 1
-            self.stats.rejected[rejected.reason.value] += 1
-            if msg.reply:
-                await self.qnc.publish(msg.reply, encode_error(rejected))
-            await self.nc.publish(self.rejected_subject, _rejection_record(msg, rejected))
-            return
-        if not msg.reply:
-            return
-        if query.min_seq is not None:  # read your own writes: wait (bounded) for that seq
-            task = asyncio.create_task(self._rank_at_least(query, msg.reply))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-            return
-        answer = self.system.rank_now(query)  # a live user: straight back, no hand-off
-        if answer is not None:
-            await self.qnc.publish(msg.reply, _encode_answer(answer))
-            return
-        self.system.rank_async(query, lambda result, r=msg.reply: self._answer(
-            ("reply", r, _encode_answer(result))))
-
-    async def _rank_at_least(self, query, reply: str) -> None:
-        """Answer from a state at `query.min_seq` or later, polling the live state (a cheap
-        read) every 2 ms for at most `read_wait`; `timeout` if it does not get there."""
-        deadline = time.monotonic() + self.config.read_wait
-        answer = self.system.rank_now(query)
-        if answer is None:  # not live: activate it through its actor
-            future = self._loop.create_future()
-            self.system.rank_async(query, lambda result: self._loop.call_soon_threadsafe(
-                future.set_result, result))
-            answer = await future
-        while behind(query, answer) and time.monotonic() < deadline:
-            await asyncio.sleep(0.002)
-            answer = self.system.rank_now(query) or answer
-        if behind(query, answer):
-            answer = not_reached(query, answer, self.config.read_wait)
-        await self.qnc.publish(reply, _encode_answer(answer))
-
-    def _resolve(self, candidate: Candidate) -> Candidate:
-        if candidate.x is not None:
-            return candidate
-        x = self.system.catalog.get(candidate.item)
-        if x is None:
-            raise Rejected(Reason.MISSING_FIELD,
-                           f"item {candidate.item!r} is not in the catalog; send its features",
-                           "c")
-        return candidate._replace(x=x)
 
     # ------------------------------------------------------------ admin
 
@@ -540,7 +542,13 @@ class Service:
         return name if not claimed or claimed == name else f"{name} ({claimed})"
 
     async def _admin_stats(self, _body: dict) -> dict:
-        return {**self.stats.to_map(), "held_now": len(self._held),
+        queries = self.query_stats()
+        mine = self.stats.to_map()
+        rejected = Counter(mine["rejected"])
+        rejected.update(queries.pop("rejected", {}))
+        return {**mine, "rejected": dict(rejected), "queries": queries.get("queries", 0),
+                "query_errors": queries.get("errors", 0), "query_processes": queries,
+                "held_now": len(self._held),
                 "unsettled_now": len(self._unsettled),
                 "live_actors": len(self.system.directory),
                 "journal_commits": self.system.journal.stats.commits,
@@ -612,6 +620,8 @@ class Service:
                 await msg.in_progress()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+        if self.system.feed is not None:  # the query processes score with them too
+            self.system.feed.items(items)
         self.stats.content_items += len(items)
         await msg.ack()
         await self._release_held()  # events that waited for these items
@@ -685,7 +695,8 @@ class Service:
             log.warning("nats.disconnected")
 
     async def _on_reconnected(self) -> None:
-        log.info("nats.reconnected", url=str(self.nc.connected_url.netloc))
+        url = getattr(self.nc.connected_url, "netloc", None)  # None once closing
+        log.info("nats.reconnected", url=str(url))
 
 
 _ADMIN = {
@@ -728,29 +739,3 @@ def ack_info(reply: str | None) -> tuple[int, float | None]:
 
 def delivery_count(reply: str | None) -> int:
     return ack_info(reply)[0]
-
-
-# raw bytes a rejection record keeps at most: the largest valid message (so a valid-sized
-# message is kept whole), far below the server's 1 MiB, so the record always fits
-RECORD_RAW_BYTES = DEFAULT_LIMITS.max_payload_bytes
-
-
-def _rejection_record(msg: Msg, rejected: Rejected) -> bytes:
-    return _record(msg.subject, bytes(msg.data), rejected)
-
-
-def _record(subject: str, raw: bytes, rejected: Rejected) -> bytes:
-    """What `<prefix>.rejected` keeps: the reason, the subject, the raw bytes (the first
-    `RECORD_RAW_BYTES` of them, with the size and SHA-256 of the whole when cut), when."""
-    record: dict[str, Any] = {"v": 1, **rejected.to_wire(), "s": subject[:1024],
-                              "raw": raw[:RECORD_RAW_BYTES], "n": len(raw), "at": time.time()}
-    if len(raw) > RECORD_RAW_BYTES:
-        record["rt"] = True  # raw is truncated
-        record["sha256"] = hashlib.sha256(raw).hexdigest()
-    return msgpack.packb(record, use_bin_type=True)
-
-
-def _encode_answer(result: Ranking | Rejected) -> bytes:
-    if isinstance(result, Rejected):
-        return encode_error(result)
-    return encode_ranking(result)

@@ -31,6 +31,8 @@ class Reason(StrEnum):
     # a query that asked to read its own writes (`ms`) and the state did not reach that seq
     # within the service's bound
     TIMEOUT = "timeout"
+    # the store could not be read to answer (an outage): retrying later can help
+    UNAVAILABLE = "unavailable"
 
 
 class Rejected(ValueError):

@@ -25,11 +25,7 @@ class Catalog:
     def __init__(self, recorder: Recorder) -> None:
         self._recorder = recorder
         self._lock = threading.Lock()
-        with recorder.engine.connect() as conn:
-            self._items: dict[str, np.ndarray] = {
-                item: _frozen(np.frombuffer(raw, dtype=_F64))
-                for item, raw in conn.execute(select(catalog.c.item_id, catalog.c.features))
-            }
+        self._items = read_items(recorder)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -63,6 +59,13 @@ class Catalog:
             for row in rows:
                 self._items[row["item_id"]] = _frozen(np.frombuffer(row["features"], _F64))
         return len(rows)
+
+
+def read_items(recorder: Recorder) -> dict[str, np.ndarray]:
+    """Every item's features, read-only arrays."""
+    with recorder.engine.connect() as conn:
+        return {item: _frozen(np.frombuffer(raw, dtype=_F64))
+                for item, raw in conn.execute(select(catalog.c.item_id, catalog.c.features))}
 
 
 def _frozen(x: np.ndarray) -> np.ndarray:

@@ -83,6 +83,9 @@ class Journal:
         self.linger = linger
         self.max_backoff = max_backoff
         self.stats = JournalStats()
+        # told every committed group's events, in commit order, on the journal thread after
+        # the commit (the query process's feed): must be quick and must not block
+        self.on_commit: Callable[[list[StoredEvent]], None] | None = None
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._carry: list[WriteRequest] = []
         self._thread = threading.Thread(target=self._run, name="microtune-journal", daemon=True)
@@ -169,6 +172,11 @@ class Journal:
             self.stats.requests += len(batch)
             self.stats.events += len(rows)
             self.stats.snapshots += len(snaps)
+            if self.on_commit is not None and rows:
+                try:
+                    self.on_commit(rows)
+                except Exception:  # an observer's bug must not stop the journal
+                    log.exception("journal.on_commit_failed")
             for request in batch:
                 self._report(request, None)
             return

@@ -327,12 +327,18 @@ async def final_checks(h: Harness) -> list[str]:
     except Exception as exc:
         problems.append(f"a good query got no answer: {exc!r}")
 
-    # every rejection counted has its record
-    await asyncio.sleep(0.5)  # query rejections are published without an ack
-    counted = sum(service.stats.rejected.values())
-    stored = (await js.stream_info(cfg.rejected_stream)).state.messages
+    # every rejection counted has its record (query rejections are published without an
+    # ack, and the query processes report their counts once a second)
+    deadline = time.monotonic() + 5.0
+    while True:
+        rejected = (await service._admin_stats({}))["rejected"]
+        counted = sum(rejected.values())
+        stored = (await js.stream_info(cfg.rejected_stream)).state.messages
+        if counted == stored or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.25)
     if counted != stored:
-        problems.append(f"{counted} rejections counted ({dict(service.stats.rejected)}) but "
+        problems.append(f"{counted} rejections counted ({rejected}) but "
                         f"{stored} records on {h.service.rejected_subject}")
     if service.errors:
         problems.append(f"{len(service.errors)} errors in the service's callbacks, e.g. "

@@ -1,0 +1,69 @@
+"""Answering a query from a user's state: one rule for the write side and the read side.
+
+The user actor answers in-process queries (`Microtune.rank`) from its live state; the query
+process (adapters/query_process.py) answers NATS queries from its replica of the same state,
+rebuilt by the same `apply` from the committed log. Both call `rank` here, so they score alike.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from actors import hygiene
+from actors.learning import settle
+from actors.segment_model import SegmentModels
+from actors.state import UserState
+from events.config import TuningConfig
+from events.errors import Reason, Rejected
+from events.types import Query, Ranking
+
+
+class View:
+    """A user's state as queries see it: with its reorder buffer released (`settle`), so an
+    answer reflects every event the user has sent. Not logged; cached by seq, since settling
+    re-runs the learning of the buffered events."""
+
+    __slots__ = ("_settled",)
+
+    def __init__(self) -> None:
+        self._settled: UserState | None = None
+
+    def of(self, state: UserState, config: TuningConfig) -> UserState:
+        settled = self._settled
+        if settled is None or settled.seq != state.seq or settled.user != state.user:
+            settled = self._settled = settle(state, config)
+        return settled
+
+
+def rank(state: UserState, query: Query, config: TuningConfig,
+         models: SegmentModels) -> Ranking | Rejected:
+    """Score the query's candidates by the user's (settled) weights plus its segment model's;
+    weights are a softmax over the returned items, best first."""
+    dim = config.dim
+    features = query.matrix
+    if features is None or features.shape[1] != dim:  # the careful path finds the reason
+        for cand in query.candidates:
+            if cand.x is None:
+                return Rejected(Reason.MISSING_FIELD, f"no features for item {cand.item!r}", "c")
+            if cand.x.shape[0] != dim:
+                return Rejected(Reason.DIMENSION,
+                                f"item {cand.item!r} has {cand.x.shape[0]} != {dim}", "c")
+        features = np.stack([cand.x for cand in query.candidates])
+    w = models.total(state, config)  # the user's own + the segment's
+    scores = features @ w[1:] + w[0]
+    order = np.argsort(-scores, kind="stable")
+    if query.top is not None:
+        order = order[: query.top]
+    top = scores[order]
+    e = np.exp(top - top[0])
+    weights = e / e.sum()
+    return Ranking(
+        user=query.user,
+        items=tuple(query.candidates[i].item for i in order),
+        weights=tuple(weights.tolist()),
+        scores=tuple(top.tolist()),
+        seq=state.seq,
+        config=config.version,
+        windows=(state.hyg or hygiene.EMPTY).window_counts(config.segment(state.segment))
+        if query.windows else None,
+    )

@@ -1,0 +1,359 @@
+"""Query processes: content-weight queries answered outside the ingest process.
+
+The service (adapters.nats_service) spends its interpreter lock on ingest: decode, apply,
+commit, ack, thousands of times a second. A query answered in that process waits for the lock
+behind it (measured: p50 1.5-3.2 s while a backlog drains). So queries are answered here, in
+processes of their own, each with its own interpreter lock (command/query separation, as
+event-sourced systems do it):
+
+- The service spawns `ServiceConfig.query_processes` of them (default 1) and feeds each the
+  events it commits (actors/feed.py); each keeps replicas of users' states by the same `apply`
+  (actors/read_model.py) and answers from them, naming the seq it used.
+- They subscribe to `<prefix>.query.*` in one queue group: NATS spreads queries among them.
+- A query with `ms: N` (read your own writes) is answered once the replica reaches seq N, or
+  with `timeout` after `read_wait`. A user with no replica is loaded from the store (snapshot
+  and tail) on a worker thread; the event loop goes on serving others meanwhile.
+- The service restarts a query process that dies; while none runs, queries time out (NATS has
+  no responder), never get a wrong answer.
+
+The event loop does everything in one thread, queries first: the feed's rows are filed in
+microseconds, and applied in small turns between queries (`ReadModel.catch_up`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import multiprocessing
+import ssl
+import threading
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+import msgpack
+import nats
+import structlog
+from nats.aio.msg import Msg
+
+from actors import gc_pauses
+from actors.configs import ConfigRegistry
+from actors.feed import FeedSender
+from actors.read_model import ReadModel
+from actors.segment_model import SegmentModels
+from actors.system import behind, not_reached
+from actors.user import rebuild
+from adapters.logs import configure_logging
+from adapters.records import rejection_record
+from events.codec import decode_query, encode_error, encode_ranking
+from events.config import TuningConfig
+from events.errors import Reason, Rejected
+from events.limits import Limits
+from events.types import Candidate, Query, Ranking
+from store.catalog import read_items
+from store.recorder import open_recorder
+
+log = structlog.get_logger(__name__)
+
+QUEUE_GROUP = "microtune-queries"
+CATCH_UP_ROWS = 16  # rows applied per turn between queries (~40 us each)
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """TLS settings that can cross to a spawned process (an `SSLContext` cannot)."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+    def context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=self.ca)
+        if self.cert:
+            ctx.load_cert_chain(self.cert, self.key)
+        return ctx
+
+
+def connect_options(options: dict[str, Any]) -> dict[str, Any]:
+    """nats.connect options with `TlsFiles` made into an `SSLContext`."""
+    tls = options.get("tls")
+    return {**options, "tls": tls.context()} if isinstance(tls, TlsFiles) else options
+
+
+@dataclass(frozen=True, slots=True)
+class QuerySettings:
+    store: str  # the store's URL, password included (never logged)
+    servers: str | list[str]
+    config: TuningConfig  # the service's current config (the store has it too)
+    prefix: str = "microtune"
+    limits: Limits = field(default_factory=Limits)
+    read_wait: float = 2.0
+    max_users: int = 200_000
+    options: dict[str, Any] = field(default_factory=dict)  # nats.connect options
+    log_level: str = "warning"
+    log_json: bool = True
+    index: int = 0
+
+
+# ---------------------------------------------------------------- the service's side
+
+
+class QueryProcess:
+    """One query process, seen from the service: spawn, feed, watch, stop."""
+
+    def __init__(self, settings: QuerySettings) -> None:
+        self.settings = settings
+        self.process: multiprocessing.process.BaseProcess | None = None
+        self.conn: Connection | None = None
+        self.stats: dict[str, Any] = {}  # the process's latest report
+        self.sender: FeedSender | None = None  # the service's feed to it
+        self.started = 0
+        self.ready = False  # subscribed: it answers queries
+
+    def spawn(self) -> Connection:
+        """Start the process; returns the service's end of its pipe (feed it at once: the
+        process files what arrives before it serves)."""
+        ctx = multiprocessing.get_context("spawn")  # never fork a process with threads
+        here, there = ctx.Pipe(duplex=True)
+        self.process = ctx.Process(target=main, args=(self.settings, there), daemon=True,
+                                   name=f"microtune-query-{self.settings.index}")
+        self.process.start()
+        there.close()
+        self.conn = here
+        self.started += 1
+        self.ready = False
+        return here
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Block until the process serves queries (its subscription is on the server)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.conn.poll(0.05):
+                message = msgpack.unpackb(self.conn.recv_bytes(), raw=False)
+                if message.get("ready"):
+                    self.ready = True
+                    return
+                if message.get("failed"):
+                    raise RuntimeError(f"query process failed to start: {message['failed']}")
+            elif not self.alive():
+                raise RuntimeError(f"query process exited with code {self.process.exitcode}")
+        raise TimeoutError(f"query process not ready within {timeout} s")
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.is_alive()
+
+    def serving(self) -> bool:
+        return self.ready and self.alive()
+
+    def poll_stats(self) -> None:
+        """Take the reports the process sent (once a second)."""
+        try:
+            while self.conn is not None and self.conn.poll():
+                message = msgpack.unpackb(self.conn.recv_bytes(), raw=False)
+                if "stats" in message:
+                    self.stats = message["stats"]
+        except (EOFError, OSError):
+            pass
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.conn is not None:
+            self.conn.close()  # the process sees the end of its feed and exits
+        if self.process is not None:
+            self.process.join(timeout)
+            if self.process.is_alive():
+                self.process.kill()
+                self.process.join(timeout)
+
+
+# ---------------------------------------------------------------- the process
+
+
+def main(settings: QuerySettings, conn: Connection) -> None:
+    """The query process's entry point."""
+    configure_logging(settings.log_level, json=settings.log_json)  # to stderr
+    try:
+        asyncio.run(QueryServer(settings, conn).run())
+    except Exception as exc:
+        log.exception("query_process.failed")
+        with contextlib.suppress(OSError):
+            conn.send_bytes(msgpack.packb({"failed": repr(exc)}))
+        raise SystemExit(1) from exc
+
+
+@dataclass(slots=True)
+class QueryStats:
+    queries: int = 0
+    errors: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    waited: int = 0  # queries that waited for their `ms`
+    loads_failed: int = 0
+
+
+class QueryServer:
+    def __init__(self, settings: QuerySettings, conn: Connection) -> None:
+        self.settings = settings
+        self.conn = conn
+        self.stats = QueryStats()
+        self.subject = f"{settings.prefix}.query"
+        self.rejected_subject = f"{settings.prefix}.rejected"
+        self._loads: dict[str, asyncio.Task] = {}
+        self._catching_up = False
+        self._stopped: asyncio.Event | None = None
+
+    async def run(self) -> None:
+        s = self.settings
+        loop = self.loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        gc.set_threshold(*gc_pauses.SERVING_THRESHOLDS)
+        self.gc = gc_pauses.watch()
+        self.recorder = open_recorder(s.store)
+        configs = ConfigRegistry(self.recorder, s.config)
+        models = SegmentModels()
+        models.load(self.recorder.segment_models())
+        self.model = ReadModel(configs, models, read_items(self.recorder),
+                               max_users=s.max_users)
+        threading.Thread(target=self._receive, name="microtune-feed", daemon=True).start()
+        self.nc = await nats.connect(s.servers, name=f"microtune-queries-{s.index}",
+                                     max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+                                     **connect_options(s.options))
+        await self.nc.subscribe(f"{self.subject}.*", queue=QUEUE_GROUP, cb=self._on_query,
+                                pending_msgs_limit=100_000)
+        await self.nc.flush()
+        self._send({"ready": True})
+        log.info("query_process.ready", index=s.index)
+        reporter = loop.create_task(self._report())
+        await self._stopped.wait()
+        reporter.cancel()
+        await self.nc.drain()
+        self.recorder.close()
+
+    # ------------------------------------------------------------ the feed
+
+    def _receive(self) -> None:
+        """The feed thread: hand each frame to the loop (it waits in `recv`, without the
+        interpreter lock, most of the time)."""
+        call = self.loop.call_soon_threadsafe
+        while True:
+            try:
+                data = self.conn.recv_bytes()
+            except (EOFError, OSError):  # the service closed the feed, or died: stop too
+                call(self._stopped.set)
+                return
+            call(self._on_frame, data)
+
+    def _on_frame(self, data: bytes) -> None:
+        self.model.on_frame(data)
+        if not self._catching_up:
+            self._catching_up = True
+            self.loop.call_soon(self._catch_up)
+
+    def _catch_up(self) -> None:
+        # a small turn, then the back of the queue: queries that came meanwhile go first
+        if self.model.catch_up(CATCH_UP_ROWS):
+            self.loop.call_soon(self._catch_up)
+        else:
+            self._catching_up = False
+
+    def _send(self, message: dict) -> None:
+        try:
+            self.conn.send_bytes(msgpack.packb(message, use_bin_type=True))
+        except OSError:
+            self._stopped.set()
+
+    async def _report(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            m = self.model.stats
+            self._send({"stats": {
+                "queries": self.stats.queries, "errors": self.stats.errors,
+                "rejected": dict(self.stats.rejected), "waited": self.stats.waited,
+                "loads_failed": self.stats.loads_failed, "replicas": len(self.model),
+                "rows": m.rows, "applied": m.applied, "loads": m.loads, "gaps": m.gaps,
+                "holes": m.holes, "evicted": m.evicted, "cpu_s": time.process_time(),
+                "gc": self.gc.to_map()}})
+
+    # ------------------------------------------------------------ queries
+
+    async def _on_query(self, msg: Msg) -> None:
+        self.stats.queries += 1
+        try:
+            user = msg.subject[len(self.subject) + 1:]
+            query = decode_query(msg.data, self.settings.limits, subject_user=user)
+            if any(c.x is None for c in query.candidates):
+                query = query._replace(candidates=tuple(self._resolve(c)
+                                                        for c in query.candidates))
+        except Rejected as rejected:
+            await self._refuse(msg, rejected)
+            return
+        if not msg.reply:
+            return
+        answer = self.model.rank(query)
+        if answer is None or behind(query, answer):
+            answer = await self._answer_later(query, answer)
+        await self.nc.publish(msg.reply, _encode(answer))
+
+    async def _answer_later(self, query: Query, answer: Ranking | Rejected | None):
+        """Load the user from the store if it has no replica; with `ms`, wait (bounded)
+        until the replica reaches that seq."""
+        deadline = time.monotonic() + self.settings.read_wait
+        if answer is None:
+            try:
+                await self._load(query.user)
+            except Exception as exc:
+                self.stats.loads_failed += 1
+                log.warning("query.load_failed", user_id=query.user, error=repr(exc))
+                return Rejected(Reason.UNAVAILABLE, "the store could not be read; retry")
+            answer = self.model.rank(query)
+            if answer is None:  # dropped again at once (a hole): the store is the answer
+                await self._load(query.user)
+                answer = self.model.rank(query)
+        if query.min_seq is not None:
+            self.stats.waited += 1
+        while behind(query, answer) and time.monotonic() < deadline:
+            await asyncio.sleep(0.002)
+            answer = self.model.rank(query) or answer
+        if behind(query, answer):
+            answer = not_reached(query, answer, self.settings.read_wait)
+        return answer or Rejected(Reason.UNAVAILABLE, "the user could not be loaded; retry")
+
+    async def _load(self, user: str) -> None:
+        task = self._loads.get(user)
+        if task is None:
+            task = self._loads[user] = self.loop.create_task(self._do_load(user))
+        await asyncio.shield(task)
+
+    async def _do_load(self, user: str) -> None:
+        self.model.begin_load(user)
+        try:
+            state, _ = await asyncio.to_thread(rebuild, self.recorder, self.model.configs, user)
+        except BaseException:
+            self.model.abandon_load(user)
+            raise
+        finally:
+            del self._loads[user]
+        self.model.stats.loads += 1
+        self.model.finish_load(user, state)
+
+    def _resolve(self, candidate: Candidate) -> Candidate:
+        if candidate.x is not None:
+            return candidate
+        x = self.model.catalog.get(candidate.item)
+        if x is None:
+            raise Rejected(Reason.MISSING_FIELD,
+                           f"item {candidate.item!r} is not in the catalog; send its features",
+                           "c")
+        return candidate._replace(x=x)
+
+    async def _refuse(self, msg: Msg, rejected: Rejected) -> None:
+        self.stats.errors += 1
+        reason = rejected.reason.value
+        self.stats.rejected[reason] = self.stats.rejected.get(reason, 0) + 1
+        if msg.reply:
+            await self.nc.publish(msg.reply, encode_error(rejected))
+        await self.nc.publish(self.rejected_subject, rejection_record(msg, rejected))
+
+
+def _encode(answer: Ranking | Rejected) -> bytes:
+    return encode_error(answer) if isinstance(answer, Rejected) else encode_ranking(answer)

@@ -1,0 +1,130 @@
+"""Query processes, through a real NATS server: answers come from replicas of the committed
+log, name the exact seq they used, and survive the process's death."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import msgpack
+import nats
+import numpy as np
+from helpers import until
+
+from actors import Microtune
+from actors.learning import settle
+from actors.ranking import rank
+from actors.replay import replay_user
+from actors.segment_model import SegmentModels
+from adapters import client
+from adapters.nats_service import Service, ServiceConfig
+from events import SegmentConfig, TuningConfig
+from events.types import Candidate, Query
+
+DIM = 4
+# no segment model: an answer is then a function of the user's own log prefix alone, which
+# the test recomputes by replay
+CFG = TuningConfig(version=1, dim=DIM, segments={"default": SegmentConfig(segment_model=False)})
+ITEMS = [(f"i{k}", [float(k == j) for j in range(DIM)]) for k in range(DIM)]
+
+
+def event(user: str, n: int) -> bytes:
+    kind = ("click", "impression", "dwell", "hover")[n % 4]
+    return msgpack.packb({"v": 1, "id": f"e{n}", "u": user, "t": 1000.0 + 5 * n, "k": kind,
+                          "i": f"i{n % DIM}", "x": ITEMS[n % DIM][1], "d": 20.0, "h": 3.0})
+
+
+async def start(tmp_path, url: str, **config) -> tuple[Microtune, Service]:
+    system = Microtune.open(tmp_path / "mt.db", CFG)
+    service = Service(system, ServiceConfig(**config))
+    await service.start(url)
+    return system, service
+
+
+def test_answers_while_a_backlog_drains_name_the_exact_seq_they_used(server, tmp_path):
+    """Every answer given while 4,000 events drain equals the ranking recomputed from the
+    user's log up to the seq the answer names: no answer from a state that never was."""
+    users = [f"u{k}" for k in range(40)]
+
+    async def scenario():
+        nc = await nats.connect(server.url)
+        js = nc.jetstream()
+        system, service = await start(tmp_path, server.url)
+        await service.stop_consuming()  # a backlog first
+        for n in range(100):
+            for user in users:
+                await js.publish(f"microtune.events.{user}", event(user, n))
+        await service.resume_consuming()
+        answers = []
+        while system.journal.stats.events < 4000:
+            for user in users[:8]:
+                answers.append(await client.rank(nc, user, ITEMS, timeout=5))
+            await asyncio.sleep(0.005)
+        await until(lambda: service.stats.applied == 4000, what="the backlog applied")
+        for user in users[:8]:
+            answers.append(await client.rank(nc, user, ITEMS, min_seq=100, timeout=5))
+        await service.stop()
+        await nc.close()
+        return system, answers
+
+    system, answers = asyncio.run(scenario())
+    candidates = tuple(Candidate(item, np.array(x)) for item, x in ITEMS)
+    recorder, configs = open_recorder_like(system)
+    mid_drain = 0
+    for answer in answers:
+        state = replay_user(recorder, configs, answer.user, until_seq=answer.seq)
+        assert state.seq == answer.seq
+        expected = rank(settle(state, CFG), Query(answer.user, candidates), CFG, SegmentModels())
+        assert (answer.items, answer.scores, answer.weights) == (
+            expected.items, expected.scores, expected.weights), answer
+        mid_drain += 0 < answer.seq < 100
+    assert mid_drain > 0, "no answer came while the backlog drained"
+    assert {a.seq for a in answers[-8:]} == {100}
+
+
+def open_recorder_like(system: Microtune):
+    from actors.configs import ConfigRegistry
+    from store import open_recorder
+
+    recorder = open_recorder(system.recorder.engine.url.render_as_string(hide_password=False))
+    return recorder, ConfigRegistry(recorder, CFG)
+
+
+def test_a_query_process_that_dies_is_replaced_and_a_forgotten_user_is_not_served(
+        server, tmp_path):
+    async def scenario():
+        nc = await nats.connect(server.url)
+        js = nc.jetstream()
+        system, service = await start(tmp_path, server.url)
+        for n in range(5):
+            await js.publish("microtune.events.ann", event("ann", n))
+        assert (await client.rank(nc, "ann", ITEMS, min_seq=5)).seq == 5
+
+        (querier,) = service._queriers
+        os.kill(querier.process.pid, signal.SIGKILL)
+        await until(lambda: service.query_stats()["restarts"] == 1 and querier.serving(),
+                    what="the query process restarted")
+        for n in range(5, 8):
+            await js.publish("microtune.events.ann", event("ann", n))
+        assert (await client.rank(nc, "ann", ITEMS, min_seq=8)).seq == 8
+
+        await asyncio.to_thread(system.forget, "ann", by="test")
+
+        async def forgotten() -> bool:
+            return (await client.rank(nc, "ann", ITEMS)).seq == 0
+
+        for _ in range(100):  # the forget travels the feed after the store's delete
+            if await forgotten():
+                break
+            await asyncio.sleep(0.02)
+        assert await forgotten()
+        # the replacement reports once a second (its own count: since it started)
+        await until(lambda: service.query_stats().get("queries", 0) >= 2,
+                    what="the query process's report")
+        stats = await service._admin_stats({})
+        assert stats["query_processes"]["processes"] == 1 and stats["queries"] >= 2
+        await service.stop()
+        await nc.close()
+
+    asyncio.run(scenario())
