@@ -265,6 +265,7 @@ class QueryServer:
     async def _report(self) -> None:
         while True:
             await asyncio.sleep(1.0)
+            frozen = gc_pauses.freeze_survivors()  # no full collection pauses (see there)
             m = self.model.stats
             self._send({"stats": {
                 "queries": self.stats.queries, "errors": self.stats.errors,
@@ -272,7 +273,7 @@ class QueryServer:
                 "loads_failed": self.stats.loads_failed, "replicas": len(self.model),
                 "rows": m.rows, "applied": m.applied, "loads": m.loads, "gaps": m.gaps,
                 "holes": m.holes, "evicted": m.evicted, "cpu_s": time.process_time(),
-                "gc": self.gc.to_map()}})
+                "frozen": frozen, "gc": self.gc.to_map()}})
 
     # ------------------------------------------------------------ queries
 
