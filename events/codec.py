@@ -160,7 +160,8 @@ def _config_version(value: Any) -> int:
 
 
 # The common shape of an interaction event, checked in one pass (`_interaction_fast`): an
-# interaction kind with its own field if it has one, packed features, a session id. Anything
+# interaction kind with its own field if it has one, features (packed or a list of numbers),
+# a session id. Anything
 # else, and anything doubtful, takes the careful path, which finds the precise reason.
 _FAST_FIELDS = {"impression": None, "click": None, "dwell": "d", "scroll": "s", "hover": "h",
                 "feedback": "y"}
@@ -201,8 +202,8 @@ def _interaction_fast(obj: dict, limits: Limits) -> Event | None:
                                 or not session.isprintable()):
         return None
     x = obj.get("x")
-    if x is not None:
-        if type(x) is not bytes or len(x) % 8 or len(x) > 8 * limits.max_dimension:
+    if type(x) is bytes:
+        if len(x) % 8 or len(x) > 8 * limits.max_dimension:
             return None
         # a NaN or an infinity makes the sum non-finite (so does an overflow: the careful
         # path then decides); Python floats sum without numpy's warnings, and quicker
@@ -210,6 +211,14 @@ def _interaction_fast(obj: dict, limits: Limits) -> Event | None:
             return None
         x = np.frombuffer(x, dtype=_F64)
         x.flags.writeable = False
+    elif type(x) is list:  # a list of numbers, as most clients send them
+        if (len(x) > limits.max_dimension or not _NUMBER_TYPES.issuperset(map(type, x))
+                or not math.isfinite(sum(x))):
+            return None
+        x = np.array(x, dtype=_F64)
+        x.flags.writeable = False
+    elif x is not None:
+        return None
     return Event(eid, user, float(t), kind, item, x,
                  value if field == "d" else None, value if field == "s" else None,
                  value if field == "h" else None, value if field == "y" else None,

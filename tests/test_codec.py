@@ -221,7 +221,11 @@ def _wire_value(draw_kind: str):
     packed = st.one_of(
         st.lists(st.floats(allow_nan=True, allow_infinity=True), max_size=4).map(
             lambda v: np.array(v, dtype="<f8").tobytes()),
-        st.binary(max_size=17), st.lists(st.floats(), max_size=3))
+        st.binary(max_size=17), st.lists(st.floats(), max_size=3),
+        # lists as most clients send them: with NaN, infinities, ints, bools, text, and
+        # finite values whose sum overflows
+        st.lists(st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-3, 3),
+                           st.booleans(), st.just("1.5"), st.just(1e308)), max_size=5))
     return {"v": st.one_of(st.just(1), st.just(2), st.just(True), st.just(1.0)),
             "id": ids, "u": ids, "i": ids, "sid": ids, "t": numbers,
             "k": st.sampled_from(["click", "impression", "dwell", "scroll", "hover",
