@@ -15,7 +15,7 @@ from actors.segment_model import SegmentModels
 from actors.state import UserState
 from events.config import TuningConfig
 from events.errors import Reason, Rejected
-from events.types import Query, Ranking
+from events.types import CandidateRows, Query, Ranking
 
 
 class View:
@@ -57,9 +57,11 @@ def rank(state: UserState, query: Query, config: TuningConfig,
     top = scores[order]
     e = np.exp(top - top[0])
     weights = e / e.sum()
+    cands = query.candidates
+    ids = cands.items if type(cands) is CandidateRows else [c.item for c in cands]
     return Ranking(
         user=query.user,
-        items=tuple(query.candidates[i].item for i in order),
+        items=tuple([ids[i] for i in order.tolist()]),
         weights=tuple(weights.tolist()),
         scores=tuple(top.tolist()),
         seq=state.seq,

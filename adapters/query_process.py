@@ -282,7 +282,7 @@ class QueryServer:
         try:
             user = msg.subject[len(self.subject) + 1:]
             query = decode_query(msg.data, self.settings.limits, subject_user=user)
-            if any(c.x is None for c in query.candidates):
+            if query.matrix is None and any(c.x is None for c in query.candidates):
                 query = query._replace(candidates=tuple(self._resolve(c)
                                                         for c in query.candidates))
         except Rejected as rejected:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import operator
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -28,6 +29,7 @@ from events.types import (
     SCHEMA_VERSION,
     SUPPORTED_VERSIONS,
     Candidate,
+    CandidateRows,
     Event,
     Query,
     Ranking,
@@ -408,8 +410,8 @@ def query_from_map(obj: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> Q
             raise Rejected(Reason.WRONG_TYPE, "'ms' (minimum seq) must be an integer", "ms")
         if not 0 <= min_seq < 2**63:
             raise Rejected(Reason.OUT_OF_RANGE, "'ms' (minimum seq) must be >= 0", "ms")
-    return Query(user=user, candidates=tuple(candidates), top=top, windows=windows,
-                 matrix=matrix, min_seq=min_seq)
+    return Query(user=user, candidates=candidates if fast is not None else tuple(candidates),
+                 top=top, windows=windows, matrix=matrix, min_seq=min_seq)
 
 
 def _candidates(raw: list, limits: Limits) -> list[Candidate]:
@@ -438,22 +440,24 @@ def _candidates(raw: list, limits: Limits) -> list[Candidate]:
     return candidates
 
 
-def _candidates_fast(raw: list, limits: Limits) -> tuple[list[Candidate], np.ndarray] | None:
+def _candidates_fast(raw: list, limits: Limits) -> tuple[CandidateRows, np.ndarray] | None:
     """All candidates as [id, features] with equal lengths: one matrix, one finiteness check.
 
     Returns the candidates and that matrix, or None when the shape is anything else; the
-    careful path then finds the reason.
+    careful path then finds the reason. (Checks go through `map` over types and lengths:
+    a generator per candidate cost more than the rest of the decoding.)
     """
     try:
-        if not all(type(e) is list and len(e) == 2 for e in raw):
+        if set(map(type, raw)) != _LIST or set(map(len, raw)) != _PAIR:
             return None
-        rows = [e[1] for e in raw]
-        if all(type(r) is bytes for r in rows):  # packed float64: no per-number work at all
+        rows = list(map(_SECOND, raw))
+        kinds = set(map(type, rows))
+        if kinds == _BYTES:  # packed float64: no per-number work at all
             size = len(rows[0])
-            if not size or size % 8 or any(len(r) != size for r in rows):
+            if not size or size % 8 or set(map(len, rows)) != {size}:
                 return None
             matrix = np.frombuffer(b"".join(rows), dtype=_F64).reshape(len(rows), size // 8)
-        elif all(type(r) is list for r in rows):
+        elif kinds == _LIST:
             if not _NUMBER_TYPES.issuperset(map(type, itertools.chain.from_iterable(rows))):
                 return None
             matrix = np.array(rows, dtype=np.float64)
@@ -465,13 +469,16 @@ def _candidates_fast(raw: list, limits: Limits) -> tuple[list[Candidate], np.nda
         return None
     if not np.isfinite(matrix).all():
         return None
-    ids = [e[0] for e in raw]
-    if not all(type(i) is str for i in ids) or not 0 < min(map(len, ids)) <= max(
-        map(len, ids)
-    ) <= limits.max_id_length:
+    ids = tuple(map(_FIRST, raw))
+    if (set(map(type, ids)) != _STR or "" in ids
+            or max(map(len, ids)) > limits.max_id_length):
         return None
     matrix.flags.writeable = False
-    return [Candidate(i, x) for i, x in zip(ids, matrix, strict=True)], matrix
+    return CandidateRows(ids, matrix), matrix
+
+
+_LIST, _PAIR, _BYTES, _STR = {list}, {2}, {bytes}, {str}
+_FIRST, _SECOND = operator.itemgetter(0), operator.itemgetter(1)
 
 
 def decode_query(
