@@ -362,7 +362,8 @@ class Service:
                 raise Rejected(Reason.FORBIDDEN, f"'{event.kind}' is an admin command: request "
                                f"{self.config.prefix}.admin.{event.kind} with an admin token",
                                "k")
-            event = event._replace(received=stored)
+            # positional: NamedTuple._replace costs microseconds (a dict and a _make)
+            event = Event(*event[:12], stored, *event[13:])
             if event.is_interaction and event.x is None:
                 x = self.system.catalog.get(event.item)
         except Rejected as rejected:
@@ -381,7 +382,7 @@ class Service:
             await msg.nak(delay=self.config.catalog_grace)
             return
         if x is not None:
-            event = event._replace(x=x)
+            event = Event(*event[:5], x, *event[6:])
         self._track(event, msg)
 
     def _forget(self, msg: Msg) -> None:
@@ -739,3 +740,6 @@ def ack_info(reply: str | None) -> tuple[int, float | None]:
 
 def delivery_count(reply: str | None) -> int:
     return ack_info(reply)[0]
+
+
+assert Event._fields[5] == "x" and Event._fields[12] == "received"  # positional rebuilds above
