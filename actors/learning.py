@@ -33,14 +33,12 @@ import numpy as np
 
 from actors import hygiene
 from actors.hygiene import engagement, sigmoid
+from actors.kernel import ADAGRAD, OPTIMIZER_CODES, learn
 from actors.state import RECENT_IDS, UserState, decode_state, id_hash
 from events.config import SegmentConfig, TuningConfig
 from events.types import ADMIN_KINDS, INTERACTION_KINDS, Event
 
 _ONE = np.ones(1)
-# ndarray.sum() and .mean() go through a Python wrapper in numpy; the reduction itself is the
-# same call (same pairwise summation, the same bits) and costs half as much on 17 floats
-_SUM = np.add.reduce
 
 
 class Step(NamedTuple):
@@ -254,80 +252,26 @@ def _base(event: Event, seg: SegmentConfig) -> float:
 def _learn(state: UserState, event_id: str, kind: str, x_item: np.ndarray, y: float,
            importance: float, t: float, config: TuningConfig, trace: list[Step] | None,
            verdict: str = "applied", observed: tuple = (), offset: float = 0.0) -> UserState:
-    """One learning update (the module docstring's formulas) at event time t."""
+    """One learning update (the module docstring's formulas) at event time t: one call of the
+    compiled kernel (actors/kernel.py), which allocates the new arrays and writes no input.
+    The constants are the segment's own floats (`config.constants` holds the same values as
+    0-d arrays, for numpy)."""
     segment = state.segment
     seg = config.segment(segment)
-    c = config.constants(segment)
-    w0 = config.prior(segment)
-    if state.w.shape[0] != w0.shape[0]:  # first learning event: start at the prior
-        dev = np.zeros_like(w0)  # w - w0
-        m = v = dev
-        f = 1.0
-        dt = 0.0
-    else:
-        dev = state.w - w0
-        m, v = state.m, state.v
-        dt = t - state.t_last
-        if dt > 0.0:  # decay toward the prior by event time: w = w0 + f (w - w0)
-            f = math.pow(0.5, dt / seg.half_life)
-            dev *= f
-        else:  # an older event than the newest one seen: no decay, no clock change
-            dt, f = 0.0, 1.0
-    w = w0 + dev
-
-    x = np.concatenate((_ONE, x_item))
-    score = float(_SUM(w * x))  # not np.dot: BLAS releases the GIL (a convoy)
-    p = sigmoid(offset + score)
-    g = x * (importance * (p - y))  # log-loss gradient ...
-    if seg.l2:
-        g += c.l2 * dev  # ... plus L2 toward the prior
-
-    b1p, b2p = state.b1p, state.b2p
-    if seg.optimizer == "adam":
-        b1p *= seg.beta1
-        b2p *= seg.beta2
-        m = m * (c.beta1 if f == 1.0 else seg.beta1 * f)  # m = b1 (f m) + (1 - b1) g
-        m += c.one_minus_beta1 * g
-        v = v * (c.beta2 if f == 1.0 else seg.beta2 * f)  # v = b2 (f v) + (1 - b2) g^2
-        v += c.one_minus_beta2 * (g * g)
-        direction = m * (1.0 / (1.0 - b1p))  # bias-corrected m_hat
-        denom = np.sqrt(v * (1.0 / (1.0 - b2p)))  # sqrt(v_hat)
-    elif seg.optimizer == "rmsprop":
-        b2p *= seg.beta2
-        m = m * f
-        v = v * (c.beta2 if f == 1.0 else seg.beta2 * f)
-        v += c.one_minus_beta2 * (g * g)
-        direction = g
-        denom = np.sqrt(v * (1.0 / (1.0 - b2p)))
-    else:  # adagrad: v is the (decayed) running sum of squares
-        m = m * f
-        v = v * f
-        v += g * g
-        direction = g
-        denom = np.sqrt(v)
-    denom += c.eps
-    rate = np.divide(c.lr, denom, out=denom)  # per-coordinate rate lr / (sqrt(v_hat) + eps)
-    np.maximum(rate, c.lr_min, out=rate)  # AdaBound-style bounds
-    np.minimum(rate, c.lr_max, out=rate)
-    step = rate * direction
-
-    # per-event step bound, then the moving-window movement budget (leaky bucket)
-    norm = math.sqrt(float(_SUM(step * step)))
-    if norm > seg.max_step:
-        step *= seg.max_step / norm
-        norm = seg.max_step
-    level = max(0.0, state.bucket - dt * (seg.window_budget / seg.window))
-    room = seg.window_budget - level
-    if norm > room:
-        step *= max(room, 0.0) / norm
-        norm = max(room, 0.0)
-    w -= step
-
+    t_last = state.t_last
+    dt = t - t_last  # the decay, for the kernel to apply when dt > 0 (and not a first event)
+    f = math.pow(0.5, dt / seg.half_life) if dt > 0.0 else 1.0
+    # a w of another length than the prior's (empty) is the first learning event
+    w, m, v, step, p, score, rate, b1p, b2p, bucket = learn(
+        state.w, state.m, state.v, config.prior(segment), x_item, t, t_last, f, y,
+        importance, offset, state.bucket, state.b1p, state.b2p,
+        OPTIMIZER_CODES.get(seg.optimizer, ADAGRAD), seg.beta1, seg.beta2, seg.l2, seg.eps,
+        seg.lr, seg.lr_min, seg.lr_max, seg.max_step, seg.window_budget, seg.window)
     if trace is not None:
-        trace.append(Step(event_id, kind, t, verdict, y, importance, p,
-                          float(_SUM(rate)) / rate.shape[0], step, observed, x_item, score))
-    return UserState(state.user, state.seq, state.config, segment, max(state.t_last, t),
-                     state.steps + 1, b1p, b2p, level + norm, w, m, v, state.recent,
+        trace.append(Step(event_id, kind, t, verdict, y, importance, p, rate, step, observed,
+                          x_item, score))
+    return UserState(state.user, state.seq, state.config, segment, max(t_last, t),
+                     state.steps + 1, b1p, b2p, bucket, w, m, v, state.recent,
                      state.recent_pos, state.hyg)
 
 
