@@ -286,7 +286,7 @@ def auth_config(argv: list[str]) -> int:
     return 0
 
 
-BENCHMARKS = ("core", "nats", "ceiling", "ops", "hygiene", "quality")
+BENCHMARKS = ("core", "nats", "ceiling", "ops", "hygiene", "quality", "readme")
 
 
 def bench(argv: list[str]) -> int:
@@ -316,7 +316,8 @@ USAGE = """usage: microtune <command> [--help]
 
   serve     run the service (embedded NATS + SQLite by default)
   demo      simulated users against a running service, with a live view
-  bench     core | nats | ceiling | ops | hygiene | quality: the benchmarks (bench-results/)
+  bench     core | nats | ceiling | ops | hygiene | quality: the benchmarks (bench-results/);
+            bench readme writes the README's table from their JSON
   auth-config  users per role and admin tokens for an external NATS (serve makes its own)
 
 operators' tools (offline against the store; rollback, forget, stats also --nats-url):

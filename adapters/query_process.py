@@ -16,6 +16,11 @@ event-sourced systems do it):
 - The service restarts a query process that dies; while none runs, queries time out (NATS has
   no responder), never get a wrong answer.
 
+A program that starts a `Service` itself must guard its entry point with
+`if __name__ == "__main__":`, as any program using `multiprocessing` must: query processes are
+spawned (never forked from a process with threads), and a spawned process imports the main
+module again.
+
 The event loop does everything in one thread, queries first: the feed's rows are filed in
 microseconds, and applied in small turns between queries (`ReadModel.catch_up`).
 """
