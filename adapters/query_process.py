@@ -211,7 +211,6 @@ class QueryServer:
         s = self.settings
         loop = self.loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
-        gc.set_threshold(*gc_pauses.SERVING_THRESHOLDS)
         self.recorder = open_recorder(s.store)
         configs = ConfigRegistry(self.recorder, s.config)
         models = SegmentModels()
@@ -229,6 +228,7 @@ class QueryServer:
         # before the first query: a full collection then would pause it (54 ms measured)
         gc.collect()
         gc.freeze()
+        self.collector = gc_pauses.Scheduled()  # collections on our schedule (see there)
         self.gc = gc_pauses.watch()  # the serving path's pauses, from here on
         self._send({"ready": True})
         log.info("query_process.ready", index=s.index)
@@ -254,13 +254,16 @@ class QueryServer:
 
     def _on_frame(self, data: bytes) -> None:
         self.model.on_frame(data)
+        self.collector.turn()
         if not self._catching_up:
             self._catching_up = True
             self.loop.call_soon(self._catch_up)
 
     def _catch_up(self) -> None:
         # a small turn, then the back of the queue: queries that came meanwhile go first
-        if self.model.catch_up(CATCH_UP_ROWS):
+        more = self.model.catch_up(CATCH_UP_ROWS)
+        self.collector.turn()
+        if more:
             self.loop.call_soon(self._catch_up)
         else:
             self._catching_up = False
@@ -274,7 +277,7 @@ class QueryServer:
     async def _report(self) -> None:
         while True:
             await asyncio.sleep(1.0)
-            gc_pauses.freeze_survivors()  # no full collection pauses (see there)
+            self.collector.second()  # no full collection pauses (see gc_pauses)
             m = self.model.stats
             self._send({"stats": {
                 "queries": self.stats.queries, "errors": self.stats.errors,

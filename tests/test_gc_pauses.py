@@ -44,3 +44,36 @@ def test_freezing_survivors_hides_them_from_collections_and_refcounting_still_fr
         assert probe() is None
     finally:
         gc.unfreeze()
+
+
+def test_a_scheduled_collector_collects_young_generations_on_each_turn_and_no_other_time():
+    seen: list[int] = []
+
+    def note(phase, info):
+        if phase == "stop":
+            seen.append(info["generation"])
+
+    gc.callbacks.append(note)
+    try:
+        collector = gc_pauses.Scheduled(middle_every=4)
+        assert not gc.isenabled()  # no automatic collection, whatever is allocated
+        junk = [[i] for i in range(20_000)]
+        assert seen == []
+        for _ in range(8):
+            collector.turn()
+        assert seen == [0, 0, 0, 1, 0, 0, 0, 1]
+        import weakref
+
+        class Node:
+            pass
+
+        node = Node()
+        node.me = node  # young cyclic garbage: only a collection frees it
+        probe = weakref.ref(node)
+        del node, junk
+        assert probe() is not None
+        collector.turn()
+        assert probe() is None
+    finally:
+        gc.callbacks.remove(note)
+        gc.enable()
