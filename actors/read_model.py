@@ -75,6 +75,11 @@ class ReadModel:
     def __len__(self) -> int:
         return len(self._replicas)
 
+    @property
+    def behind(self) -> int:
+        """Replicas with filed rows not applied yet (0 once caught up)."""
+        return len(self._dirty)
+
     # ------------------------------------------------------------ the feed
 
     def on_frame(self, data: bytes) -> None:

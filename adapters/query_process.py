@@ -194,6 +194,7 @@ class QueryStats:
     rejected: dict[str, int] = field(default_factory=dict)
     waited: int = 0  # queries that waited for their `ms`
     loads_failed: int = 0
+    loop_errors: int = 0  # callbacks or tasks of the event loop that raised
 
 
 class QueryServer:
@@ -210,6 +211,7 @@ class QueryServer:
     async def run(self) -> None:
         s = self.settings
         loop = self.loop = asyncio.get_running_loop()
+        loop.set_exception_handler(self._on_loop_error)
         self._stopped = asyncio.Event()
         self.recorder = open_recorder(s.store)
         configs = ConfigRegistry(self.recorder, s.config)
@@ -217,6 +219,12 @@ class QueryServer:
         models.load(self.recorder.segment_models())
         self.model = ReadModel(configs, models, read_items(self.recorder),
                                max_users=s.max_users)
+        # everything loaded so far (modules, catalog, models) out of the collector's sight
+        # before the first query: a full collection then would pause it (53 ms measured)
+        gc.collect()
+        gc.freeze()
+        self.collector = gc_pauses.Scheduled()  # collections on our schedule (see there)
+        self.gc = gc_pauses.watch()  # the serving path's pauses, from here on
         threading.Thread(target=self._receive, name="microtune-feed", daemon=True).start()
         self.nc = await nats.connect(s.servers, name=f"microtune-queries-{s.index}",
                                      max_reconnect_attempts=-1, reconnect_time_wait=0.5,
@@ -224,12 +232,6 @@ class QueryServer:
         await self.nc.subscribe(f"{self.subject}.*", queue=QUEUE_GROUP, cb=self._on_query,
                                 pending_msgs_limit=100_000)
         await self.nc.flush()
-        # everything loaded so far (modules, catalog, models) out of the collector's sight
-        # before the first query: a full collection then would pause it (54 ms measured)
-        gc.collect()
-        gc.freeze()
-        self.collector = gc_pauses.Scheduled()  # collections on our schedule (see there)
-        self.gc = gc_pauses.watch()  # the serving path's pauses, from here on
         self._send({"ready": True})
         log.info("query_process.ready", index=s.index)
         reporter = loop.create_task(self._report())
@@ -237,6 +239,12 @@ class QueryServer:
         reporter.cancel()
         await self.nc.drain()
         self.recorder.close()
+
+    def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        """A callback or task failed: counted (`loop_errors` in the stats) and logged."""
+        self.stats.loop_errors += 1
+        log.error("query_process.loop_error", message=context.get("message"),
+                  error=repr(context.get("exception")))
 
     # ------------------------------------------------------------ the feed
 
@@ -283,6 +291,7 @@ class QueryServer:
                 "queries": self.stats.queries, "errors": self.stats.errors,
                 "rejected": dict(self.stats.rejected), "waited": self.stats.waited,
                 "loads_failed": self.stats.loads_failed, "replicas": len(self.model),
+                "loop_errors": self.stats.loop_errors, "behind": self.model.behind,
                 "rows": m.rows, "applied": m.applied, "loads": m.loads, "gaps": m.gaps,
                 "holes": m.holes, "evicted": m.evicted, "cpu_s": time.process_time(),
                 "gc": self.gc.to_map()}})

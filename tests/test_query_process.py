@@ -64,6 +64,12 @@ def test_answers_while_a_backlog_drains_name_the_exact_seq_they_used(server, tmp
         await until(lambda: service.stats.applied == 4000, what="the backlog applied")
         for user in users[:8]:
             answers.append(await client.rank(nc, user, ITEMS, min_seq=100, timeout=5))
+        # the query process keeps every replica it holds up to date in the background, not
+        # only the queried ones (each user's log began while it ran: all 40 are replicas)
+        await until(lambda: service.query_stats().get("applied", 0) == 4000,
+                    what="the query process applying every committed row")
+        stats = service.query_stats()
+        assert stats["replicas"] == 40 and stats["behind"] == 0 and stats["loop_errors"] == 0
         await service.stop()
         await nc.close()
         return system, answers
@@ -89,6 +95,33 @@ def open_recorder_like(system: Microtune):
 
     recorder = open_recorder(system.recorder.engine.url.render_as_string(hide_password=False))
     return recorder, ConfigRegistry(recorder, CFG)
+
+
+def test_a_backlog_waiting_at_start_reaches_the_query_process_while_it_starts(server, tmp_path):
+    """Events commit from the service's first moment; the query process, still starting,
+    gets them through its feed and applies them in the background, with no error."""
+    users = [f"b{k}" for k in range(300)]
+
+    async def scenario():
+        nc = await nats.connect(server.url)
+        js = nc.jetstream()
+        _system, service = await start(tmp_path, server.url)  # creates the streams
+        await service.stop()
+        for n in range(10):
+            for user in users:
+                await js.publish(f"microtune.events.{user}", event(user, n))
+        _system, service = await start(tmp_path, server.url)
+        await until(lambda: service.stats.applied == 3000, what="the backlog applied")
+        await until(lambda: service.query_stats().get("rows", 0) > 0
+                    and service.query_stats().get("behind") == 0, what="the replicas caught up")
+        stats = service.query_stats()
+        assert stats["loop_errors"] == 0
+        for user in users[::30]:  # replicas or loads, every answer is at seq 10
+            assert (await client.rank(nc, user, ITEMS, min_seq=10, timeout=5)).seq == 10
+        await service.stop()
+        await nc.close()
+
+    asyncio.run(scenario())
 
 
 def test_a_query_process_that_dies_is_replaced_and_a_forgotten_user_is_not_served(
