@@ -71,11 +71,11 @@ class Dispatcher:
     def __init__(self, workers: int = 1, throughput: int = 64, name: str = "microtune") -> None:
         self.throughput = throughput
         self._ready: queue.SimpleQueue = queue.SimpleQueue()
-        self._threads = [
+        self.threads = [
             threading.Thread(target=self._work, name=f"{name}-worker-{i}", daemon=True)
             for i in range(workers)
         ]
-        for thread in self._threads:
+        for thread in self.threads:
             thread.start()
 
     def _work(self) -> None:
@@ -96,9 +96,9 @@ class Dispatcher:
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the workers once the actors scheduled before this call have run."""
-        for _ in self._threads:
+        for _ in self.threads:
             self._ready.put(None)
-        for thread in self._threads:
+        for thread in self.threads:
             thread.join(timeout)
 
 

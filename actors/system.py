@@ -11,6 +11,8 @@ A thin layer, as in the `eventsourcing` library: it owns the parts and offers th
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 import time
 import uuid
@@ -169,6 +171,24 @@ class Microtune:
             self.feed = Feed(self.context.models)
             self.journal.on_commit = self.feed.rows
         return self.feed
+
+    def lower_priority(self, nice: int) -> list[int]:
+        """Give the ingest threads (the dispatcher's workers and the journal's writer) an
+        operating-system priority `nice` steps below the rest of the process, so that on a
+        busy machine the processes that answer queries get the CPU first (Linux: threads have
+        their own nice value; raising one needs no privilege). Returns the threads' ids it
+        changed; elsewhere, or if refused, nothing changes."""
+        if nice <= 0 or not sys.platform.startswith("linux"):
+            return []
+        base = os.getpriority(os.PRIO_PROCESS, 0)
+        changed = []
+        for thread in [*self.dispatcher.threads, self.journal.thread]:
+            try:
+                os.setpriority(os.PRIO_PROCESS, thread.native_id, min(19, base + nice))
+                changed.append(thread.native_id)
+            except (OSError, TypeError) as exc:  # TypeError: a thread not started yet
+                log.warning("ingest.priority_unchanged", error=repr(exc))
+        return changed
 
     # ------------------------------------------------------------ blocking conveniences
 

@@ -94,6 +94,9 @@ class ServiceConfig:
     # interpreter lock: a query never waits behind ingest
     query_processes: int = 1
     query_max_users: int = 200_000  # user replicas a query process keeps
+    # with query processes, the ingest threads run this many nice steps below them, so that
+    # a query gets the CPU before ingest does (Linux; 0 leaves priorities alone)
+    ingest_nice: int = 5
     log_level: str = "warning"  # the query processes' logging (to stderr)
     log_json: bool = True
 
@@ -304,6 +307,7 @@ class Service:
             self._queriers.append(querier)
         for querier in self._queriers:
             await asyncio.to_thread(querier.wait_ready)
+        self.system.lower_priority(cfg.ingest_nice)
 
     async def _watch_query_processes(self) -> None:
         """Take their stats; start again one that died (its replicas rebuild from the

@@ -88,9 +88,9 @@ class Journal:
         self.on_commit: Callable[[list[StoredEvent]], None] | None = None
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._carry: list[WriteRequest] = []
-        self._thread = threading.Thread(target=self._run, name="microtune-journal", daemon=True)
+        self.thread = threading.Thread(target=self._run, name="microtune-journal", daemon=True)
         self._closed = False
-        self._thread.start()
+        self.thread.start()
 
     def write(self, request: WriteRequest) -> None:
         if self._closed:
@@ -110,7 +110,7 @@ class Journal:
             return
         self._closed = True
         self._queue.put(_STOP)
-        self._thread.join(timeout)
+        self.thread.join(timeout)
 
     # ------------------------------------------------------------ writer thread
 
