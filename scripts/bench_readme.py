@@ -45,7 +45,7 @@ def table(nats: dict, ceiling_path: Path) -> str:
             target = f"{target}: {'met' if row['met'] else 'missed'}"
         lines.append(f"| {name} | {fmt(row['microtune'])} | {fmt(row['ceiling'])} | "
                      f"{row['ratio']:.2f}x | {target} |")
-    extra = [("ingest CPU µs per event, query process (applying the same events)",
+    extra = [("query process CPU µs per event it applied (each event applied again there)",
               _per_event(nats.get("query_process_cpu_s"), nats.get("query_process_rows_applied"))),
              ("longest GC pause in a query process, ms CPU (over 10 ms: count)",
               f"{nats.get('gc_longest_pause_ms')} ({nats.get('gc_pauses_over_10ms')})"),
