@@ -167,3 +167,22 @@ def test_a_query_process_that_dies_is_replaced_and_a_forgotten_user_is_not_serve
         await nc.close()
 
     asyncio.run(scenario())
+
+
+def test_two_query_processes_share_the_queries_and_agree(server, tmp_path):
+    async def scenario():
+        nc = await nats.connect(server.url)
+        js = nc.jetstream()
+        _system, service = await start(tmp_path, server.url, query_processes=2)
+        for n in range(6):
+            await js.publish("microtune.events.ann", event("ann", n))
+        answers = [await client.rank(nc, "ann", ITEMS, min_seq=6) for _ in range(40)]
+        assert {(a.seq, a.items, a.scores) for a in answers} == {
+            (answers[0].seq, answers[0].items, answers[0].scores)}  # one state, whoever answers
+        await until(lambda: all(q.stats.get("queries", 0) > 0 for q in service._queriers),
+                    what="both query processes answering (a NATS queue group)")
+        assert service.query_stats()["processes"] == 2
+        await service.stop()
+        await nc.close()
+
+    asyncio.run(scenario())
