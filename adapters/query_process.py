@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import gc
 import multiprocessing
+import os
 import ssl
 import threading
 import time
@@ -293,7 +294,8 @@ class QueryServer:
                 "loads_failed": self.stats.loads_failed, "replicas": len(self.model),
                 "loop_errors": self.stats.loop_errors, "behind": self.model.behind,
                 "rows": m.rows, "applied": m.applied, "loads": m.loads, "gaps": m.gaps,
-                "holes": m.holes, "evicted": m.evicted, "cpu_s": time.process_time(),
+                "holes": m.holes, "evicted": m.evicted,
+                "cpu_s": round(time.process_time(), 2), "rss_mib": _rss_mib(),
                 "gc": self.gc.to_map()}})
 
     # ------------------------------------------------------------ queries
@@ -375,6 +377,15 @@ class QueryServer:
         if msg.reply:
             await self.nc.publish(msg.reply, encode_error(rejected))
         await self.nc.publish(self.rejected_subject, rejection_record(msg, rejected))
+
+
+def _rss_mib() -> int:
+    """This process's resident memory (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 2**20
+    except (OSError, ValueError):
+        return 0
 
 
 def _encode(answer: Ranking | Rejected) -> bytes:

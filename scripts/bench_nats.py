@@ -279,6 +279,7 @@ async def main_async(args) -> dict:
     results["gc_ingest"] = system.gc_pauses.to_map()
     results["query_process_cpu_s"] = round(served.get("cpu_s", 0.0), 1)
     results["query_process_rows_applied"] = served.get("applied", 0)
+    results["query_process_rss_mib"] = served.get("rss_mib")
     await service.stop()
     server.stop()
     if scratch is not None:
