@@ -144,13 +144,10 @@ async def _serve(args: argparse.Namespace, tuning) -> int:
         options["token"] = token
     if args.nats_creds:
         options["user_credentials"] = args.nats_creds
-    if args.tls_ca or args.tls_cert:
-        import ssl
+    if args.tls_ca or args.tls_cert:  # files, not an SSLContext: query processes get them
+        from adapters.query_process import TlsFiles
 
-        ctx = ssl.create_default_context(cafile=args.tls_ca)
-        if args.tls_cert:
-            ctx.load_cert_chain(args.tls_cert, args.tls_key)
-        options["tls"] = ctx
+        options["tls"] = TlsFiles(args.tls_ca, args.tls_cert, args.tls_key)
 
     from events.config import TuningConfig
     from events.errors import Rejected

@@ -185,6 +185,9 @@ class Service:
         self.js = self.nc.jetstream()
         await self._ensure_streams()
         cfg = self.config
+        # query processes before the first commit: each sees every event through its feed
+        # (they get ready while ingest runs; `start` returns once they serve)
+        self._spawn_query_processes(servers, connect_options)
         # the catalog first: after a restart, items published before their events are known
         self._subs.append(await self._consume(
             cfg.content_stream, self.content_subject, f"{cfg.durable}-content",
@@ -193,7 +196,7 @@ class Service:
         self._dead_letter_sub = await self.nc.subscribe(  # ours are picked by the handler
             "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.>", cb=self._on_max_deliveries)
         self._ticker = asyncio.create_task(self._tick())
-        await self._start_query_processes(servers, connect_options)
+        await self._query_processes_ready()
         self._admin_sub = await self.qnc.subscribe(f"{cfg.prefix}.admin.*", cb=self._on_admin)
         for nc in (self.nc, self.qnc):  # subscriptions on the server before start returns
             await nc.flush()
@@ -291,7 +294,7 @@ class Service:
 
     # ------------------------------------------------------------ query processes
 
-    async def _start_query_processes(self, servers, options: dict[str, Any]) -> None:
+    def _spawn_query_processes(self, servers, options: dict[str, Any]) -> None:
         cfg = self.config
         if not cfg.query_processes:
             return
@@ -305,9 +308,13 @@ class Service:
                 log_json=cfg.log_json, index=index))
             querier.sender = feed.attach(querier.spawn(), name=f"feed-{index}")
             self._queriers.append(querier)
+
+    async def _query_processes_ready(self) -> None:
+        if not self._queriers:
+            return
         for querier in self._queriers:
             await asyncio.to_thread(querier.wait_ready)
-        self.system.lower_priority(cfg.ingest_nice)
+        self.system.lower_priority(self.config.ingest_nice)
 
     async def _watch_query_processes(self) -> None:
         """Take their stats; start again one that died (its replicas rebuild from the

@@ -186,3 +186,18 @@ def test_two_query_processes_share_the_queries_and_agree(server, tmp_path):
         await nc.close()
 
     asyncio.run(scenario())
+
+
+def test_tls_settings_cross_to_a_spawned_process_as_files():
+    """An SSLContext cannot be pickled to a spawned query process; `TlsFiles` can, and each
+    process makes its own context from them."""
+    import pickle
+    import ssl
+
+    from adapters.query_process import TlsFiles, connect_options
+
+    files = TlsFiles(ca=None)
+    options = pickle.loads(pickle.dumps({"tls": files, "user": "service"}))
+    made = connect_options(options)
+    assert isinstance(made["tls"], ssl.SSLContext) and made["user"] == "service"
+    assert connect_options({"user": "x"}) == {"user": "x"}
