@@ -310,11 +310,22 @@ class Service:
             self._queriers.append(querier)
 
     async def _query_processes_ready(self) -> None:
-        if not self._queriers:
-            return
         for querier in self._queriers:
-            await asyncio.to_thread(querier.wait_ready)
-        self.system.lower_priority(self.config.ingest_nice)
+            try:
+                await asyncio.to_thread(querier.wait_ready)
+            except (RuntimeError, TimeoutError) as exc:  # once more, from a new process
+                log.error("query_process.start_failed", index=querier.settings.index,
+                          error=str(exc))
+                self._respawn(querier)
+                await asyncio.to_thread(querier.wait_ready)
+        if self._queriers:
+            self.system.lower_priority(self.config.ingest_nice)
+
+    def _respawn(self, querier: QueryProcess) -> None:
+        feed = self.system.open_feed()
+        feed.detach(querier.sender)
+        querier.stop(0)
+        querier.sender = feed.attach(querier.spawn(), name=f"feed-{querier.settings.index}")
 
     async def _watch_query_processes(self) -> None:
         """Take their stats; start again one that died (its replicas rebuild from the
@@ -325,11 +336,7 @@ class Service:
                 continue
             log.error("query_process.died", index=querier.settings.index,
                       exitcode=querier.process.exitcode)
-            feed = self.system.open_feed()
-            feed.detach(querier.sender)
-            querier.stop(0)
-            querier.sender = feed.attach(querier.spawn(),
-                                         name=f"feed-{querier.settings.index}")
+            self._respawn(querier)
             try:
                 await asyncio.to_thread(querier.wait_ready)
                 log.info("query_process.restarted", index=querier.settings.index)

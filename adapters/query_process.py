@@ -117,6 +117,7 @@ class QueryProcess:
         self.sender: FeedSender | None = None  # the service's feed to it
         self.started = 0
         self.ready = False  # subscribed: it answers queries
+        self.stage = "spawned"  # the last start-up step it reported
 
     def spawn(self) -> Connection:
         """Start the process; returns the service's end of its pipe (feed it at once: the
@@ -130,6 +131,7 @@ class QueryProcess:
         self.conn = here
         self.started += 1
         self.ready = False
+        self.stage = "spawned"
         return here
 
     def wait_ready(self, timeout: float = 60.0) -> None:
@@ -143,9 +145,11 @@ class QueryProcess:
                     return
                 if message.get("failed"):
                     raise RuntimeError(f"query process failed to start: {message['failed']}")
+                self.stage = message.get("stage", self.stage)
             elif not self.alive():
                 raise RuntimeError(f"query process exited with code {self.process.exitcode}")
-        raise TimeoutError(f"query process not ready within {timeout} s")
+        raise TimeoutError(f"query process {self.process.pid} not ready within {timeout} s "
+                           f"(its last step: {self.stage})")
 
     def alive(self) -> bool:
         return self.process is not None and self.process.is_alive()
@@ -214,6 +218,7 @@ class QueryServer:
         loop = self.loop = asyncio.get_running_loop()
         loop.set_exception_handler(self._on_loop_error)
         self._stopped = asyncio.Event()
+        self._send({"stage": "opening the store"})
         self.recorder = open_recorder(s.store)
         configs = ConfigRegistry(self.recorder, s.config)
         models = SegmentModels()
@@ -227,11 +232,13 @@ class QueryServer:
         self.collector = gc_pauses.Scheduled()  # collections on our schedule (see there)
         self.gc = gc_pauses.watch()  # the serving path's pauses, from here on
         threading.Thread(target=self._receive, name="microtune-feed", daemon=True).start()
+        self._send({"stage": "connecting to NATS"})
         self.nc = await nats.connect(s.servers, name=f"microtune-queries-{s.index}",
                                      max_reconnect_attempts=-1, reconnect_time_wait=0.5,
                                      **connect_options(s.options))
         await self.nc.subscribe(f"{self.subject}.*", queue=QUEUE_GROUP, cb=self._on_query,
                                 pending_msgs_limit=100_000)
+        self._send({"stage": "subscribing"})
         await self.nc.flush()
         self._send({"ready": True})
         log.info("query_process.ready", index=s.index)
