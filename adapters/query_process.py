@@ -239,7 +239,9 @@ class QueryServer:
         await self.nc.subscribe(f"{self.subject}.*", queue=QUEUE_GROUP, cb=self._on_query,
                                 pending_msgs_limit=100_000)
         self._send({"stage": "subscribing"})
-        await self.nc.flush()
+        # bounded as a whole: nats-py's own flush timeout does not cover a write that waits
+        # for a stalled server (seen: a start-up stuck here for a minute on a starved machine)
+        await asyncio.wait_for(self.nc.flush(), 20)
         self._send({"ready": True})
         log.info("query_process.ready", index=s.index)
         reporter = loop.create_task(self._report())
