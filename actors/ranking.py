@@ -30,7 +30,7 @@ class View:
 
     def of(self, state: UserState, config: TuningConfig) -> UserState:
         settled = self._settled
-        if settled is None or settled.seq != state.seq or settled.user != state.user:
+        if settled is None or settled.seq != state.seq:
             settled = self._settled = settle(state, config)
         return settled
 

@@ -3,7 +3,8 @@
 Subjects (prefix configurable, default `microtune`):
 
 - `<prefix>.events.<user>`  interaction events, JetStream stream MICROTUNE_EVENTS
-- `<prefix>.query.<user>`   request-reply content-weight queries (core NATS)
+- `<prefix>.query.<user>`   request-reply content-weight queries (core NATS), answered by
+                            the query processes this service starts (adapters.query_process)
 - `<prefix>.content`        catalog upserts, JetStream stream MICROTUNE_CONTENT
 - `<prefix>.rejected`       every rejected event or query, with the reason and the raw bytes,
                             JetStream stream MICROTUNE_REJECTED (nothing vanishes)
@@ -149,7 +150,7 @@ class Service:
         self._admin_sub = None
         self._events_sub = None
         self._closing = False
-        # answers from actor threads: ("ack", msg, outcome) or ("reply", subject, bytes)
+        # outcomes from actor threads: (msg, outcome), acked or refused by the event loop
         self._answers: collections.deque = collections.deque()
         self._drain_scheduled = False
         self._in_flight = 0
@@ -165,7 +166,6 @@ class Service:
         self._dead_letter_sub = None
         p = self.config.prefix
         self.events_subject = f"{p}.events"
-        self.query_subject = f"{p}.query"
         self.content_subject = f"{p}.content"
         self.rejected_subject = f"{p}.rejected"
 
@@ -298,7 +298,6 @@ class Service:
         cfg = self.config
         if not cfg.query_processes:
             return
-        feed = self.system.open_feed()
         store = self.system.recorder.engine.url.render_as_string(hide_password=False)
         for index in range(cfg.query_processes):
             querier = QueryProcess(QuerySettings(
@@ -306,7 +305,7 @@ class Service:
                 prefix=cfg.prefix, limits=cfg.limits, read_wait=cfg.read_wait,
                 max_users=cfg.query_max_users, options=options, log_level=cfg.log_level,
                 log_json=cfg.log_json, index=index))
-            querier.sender = feed.attach(querier.spawn(), name=f"feed-{index}")
+            self._start(querier)
             self._queriers.append(querier)
 
     async def _query_processes_ready(self) -> None:
@@ -321,11 +320,15 @@ class Service:
         if self._queriers:
             self.system.lower_priority(self.config.ingest_nice)
 
+    def _start(self, querier: QueryProcess) -> None:
+        """Spawn the process and feed it at once (it files what comes before it serves)."""
+        querier.sender = self.system.open_feed().attach(
+            querier.spawn(), name=f"feed-{querier.settings.index}")
+
     def _respawn(self, querier: QueryProcess) -> None:
-        feed = self.system.open_feed()
-        feed.detach(querier.sender)
+        self.system.open_feed().detach(querier.sender)
         querier.stop(0)
-        querier.sender = feed.attach(querier.spawn(), name=f"feed-{querier.settings.index}")
+        self._start(querier)
 
     async def _watch_query_processes(self) -> None:
         """Take their stats; start again one that died (its replicas rebuild from the
@@ -365,8 +368,8 @@ class Service:
         self.stats.received += 1
         if self.stats.received % YIELD_EVERY == 0:
             # nats-py's delivery task takes queued messages without suspending while any
-            # are queued: thousands in a row. Step aside now and then so that queries and
-            # acks run (measured without it: query p50 2-3 s while ingesting).
+            # are queued: thousands in a row. Step aside now and then so that acks and admin
+            # requests run (measured without it, when queries were served here: p50 2-3 s).
             await asyncio.sleep(0)
         delivered, stored = ack_info(msg.reply)
         if delivered >= self.config.max_deliver:  # the last delivery JetStream will make
@@ -412,7 +415,7 @@ class Service:
     def _track(self, event: Event, msg: Msg) -> None:
         with self._in_flight_lock:
             self._in_flight += 1
-        self.system.track(event, lambda outcome, m=msg: self._answer(("ack", m, outcome)))
+        self.system.track(event, lambda outcome, m=msg: self._answer((m, outcome)))
 
     async def _reject(self, msg: Msg, rejected: Rejected, *, ack: bool = True) -> None:
         """Store the rejection on the rejected stream, then ack the original."""
@@ -666,20 +669,13 @@ class Service:
             task.add_done_callback(self._tasks.discard)
 
     async def _send(self, batch: list[tuple]) -> None:
-        qnc = self.qnc
         # answered: no longer in flight (counted down before the acks, which let JetStream
         # deliver more while this batch yields; `stop` waits for the tasks themselves)
-        done = sum(1 for answer in batch if answer[0] == "ack")
-        if done:
-            with self._in_flight_lock:
-                self._in_flight -= done
-        for n, answer in enumerate(batch, start=1):
-            if answer[0] == "reply":
-                await qnc.publish(answer[1], answer[2])
-                continue
-            _, msg, outcome = answer
+        with self._in_flight_lock:
+            self._in_flight -= len(batch)
+        for n, (msg, outcome) in enumerate(batch, start=1):
             await self._settle(msg, outcome)
-            if n % YIELD_EVERY == 0:  # a commit's acks (hundreds) must not hold up queries
+            if n % YIELD_EVERY == 0:  # a commit's acks (hundreds) must not hold up the loop
                 await asyncio.sleep(0)
 
     async def _settle(self, msg: Msg, outcome: Outcome) -> None:
