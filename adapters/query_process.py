@@ -210,6 +210,7 @@ class QueryServer:
         self.subject = f"{settings.prefix}.query"
         self.rejected_subject = f"{settings.prefix}.rejected"
         self._loads: dict[str, asyncio.Task] = {}
+        self._waiting: set[asyncio.Task] = set()  # answers that wait for a load or a seq
         self._catching_up = False
         self._stopped: asyncio.Event | None = None
 
@@ -247,6 +248,8 @@ class QueryServer:
         reporter = loop.create_task(self._report())
         await self._stopped.wait()
         reporter.cancel()
+        if self._waiting:  # answered within read_wait (a load may fail first)
+            await asyncio.wait(self._waiting, timeout=s.read_wait + 1)
         await self.nc.drain()
         self.recorder.close()
 
@@ -324,10 +327,19 @@ class QueryServer:
             return
         answer = self.model.rank(query)
         if answer is None or behind(query, answer):
-            answer = await self._answer_later(query, answer)
+            # nats-py runs this subscription's callbacks one after another: a query that
+            # waits must wait aside, or every query behind it waits too
+            task = self.loop.create_task(self._answer_later(query, answer, msg.reply))
+            self._waiting.add(task)
+            task.add_done_callback(self._waiting.discard)
+            return
         await self.nc.publish(msg.reply, _encode(answer))
 
-    async def _answer_later(self, query: Query, answer: Ranking | Rejected | None):
+    async def _answer_later(self, query: Query, answer: Ranking | Rejected | None,
+                            reply: str) -> None:
+        await self.nc.publish(reply, _encode(await self._awaited(query, answer)))
+
+    async def _awaited(self, query: Query, answer: Ranking | Rejected | None):
         """Load the user from the store if it has no replica; with `ms`, wait (bounded)
         until the replica reaches that seq."""
         deadline = time.monotonic() + self.settings.read_wait

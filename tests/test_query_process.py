@@ -201,3 +201,29 @@ def test_tls_settings_cross_to_a_spawned_process_as_files():
     made = connect_options(options)
     assert isinstance(made["tls"], ssl.SSLContext) and made["user"] == "service"
     assert connect_options({"user": "x"}) == {"user": "x"}
+
+
+def test_a_query_waiting_for_its_seq_or_a_load_does_not_hold_up_the_others(server, tmp_path):
+    """nats-py runs a subscription's callbacks one after another: a query that waits (for its
+    `ms`, or for its user to be loaded) must wait aside, not in that line."""
+    import pytest
+
+    from events.errors import Reason, Rejected
+
+    async def scenario():
+        nc = await nats.connect(server.url)
+        js = nc.jetstream()
+        _system, service = await start(tmp_path, server.url, read_wait=1.5)
+        await js.publish("microtune.events.ann", event("ann", 0))
+        assert (await client.rank(nc, "ann", ITEMS, min_seq=1)).seq == 1
+        waiting = asyncio.create_task(client.rank(nc, "ann", ITEMS, min_seq=99, timeout=5))
+        await asyncio.sleep(0.1)  # its request is in the query process
+        assert (await client.rank(nc, "bob", ITEMS, timeout=5)).seq == 0
+        assert not waiting.done()  # bob was answered while ann's query still waits
+        with pytest.raises(Rejected) as info:
+            await waiting
+        assert info.value.reason is Reason.TIMEOUT
+        await service.stop()
+        await nc.close()
+
+    asyncio.run(scenario())
