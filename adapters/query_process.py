@@ -118,6 +118,8 @@ class QueryProcess:
         self.started = 0
         self.ready = False  # subscribed: it answers queries
         self.stage = "spawned"  # the last start-up step it reported
+        self.failed: str | None = None  # why it could not start
+        self._reading = threading.Lock()
 
     def spawn(self) -> Connection:
         """Start the process; returns the service's end of its pipe (feed it at once: the
@@ -132,24 +134,47 @@ class QueryProcess:
         self.started += 1
         self.ready = False
         self.stage = "spawned"
+        self.failed = None
         return here
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Block until the process serves queries (its subscription is on the server)."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.conn.poll(0.05):
-                message = msgpack.unpackb(self.conn.recv_bytes(), raw=False)
-                if message.get("ready"):
-                    self.ready = True
-                    return
-                if message.get("failed"):
-                    raise RuntimeError(f"query process failed to start: {message['failed']}")
-                self.stage = message.get("stage", self.stage)
-            elif not self.alive():
+        while not self.ready and time.monotonic() < deadline:
+            self._take(0.05)
+            if self.failed is not None:
+                raise RuntimeError(f"query process failed to start: {self.failed}")
+            if not self.ready and not self.alive():
                 raise RuntimeError(f"query process exited with code {self.process.exitcode}")
-        raise TimeoutError(f"query process {self.process.pid} not ready within {timeout} s "
-                           f"(its last step: {self.stage})")
+        if not self.ready:
+            raise TimeoutError(f"query process {self.process.pid} not ready within "
+                               f"{timeout} s (its last step: {self.stage})")
+
+    def _take(self, wait: float = 0.0) -> None:
+        """Read what the process sent: start-up steps, ready, a failure, stats. One reader
+        at a time (the service's loop polls stats while a worker thread waits for ready):
+        two readers of one pipe split its messages, and one took the other's "ready"."""
+        conn = self.conn
+        if conn is None:
+            return
+        with contextlib.suppress(EOFError, OSError):
+            conn.poll(wait)  # waits without the lock: the loop's poll must never wait for it
+        if not self._reading.acquire(blocking=False):
+            return  # the other reader takes what came, for both
+        try:
+            with contextlib.suppress(EOFError, OSError):
+                while conn.poll(0):
+                    message = msgpack.unpackb(conn.recv_bytes(), raw=False)
+                    if "stats" in message:
+                        self.stats = message["stats"]
+                    elif message.get("ready"):
+                        self.ready = True
+                    elif "failed" in message:
+                        self.failed = message["failed"]
+                    else:
+                        self.stage = message.get("stage", self.stage)
+        finally:
+            self._reading.release()
 
     def alive(self) -> bool:
         return self.process is not None and self.process.is_alive()
@@ -159,13 +184,7 @@ class QueryProcess:
 
     def poll_stats(self) -> None:
         """Take the reports the process sent (once a second)."""
-        try:
-            while self.conn is not None and self.conn.poll():
-                message = msgpack.unpackb(self.conn.recv_bytes(), raw=False)
-                if "stats" in message:
-                    self.stats = message["stats"]
-        except (EOFError, OSError):
-            pass
+        self._take()
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.conn is not None:
@@ -240,9 +259,7 @@ class QueryServer:
         await self.nc.subscribe(f"{self.subject}.*", queue=QUEUE_GROUP, cb=self._on_query,
                                 pending_msgs_limit=100_000)
         self._send({"stage": "subscribing"})
-        # bounded as a whole: nats-py's own flush timeout does not cover a write that waits
-        # for a stalled server (seen: a start-up stuck here for a minute on a starved machine)
-        await asyncio.wait_for(self.nc.flush(), 20)
+        await self.nc.flush()
         self._send({"ready": True})
         log.info("query_process.ready", index=s.index)
         reporter = loop.create_task(self._report())

@@ -227,3 +227,27 @@ def test_a_query_waiting_for_its_seq_or_a_load_does_not_hold_up_the_others(serve
         await nc.close()
 
     asyncio.run(scenario())
+
+
+def test_a_query_process_start_is_seen_while_its_stats_are_polled(server, tmp_path):
+    """The service's loop polls a query process's stats while a worker thread waits for it to
+    be ready: two readers of one pipe. A message read by the one is not lost to the other
+    (the loop once took the "ready", and the service waited out its start timeout)."""
+    import time
+
+    from adapters.query_process import QueryProcess, QuerySettings
+
+    system = Microtune.open(tmp_path / "mt.db", CFG)
+    url = system.recorder.engine.url.render_as_string(hide_password=False)
+    querier = QueryProcess(QuerySettings(store=url, servers=server.url, config=CFG))
+    querier.spawn()
+    try:
+        deadline = time.monotonic() + 30
+        while not querier.ready and time.monotonic() < deadline:
+            querier.poll_stats()  # as the service's tick does, while the process starts
+            time.sleep(0.01)
+        querier.wait_ready(timeout=1)  # what the poll read counts for the waiter too
+        assert querier.serving()
+    finally:
+        querier.stop()
+        system.close()
