@@ -1,0 +1,1 @@
+"""Experiments: definitions, assignment, attribution of outcomes, statistics."""
