@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import structlog
 
@@ -28,7 +29,13 @@ class ConfigRegistry:
         }
         if not self._versions:  # a new store; otherwise its recorded history wins
             self._save(default)
-        self.current = self._versions[max(self._versions)]
+        self.current = self._newest()
+
+    def _newest(self) -> TuningConfig:
+        """The current config: the newest version that is the service's own (an experiment
+        arm's config is labelled and never current)."""
+        own = [v for v, c in self._versions.items() if c.label is None]
+        return self._versions[max(own or self._versions)]
 
     def _save(self, config: TuningConfig) -> None:
         if not self._recorder.save_config(config.version, config.encode()):
@@ -49,6 +56,20 @@ class ConfigRegistry:
             self._save(config)
             self.current = config
             log.info("config.added", version=config.version)
+            return config
+
+    def register(self, config: TuningConfig, label: str) -> TuningConfig:
+        """Record `config` as the next version, labelled (an experiment arm's), without
+        making it current."""
+        with self._lock:
+            if config.dim != self.current.dim:
+                raise Rejected(
+                    Reason.DIMENSION,
+                    f"the store's feature dimension is {self.current.dim}, not {config.dim}",
+                )
+            config = replace(config, version=max(self._versions) + 1, label=label)
+            self._save(config)
+            log.info("config.registered", version=config.version, label=label)
             return config
 
     def adopt(self, config: TuningConfig) -> TuningConfig:
@@ -75,7 +96,7 @@ class ConfigRegistry:
             for version, body in self._recorder.configs().items():
                 if version not in self._versions:
                     self._versions[version] = TuningConfig.decode(body)
-            self.current = self._versions[max(self._versions)]
+            self.current = self._newest()
 
     def get_fresh(self, version: int | None) -> TuningConfig:
         """`get`, reading the store again for a version not seen yet."""

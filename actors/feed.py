@@ -18,6 +18,10 @@ shortcut). A frame is a msgpack array of messages `[kind, payload]`:
 - `ITEMS`: `[[item, features bytes], ...]` catalog upserts, once stored
 - `MODELS`: `{segment: encoded state}` the segment models (sent when they moved, at most
   every `models_every` seconds: queries add them to the user's own weights)
+- `EXPERIMENTS`: `[encoded definition, ...]` every experiment's latest version, after a change
+
+After a `GAP` the reader reads the store again for what the dropped messages carried (the
+catalog's items, the experiments) as well as for its replicas.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from store.recorder import StoredEvent
 
 log = structlog.get_logger(__name__)
 
-ROWS, GAP, FORGET, ITEMS, MODELS = "r", "g", "f", "i", "m"
+ROWS, GAP, FORGET, ITEMS, MODELS, EXPERIMENTS = "r", "g", "f", "i", "m", "x"
 
 _F64 = np.dtype("<f8")
 
@@ -130,6 +134,11 @@ class Feed:
         payload = [(item, np.ascontiguousarray(x, _F64).tobytes()) for item, x in items]
         for sender in self.senders:
             sender.put(ITEMS, payload, len(payload))
+
+    def experiments(self, definitions: list[bytes]) -> None:
+        """Every experiment's latest definition, after a change (start, ramp, stop)."""
+        for sender in self.senders:
+            sender.put(EXPERIMENTS, definitions)
 
     def close(self) -> None:
         for sender in self.senders:

@@ -36,7 +36,7 @@ from actors.hygiene import engagement, sigmoid
 from actors.kernel import ADAGRAD, OPTIMIZER_CODES, learn
 from actors.state import RECENT_IDS, UserState, decode_state, id_hash
 from events.config import SegmentConfig, TuningConfig
-from events.types import ADMIN_KINDS, INTERACTION_KINDS, Event
+from events.types import ADMIN_KINDS, EXPOSURE, INTERACTION_KINDS, Event
 
 _ONE = np.ones(1)
 
@@ -82,15 +82,16 @@ def apply(
         return _restore(state, event, config, trace)
     # positional construction: NamedTuple._replace costs microseconds on this hot path
     (user, seq, _config, segment, t_last, steps, b1p, b2p, bucket, w, m, v, recent, pos,
-     hyg) = state
+     hyg, arm) = state
     at = 8 * pos
     state = UserState(user, seq + 1, config.version, event.segment or segment, t_last, steps,
                       b1p, b2p, bucket, w, m, v,
                       recent[:at] + id_hash(event.id) + recent[at + 8:],
-                      (pos + 1) % RECENT_IDS, hyg)
-    if event.kind not in INTERACTION_KINDS:  # control events move no weight
+                      (pos + 1) % RECENT_IDS, hyg, event.arm or arm)
+    if event.kind not in INTERACTION_KINDS:  # control events and exposures move no weight
         if trace is not None:
-            trace.append(Step(event.id, event.kind, event.t, "control"))
+            trace.append(Step(event.id, event.kind, event.t,
+                              "exposure" if event.kind == EXPOSURE else "control"))
         if event.kind == "clear_bot" and state.hyg is not None:
             h = state.hyg.copy()
             h.clear_bot()
@@ -155,10 +156,12 @@ def _restore(state: UserState, event: Event, config: TuningConfig,
     if event.kind == "restore":
         return target
     at = 8 * state.recent_pos
+    # the experiment assignment stays: a rollback restores what was learned, and the user is
+    # in the same arm whatever its weights
     return UserState(state.user, state.seq + 1, config.version, target.segment, target.t_last,
                      target.steps, target.b1p, target.b2p, target.bucket, target.w, target.m,
                      target.v, state.recent[:at] + id_hash(event.id) + state.recent[at + 8:],
-                     (state.recent_pos + 1) % RECENT_IDS, target.hyg)
+                     (state.recent_pos + 1) % RECENT_IDS, target.hyg, state.arm)
 
 
 def settle(state: UserState, config: TuningConfig,
@@ -258,6 +261,9 @@ def _learn(state: UserState, event_id: str, kind: str, x_item: np.ndarray, y: fl
     0-d arrays, for numpy)."""
     segment = state.segment
     seg = config.segment(segment)
+    if not seg.personal:
+        return _frozen(state, event_id, kind, x_item, y, importance, t, config, trace, verdict,
+                       observed, offset)
     t_last = state.t_last
     dt = t - t_last  # the decay, for the kernel to apply when dt > 0 (and not a first event)
     f = math.pow(0.5, dt / seg.half_life) if dt > 0.0 else 1.0
@@ -272,7 +278,23 @@ def _learn(state: UserState, event_id: str, kind: str, x_item: np.ndarray, y: fl
                           x_item, score))
     return UserState(state.user, state.seq, state.config, segment, max(t_last, t),
                      state.steps + 1, b1p, b2p, bucket, w, m, v, state.recent,
-                     state.recent_pos, state.hyg)
+                     state.recent_pos, state.hyg, state.arm)
+
+
+def _frozen(state: UserState, event_id: str, kind: str, x_item: np.ndarray, y: float,
+            importance: float, t: float, config: TuningConfig, trace: list[Step] | None,
+            verdict: str, observed: tuple, offset: float) -> UserState:
+    """A learning event under a segment without micro-adjustment (`personal = false`): the
+    user's weights, moments and clock stay as they are (so when adjustment resumes, the decay
+    covers the whole pause). The step is still traced with the prior's score, so that the
+    segment model learns from this user as it ranks it: by the prior."""
+    if trace is not None:
+        w0 = config.prior(state.segment)
+        score = float(w0[0] + w0[1:] @ x_item)
+        trace.append(Step(event_id, kind, t, verdict, y, importance,
+                          sigmoid(offset + score), 0.0, np.zeros_like(w0), observed, x_item,
+                          score))
+    return state
 
 
 def learn_segment(state: UserState, step: Step, config: TuningConfig) -> UserState:
@@ -284,12 +306,20 @@ def learn_segment(state: UserState, step: Step, config: TuningConfig) -> UserSta
 
 
 def _with_hygiene(state: UserState, h: hygiene.Hygiene) -> UserState:
-    return UserState(*state[:-1], h)
+    return UserState(*state[:14], h, state.arm)
+
+
+def own_weights(state: UserState, config: TuningConfig) -> np.ndarray:
+    """The user's own part of every score: its weights, or the prior before it has learned
+    anything or where the segment makes no micro-adjustment (`personal = false`)."""
+    if state.w.shape[0] and config.segment(state.segment).personal:
+        return state.w
+    return config.prior(state.segment)
 
 
 def predict(state: UserState, x: np.ndarray, config: TuningConfig, base: float = 0.0) -> float:
     """The predicted engagement probability of an item for this user (no update; buffered
     events count, as `settle` releases them). `base`: the segment model's score of the item."""
     state = settle(state, config)
-    w = state.w if state.w.shape[0] else config.prior(state.segment)
+    w = own_weights(state, config)
     return sigmoid(base + float((w * np.concatenate((_ONE, x))).sum()))

@@ -15,7 +15,7 @@ from actors.segment_model import SegmentModels
 from actors.state import UserState
 from events.config import TuningConfig
 from events.errors import Reason, Rejected
-from events.types import CandidateRows, Query, Ranking
+from events.types import Arm, CandidateRows, Query, Ranking
 
 
 class View:
@@ -36,7 +36,7 @@ class View:
 
 
 def rank(state: UserState, query: Query, config: TuningConfig,
-         models: SegmentModels) -> Ranking | Rejected:
+         models: SegmentModels, arm: Arm | None = None) -> Ranking | Rejected:
     """Score the query's candidates by the user's (settled) weights plus its segment model's;
     weights are a softmax over the returned items, best first."""
     dim = config.dim
@@ -68,4 +68,5 @@ def rank(state: UserState, query: Query, config: TuningConfig,
         config=config.version,
         windows=(state.hyg or hygiene.EMPTY).window_counts(config.segment(state.segment))
         if query.windows else None,
+        arm=arm,
     )

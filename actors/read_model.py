@@ -28,6 +28,8 @@ import structlog
 
 from actors import feed, ranking
 from actors.configs import ConfigRegistry
+from actors.experiments.definition import Experiment
+from actors.experiments.registry import ExperimentRegistry
 from actors.learning import apply
 from actors.segment_model import SegmentModels
 from actors.state import UserState
@@ -61,8 +63,10 @@ class ReadStats:
 
 class ReadModel:
     def __init__(self, configs: ConfigRegistry, models: SegmentModels,
-                 catalog: dict[str, np.ndarray], *, max_users: int = 200_000) -> None:
+                 catalog: dict[str, np.ndarray], *, max_users: int = 200_000,
+                 experiments: ExperimentRegistry | None = None) -> None:
         self.configs = configs
+        self.experiments = experiments or ExperimentRegistry()
         self.models = models
         self.catalog = catalog
         self.max_users = max_users
@@ -93,6 +97,8 @@ class ReadModel:
                     x = np.frombuffer(raw, _F64)
                     x.flags.writeable = False
                     self.catalog[item] = x
+            elif kind == feed.EXPERIMENTS:
+                self.experiments.load(Experiment.decode(raw) for raw in payload)
             elif kind == feed.FORGET:
                 self._replicas.pop(payload, None)
                 self._loading.pop(payload, None)
@@ -201,10 +207,10 @@ class ReadModel:
         self._replicas[query.user] = replica
         state = replica.state
         try:
-            config = self.configs.get_fresh(state.config or None)
+            config, arm = self.experiments.ranking_config(state, self.configs, query.log)
         except Rejected:
             return Rejected(Reason.UNKNOWN_CONFIG, "config version unknown to the query process")
-        return ranking.rank(replica.view.of(state, config), query, config, self.models)
+        return ranking.rank(replica.view.of(state, config), query, config, self.models, arm)
 
     def _add(self, user: str, replica: Replica) -> Replica:
         replicas = self._replicas

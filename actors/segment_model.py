@@ -29,7 +29,7 @@ from collections.abc import Iterable
 import numpy as np
 import structlog
 
-from actors.learning import Step, learn_segment
+from actors.learning import Step, learn_segment, own_weights
 from actors.state import SnapshotError, UserState, decode_state, encode_state
 from events.config import SegmentConfig, TuningConfig
 
@@ -76,7 +76,7 @@ class SegmentModels:
         """The weights a query scores a user's candidates with: the user's own (the prior
         before any learning) plus its segment model's, when the segment uses one."""
         segment = state.segment or "default"
-        w = state.w if state.w.shape[0] else config.prior(segment)
+        w = own_weights(state, config)
         if config.segment(segment).segment_model:
             shared = self.weights(segment, config.dim)
             if shared is not None:

@@ -14,9 +14,11 @@ import msgpack
 import numpy as np
 
 from actors.hygiene import Hygiene, from_wire, to_wire
+from events.types import Arm
 
-SNAPSHOT_SCHEMA = 3  # 2: the hygiene state; 3: waiting impressions keep their base score
-_READABLE_SCHEMAS = frozenset({2, 3})
+# 2: the hygiene state; 3: waiting impressions keep their base score; 4: the experiment arm
+SNAPSHOT_SCHEMA = 4
+_READABLE_SCHEMAS = frozenset({2, 3, 4})
 RECENT_IDS = 32  # event-id hashes kept for dedupe; older repeats are caught by the log's key
 
 _F64 = np.dtype("<f8")
@@ -54,6 +56,9 @@ class UserState(NamedTuple):
     recent: bytes = _NO_IDS
     recent_pos: int = 0
     hyg: Hygiene | None = None  # data hygiene (actors/hygiene.py); None until needed
+    # the user's latest experiment assignment, from the exposure that logged it (sticky:
+    # whether it still applies depends on the experiment, actors/experiments)
+    arm: Arm | None = None
 
     def has_seen(self, event_hash: bytes) -> bool:
         # A match at an offset that is not a multiple of 8 would need 8 random bytes to line
@@ -84,6 +89,7 @@ def encode_state(state: UserState) -> bytes:
             "r": state.recent,
             "rp": state.recent_pos,
             "hy": None if state.hyg is None else to_wire(state.hyg),
+            "xa": None if state.arm is None else list(state.arm),
         },
         use_bin_type=True,
     )
@@ -117,6 +123,7 @@ def decode_state(raw: bytes) -> UserState:
             recent=recent,
             recent_pos=obj["rp"],
             hyg=None if obj["hy"] is None else from_wire(obj["hy"]),
+            arm=None if obj.get("xa") is None else Arm(*obj["xa"]),
         )
     except SnapshotError:
         raise

@@ -11,6 +11,7 @@ A thin layer, as in the `eventsourcing` library: it owns the parts and offers th
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import threading
@@ -26,6 +27,7 @@ import structlog
 from actors import gc_pauses, runtime
 from actors.configs import ConfigRegistry
 from actors.directory import Directory
+from actors.experiments.registry import ExperimentRegistry
 from actors.feed import Feed
 from actors.messages import Inspect, Outcome, Rank, Track
 from actors.replay import replay_user
@@ -34,6 +36,7 @@ from actors.state import UserState
 from actors.user import UserActor, UserContext
 from events.config import TuningConfig
 from events.errors import Reason, Rejected
+from events.exposure import exposure_event, new_rid
 from events.types import Event, Query, Ranking
 from store import lease
 from store.catalog import Catalog
@@ -109,6 +112,7 @@ class Microtune:
             self.dispatcher = Dispatcher(workers=workers)
             self.context = UserContext(recorder, self.journal, self.configs, snapshot_every)
             self.context.models.load(recorder.segment_models())
+            self.experiments = self.context.experiments = ExperimentRegistry(recorder)
             # who has a log: activating anyone else reads nothing (one pass over the users
             # at start; ~60 bytes a user)
             self.context.known = set(recorder.users())
@@ -213,7 +217,42 @@ class Microtune:
             result = not_reached(query, result, timeout)
         if isinstance(result, Rejected):
             raise result
+        if query.log:
+            result = self.log_exposure(query, result, timeout)
         return result
+
+    def log_exposure(self, query: Query, ranking: Ranking, timeout: float = 10.0) -> Ranking:
+        """Append the exposure of `ranking` to the user's log (README "Measuring the
+        effect"): the ranking with its id (`rid`) once committed, or with `log_error`."""
+        rid = new_rid()
+        (outcome,) = self.track_many([exposure_event(query, ranking, rid, time.time())],
+                                     timeout)
+        if outcome.status == "applied":
+            return dataclasses.replace(ranking, rid=rid)
+        why = outcome.error.detail if outcome.error is not None else outcome.status
+        return dataclasses.replace(ranking, log_error=f"the exposure was not logged: {why}")
+
+    # ------------------------------------------------------------ experiments
+
+    def start_experiment(self, name: str, arms: list[tuple[str, Any]], **kw: Any):
+        """Start an experiment (actors/experiments/registry.py: `ExperimentRegistry.start`)."""
+        experiment = self.experiments.start(name, arms, self.configs, **kw)
+        self._experiments_changed()
+        return experiment
+
+    def ramp_experiment(self, name: str, traffic: float, **kw: Any):
+        experiment = self.experiments.ramp(name, traffic, **kw)
+        self._experiments_changed()
+        return experiment
+
+    def stop_experiment(self, name: str, **kw: Any):
+        experiment = self.experiments.stop(name, **kw)
+        self._experiments_changed()
+        return experiment
+
+    def _experiments_changed(self) -> None:
+        if self.feed is not None:  # query processes rank by the arms too
+            self.feed.experiments(self.experiments.encoded())
 
     def state(self, user: str, timeout: float = 10.0) -> UserState:
         """The live state of a user (activating it if needed)."""

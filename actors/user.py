@@ -18,6 +18,7 @@ import structlog
 
 from actors import ranking
 from actors.configs import ConfigRegistry
+from actors.experiments.registry import ExperimentRegistry
 from actors.learning import apply
 from actors.messages import (
     DUPLICATE,
@@ -37,12 +38,14 @@ from actors.state import SNAPSHOT_SCHEMA, SnapshotError, UserState, decode_state
 from actors.state import id_hash as _id_hash
 from events.codec import encode_logged_event, event_from_log
 from events.errors import Reason, Rejected
-from events.types import Event, Query, Ranking
+from events.types import EXPOSURE, Arm, Event, Query, Ranking
 from store.journal import Journal, WriteRequest
 from store.recorder import AppendConflict, Recorder, Snapshot, StoredEvent, StoreRefused
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+    from events.config import TuningConfig
 
 log = structlog.get_logger(__name__)
 
@@ -64,6 +67,8 @@ class UserContext:
     # users the store has a log of (None: unknown, ask the store): the store's single writer
     # (see store/lease.py) knows them all, so a new user's activation reads nothing
     known: set[str] | None = None
+    # the experiments: which arm's config a user's events are stamped with (per-arm learning)
+    experiments: ExperimentRegistry = field(default_factory=ExperimentRegistry)
 
 
 def rebuild(recorder: Recorder, configs: ConfigRegistry, user: str) -> tuple[UserState, int]:
@@ -104,6 +109,9 @@ class UserActor(PooledActor):
         self._snapshot_on_stop = True
         self._snapshotting = False
         self._view = ranking.View()  # what queries see (a cache, by seq)
+        # the experiment arm of the newest exposure sent to the journal, before the state
+        # has it: the events behind it go by its arm's config too
+        self._arm: Arm | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -173,6 +181,8 @@ class UserActor(PooledActor):
     def _track(self, event: Event, done: Callable[[Outcome], None]) -> None:
         try:
             config = self.ctx.configs.get(event.config)
+            if self.ctx.experiments.running:  # per-arm learning: stamp the arm's config
+                config, event = self._stamp_arm(event, config)
             if event.is_interaction:
                 if event.x is None:
                     raise Rejected(
@@ -234,6 +244,20 @@ class UserActor(PooledActor):
         self._buffer.append((event, done))
         if self._inflight is None:
             self._flush()
+
+    def _stamp_arm(self, event: Event, config: TuningConfig) -> tuple[TuningConfig, Event]:
+        """The config of the user's experiment arm, if it is in one (or, on an exposure, is
+        enrolled now); an exposure also gets the arm, which logs the assignment."""
+        exposure = event.kind == EXPOSURE
+        arm = self._arm or self.state.arm
+        version, arm = self.ctx.experiments.arm_for(
+            self.user, arm, event.segment or self.state.segment, exposure)
+        if version is None:
+            return config, event
+        if exposure:
+            self._arm = arm
+            event = event._replace(arm=arm)
+        return self.ctx.configs.get(version), event
 
     def _stamp_rollback(self, event: Event) -> Event:
         """Put the state at the target seq on the rollback event, so that `apply` (and every
@@ -330,6 +354,7 @@ class UserActor(PooledActor):
         if conflict.taken_seqs:  # another writer appended to this log: catch up first
             log.warning("user_actor.stale", user_id=self.user, seq=self.state.seq)
             self.state, self.snap_seq = rebuild(self.ctx.recorder, self.ctx.configs, self.user)
+            self._arm = None  # the log's assignment is the state's
         keep = []
         for event, done in batch:
             if (self.user, event.id) in conflict.duplicate_ids or self.state.has_seen(
@@ -381,8 +406,8 @@ class UserActor(PooledActor):
 
     def _rank(self, query: Query) -> Ranking | Rejected:
         state = self.state  # read once: the actor may replace it meanwhile
-        config = self.ctx.configs.get(state.config or None)
-        return ranking.rank(self._view.of(state, config), query, config, self.ctx.models)
+        config, arm = self.ctx.experiments.ranking_config(state, self.ctx.configs, query.log)
+        return ranking.rank(self._view.of(state, config), query, config, self.ctx.models, arm)
 
 
 _WRITTEN_OK = Written(None)

@@ -57,12 +57,16 @@ async def track(js, user: str, *, prefix: str = "microtune", **event: Any):
 
 
 async def rank(nc, user: str, candidates: Iterable[str | tuple[str, Sequence[float]]], *,
-               top: int | None = None, min_seq: int | None = None,
-               prefix: str = "microtune", timeout: float = 2.0) -> Ranking:
+               top: int | None = None, min_seq: int | None = None, log: bool = False,
+               t: float | None = None, prefix: str = "microtune",
+               timeout: float = 2.0) -> Ranking:
     """Ask for this user's content weights; raises `Rejected` if the service refuses.
 
     `min_seq`: read your own writes, from a state at that seq or later (the service waits up
-    to its `read_wait`, 2 s by default, then answers `timeout`); `timeout` here is on top."""
+    to its `read_wait`, 2 s by default, then answers `timeout`); `timeout` here is on top.
+    `log`: log what is shown as an exposure (shown at `t`, default now): the ranking's `rid`
+    names it, for the outcomes to name (README "Measuring the effect"); `log_error` says why
+    when it could not be logged."""
     _check_user(user)
     # features as packed little-endian float64: the service decodes them without per-number
     # work (a list of numbers works too, from any language)
@@ -74,6 +78,10 @@ async def rank(nc, user: str, candidates: Iterable[str | tuple[str, Sequence[flo
     if min_seq is not None:
         body["ms"] = min_seq
         timeout += 2.0  # the service's default read_wait
+    if log:
+        body["l"] = True
+    if t is not None:
+        body["t"] = t
     reply = await nc.request(f"{prefix}.query.{user}", msgpack.packb(body, use_bin_type=True),
                              timeout=timeout)
     return decode_reply(reply.data)

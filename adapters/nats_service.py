@@ -26,8 +26,10 @@ No message stays unsettled for ever, and none is settled early:
   and the record says so and keeps their SHA-256;
 - an event naming an item not yet in the catalog waits a grace period (adapters.held).
 
-Admin commands that change users (`rollback`, `forget`, `clear_bot`) need an admin token in
-the request (`tok`); the audit names the token. `clear_bot` is refused on the events subject.
+Admin commands that change users (`rollback`, `forget`, `clear_bot`) or experiments
+(`experiment`: start, ramp, stop) need an admin token in the request (`tok`); the audit names
+the token. `stats` and `experiments` (the list) are read-only. `clear_bot` is refused on the
+events subject.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ from nats.aio.msg import Msg
 from nats.js import api
 from nats.js.errors import NotFoundError
 
+from actors import feed
+from actors.experiments.definition import DEFAULT_WINDOW, METRICS
 from actors.messages import Outcome
 from actors.system import Microtune
 from adapters import query_process
@@ -60,6 +64,7 @@ from events.codec import (
     decode_content,
     decode_event,
 )
+from events.config import TuningConfig
 from events.errors import Reason, Rejected
 from events.limits import DEFAULT_LIMITS, Limits
 from events.types import Event
@@ -324,6 +329,8 @@ class Service:
         """Spawn the process and feed it at once (it files what comes before it serves)."""
         querier.sender = self.system.open_feed().attach(
             querier.spawn(), name=f"feed-{querier.settings.index}")
+        # a change made after the process read the store, before it was attached
+        querier.sender.put(feed.EXPERIMENTS, self.system.experiments.encoded())
 
     def _respawn(self, querier: QueryProcess) -> None:
         self.system.open_feed().detach(querier.sender)
@@ -517,9 +524,10 @@ class Service:
     # ------------------------------------------------------------ admin
 
     async def _on_admin(self, msg: Msg) -> None:
-        """`<prefix>.admin.stats | rollback | forget | clear_bot`, request-reply, msgpack both
-        ways. All but `stats` change users' data: they need an admin token (`tok`), and the
-        audit names the token. Guard these subjects with NATS permissions too."""
+        """`<prefix>.admin.stats | experiments | rollback | forget | clear_bot | experiment`,
+        request-reply, msgpack both ways. All but `stats` and `experiments` change data: they
+        need an admin token (`tok`), and the audit names the token. Guard these subjects with
+        NATS permissions too."""
         if not msg.reply:
             return
         command = msg.subject.rsplit(".", 1)[-1]
@@ -531,7 +539,7 @@ class Service:
             body = msgpack.unpackb(msg.data, raw=False) if msg.data else {}
             if not isinstance(body, dict):
                 raise Rejected(Reason.WRONG_TYPE, "an admin request is a msgpack map")
-            if command != "stats":
+            if command not in _READ_ONLY:
                 body["by"] = self._admin_identity(body)
             answer = await handler(self, body)
         except Rejected as rejected:
@@ -563,12 +571,55 @@ class Service:
         claimed = _text(body.get("by"))
         return name if not claimed or claimed == name else f"{name} ({claimed})"
 
+    async def _admin_experiments(self, _body: dict) -> dict:
+        """Every experiment's latest definition (read-only: no token)."""
+        return {"experiments": [e.to_map() for e in self.system.experiments.all()]}
+
+    async def _admin_experiment(self, body: dict) -> dict:
+        """Start, ramp or stop an experiment (`op`), audited with the token's name."""
+        op, name = body.get("op"), _text(body.get("name"))
+        if not name:
+            raise Rejected(Reason.MISSING_FIELD, "'name' (the experiment) is required", "name")
+        by, why = body["by"], _text(body.get("why"))
+        system = self.system
+        if op == "start":
+            arms = body.get("arms")
+            if not isinstance(arms, list) or not all(
+                    isinstance(a, list) and len(a) == 2 and isinstance(a[0], str) for a in arms):
+                raise Rejected(Reason.WRONG_TYPE, "'arms' is a list of [name, config] pairs",
+                               "arms")
+            dim = system.configs.current.dim
+            arms = [(arm, TuningConfig.from_map({"version": 1, "dim": dim, **spec})
+                     if isinstance(spec, dict) else spec) for arm, spec in arms]
+            metrics = body.get("guardrails", ["dwell", "feedback"])
+            if not isinstance(metrics, list) or not set(metrics) <= METRICS.keys():
+                raise Rejected(Reason.WRONG_TYPE, f"'guardrails' lists metrics of "
+                               f"{sorted(METRICS)}", "guardrails")
+            experiment = await asyncio.to_thread(
+                system.start_experiment, name, arms, split=body.get("split"),
+                control=_text(body.get("control")), traffic=float(body.get("traffic", 1.0)),
+                segment=_text(body.get("segment")), primary=body.get("primary", "ctr"),
+                guardrails=tuple(metrics), window=float(body.get("window", DEFAULT_WINDOW)),
+                by=by, why=why)
+        elif op == "ramp":
+            experiment = await asyncio.to_thread(
+                system.ramp_experiment, name, float(body.get("traffic", 0)), by=by, why=why)
+        elif op == "stop":
+            experiment = await asyncio.to_thread(system.stop_experiment, name, by=by, why=why)
+        else:
+            raise Rejected(Reason.UNKNOWN_KIND, f"unknown experiment op {op!r} "
+                           "(start, ramp, stop)", "op")
+        return {"experiment": experiment.to_map()}
+
     async def _admin_stats(self, _body: dict) -> dict:
         queries = self.query_stats()
         mine = self.stats.to_map()
         rejected = Counter(mine["rejected"])
         rejected.update(queries.pop("rejected", {}))
         return {**mine, "rejected": dict(rejected), "queries": queries.get("queries", 0),
+                "exposures": queries.get("exposures", 0),
+                "exposures_failed": queries.get("exposures_failed", 0),
+                "experiments_running": [e.name for e in self.system.experiments.running],
                 "query_errors": queries.get("errors", 0), "query_processes": queries,
                 "held_now": len(self._held),
                 "unsettled_now": len(self._unsettled),
@@ -719,7 +770,10 @@ _ADMIN = {
     "rollback": Service._admin_rollback,
     "forget": Service._admin_forget,
     "clear_bot": Service._admin_clear_bot,
+    "experiment": Service._admin_experiment,
+    "experiments": Service._admin_experiments,
 }
+_READ_ONLY = frozenset({"stats", "experiments"})  # no admin token needed
 
 
 def _admin_user(body: dict, limits: Limits) -> str:

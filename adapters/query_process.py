@@ -15,6 +15,11 @@ event-sourced systems do it):
   and tail) on a worker thread; the event loop goes on serving others meanwhile.
 - The service restarts a query process that dies; while none runs, queries time out (NATS has
   no responder), never get a wrong answer.
+- A query with `l: true` is an exposure to log: its exposure event is published to the user's
+  events subject on JetStream (deduplicated by its ranking id) and the reply, with that id
+  (`rid`), goes out only once JetStream has stored it. If it cannot be stored, the reply
+  says why (`le`) and carries no `rid`: an id is never handed out for an exposure that is
+  not kept.
 
 A program that starts a `Service` itself must guard its entry point with
 `if __name__ == "__main__":`, as any program using `multiprocessing` must: query processes are
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import multiprocessing
 import os
@@ -46,16 +52,19 @@ from nats.aio.msg import Msg
 
 from actors import gc_pauses
 from actors.configs import ConfigRegistry
+from actors.experiments.registry import ExperimentRegistry
 from actors.feed import FeedSender
 from actors.read_model import ReadModel
 from actors.segment_model import SegmentModels
 from actors.system import behind, not_reached
 from actors.user import rebuild
+from adapters.client import msg_id
 from adapters.logs import configure_logging
 from adapters.records import rejection_record
-from events.codec import decode_query, encode_error, encode_ranking
+from events.codec import decode_query, encode_error, encode_event, encode_ranking
 from events.config import TuningConfig
 from events.errors import Reason, Rejected
+from events.exposure import exposure_event, new_rid
 from events.limits import Limits
 from events.types import Candidate, Query, Ranking
 from store.catalog import read_items
@@ -217,6 +226,8 @@ class QueryStats:
     errors: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
     waited: int = 0  # queries that waited for their `ms`
+    exposures: int = 0  # exposures logged (stored by JetStream)
+    exposures_failed: int = 0  # exposures asked for that could not be stored
     loads_failed: int = 0
     loop_errors: int = 0  # callbacks or tasks of the event loop that raised
 
@@ -228,6 +239,7 @@ class QueryServer:
         self.stats = QueryStats()
         self.subject = f"{settings.prefix}.query"
         self.rejected_subject = f"{settings.prefix}.rejected"
+        self.events_subject = f"{settings.prefix}.events"
         self._loads: dict[str, asyncio.Task] = {}
         self._waiting: set[asyncio.Task] = set()  # answers that wait for a load or a seq
         self._catching_up = False
@@ -244,7 +256,9 @@ class QueryServer:
         models = SegmentModels()
         models.load(self.recorder.segment_models())
         self.model = ReadModel(configs, models, read_items(self.recorder),
-                               max_users=s.max_users)
+                               max_users=s.max_users,
+                               experiments=ExperimentRegistry(self.recorder))
+        self._gaps_seen = 0
         # everything loaded so far (modules, catalog, models) out of the collector's sight
         # before the first query: a full collection then would pause it (53 ms measured)
         gc.collect()
@@ -256,6 +270,7 @@ class QueryServer:
         self.nc = await nats.connect(s.servers, name=f"microtune-queries-{s.index}",
                                      max_reconnect_attempts=-1, reconnect_time_wait=0.5,
                                      **connect_options(s.options))
+        self.js = self.nc.jetstream()
         await self.nc.subscribe(f"{self.subject}.*", queue=QUEUE_GROUP, cb=self._on_query,
                                 pending_msgs_limit=100_000)
         self._send({"stage": "subscribing"})
@@ -292,6 +307,11 @@ class QueryServer:
 
     def _on_frame(self, data: bytes) -> None:
         self.model.on_frame(data)
+        if self.model.stats.gaps != self._gaps_seen:  # what the dropped backlog carried
+            self._gaps_seen = self.model.stats.gaps
+            task = self.loop.create_task(self._reread())
+            self._waiting.add(task)
+            task.add_done_callback(self._waiting.discard)
         self.collector.turn()
         if not self._catching_up:
             self._catching_up = True
@@ -305,6 +325,16 @@ class QueryServer:
             self.loop.call_soon(self._catch_up)
         else:
             self._catching_up = False
+
+    async def _reread(self) -> None:
+        """After a feed gap: the catalog's items and the experiments, from the store."""
+        try:
+            items = await asyncio.to_thread(read_items, self.recorder)
+            await asyncio.to_thread(self.model.experiments.refresh)
+        except Exception as exc:  # the next gap, or a restart, tries again
+            log.warning("query_process.reread_failed", error=repr(exc))
+            return
+        self.model.catalog.update(items)
 
     def _send(self, message: dict) -> None:
         try:
@@ -343,9 +373,10 @@ class QueryServer:
         if not msg.reply:
             return
         answer = self.model.rank(query)
-        if answer is None or behind(query, answer):
+        if answer is None or behind(query, answer) or query.log:
             # nats-py runs this subscription's callbacks one after another: a query that
-            # waits must wait aside, or every query behind it waits too
+            # waits (for a load, a seq, or JetStream to store its exposure) must wait aside,
+            # or every query behind it waits too
             task = self.loop.create_task(self._answer_later(query, answer, msg.reply))
             self._waiting.add(task)
             task.add_done_callback(self._waiting.discard)
@@ -354,7 +385,27 @@ class QueryServer:
 
     async def _answer_later(self, query: Query, answer: Ranking | Rejected | None,
                             reply: str) -> None:
-        await self.nc.publish(reply, _encode(await self._awaited(query, answer)))
+        answer = await self._awaited(query, answer)
+        if query.log and isinstance(answer, Ranking):
+            answer = await self._logged(query, answer)
+        await self.nc.publish(reply, _encode(answer))
+
+    async def _logged(self, query: Query, ranking: Ranking) -> Ranking:
+        """Store the ranking's exposure on the events stream, then name it in the reply."""
+        rid = new_rid()
+        event = exposure_event(query, ranking, rid, time.time())
+        try:
+            await self.js.publish(f"{self.events_subject}.{query.user}", encode_event(event),
+                                  timeout=self.settings.read_wait,
+                                  headers={"Nats-Msg-Id": msg_id(query.user, rid)})
+        except Exception as exc:  # no stream, a timeout, a disconnect: say so, rank anyway
+            self.stats.exposures_failed += 1
+            log.warning("exposure.not_logged", user_id=query.user, event_id=rid,
+                        error=repr(exc))
+            return dataclasses.replace(ranking, log_error="the exposure could not be stored "
+                                       f"({type(exc).__name__}); retry to log it")
+        self.stats.exposures += 1
+        return dataclasses.replace(ranking, rid=rid)
 
     async def _awaited(self, query: Query, answer: Ranking | Rejected | None):
         """Load the user from the store if it has no replica; with `ms`, wait (bounded)

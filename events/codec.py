@@ -24,20 +24,23 @@ import numpy as np
 from events.errors import Reason, Rejected
 from events.limits import DEFAULT_LIMITS, Limits
 from events.types import (
+    EXPOSURE,
     INTERACTION_KINDS,
     KINDS,
     SCHEMA_VERSION,
     SUPPORTED_VERSIONS,
+    Arm,
     Candidate,
     CandidateRows,
     Event,
+    Exposure,
     Query,
     Ranking,
 )
 
 _EVENT_KEYS = frozenset(
     {"v", "id", "u", "t", "k", "i", "x", "d", "s", "h", "y", "g", "c", "r", "sid", "a", "ns", "b",
-     "to", "st", "bf"}
+     "to", "st", "bf", "rid", "sh", "rq", "rc", "pp", "xa"}
 )
 _TOKEN_FORBIDDEN = frozenset(" \t\r\n.*>")
 _F64 = np.dtype("<f8")
@@ -167,11 +170,12 @@ def _config_version(value: Any) -> int:
 # else, and anything doubtful, takes the careful path, which finds the precise reason.
 _FAST_FIELDS = {"impression": None, "click": None, "dwell": "d", "scroll": "s", "hover": "h",
                 "feedback": "y"}
-_FAST_KEYS = {kind: frozenset({"v", "id", "u", "t", "k", "i", "x", "sid"} | {field} - {None})
+_FAST_KEYS = {kind: frozenset({"v", "id", "u", "t", "k", "i", "x", "sid", "rid"} | {field} - {None})
               for kind, field in _FAST_FIELDS.items()}
 _FAST_UPPER = {"d": math.inf, "s": 1.0, "h": math.inf, "y": 1.0}
 _FAST_NUMBERS = (int, float)
 _LITTLE_ENDIAN = sys.byteorder == "little"  # packed features are read as native doubles
+_NO_EXTRA = Event._field_defaults["extra"]
 
 
 def _interaction_fast(obj: dict, limits: Limits) -> Event | None:
@@ -203,6 +207,10 @@ def _interaction_fast(obj: dict, limits: Limits) -> Event | None:
     if session is not None and (type(session) is not str or not 0 < len(session) <= n
                                 or not session.isprintable()):
         return None
+    rid = obj.get("rid")
+    if rid is not None and (type(rid) is not str or not 0 < len(rid) <= n
+                            or not rid.isprintable()):
+        return None
     x = obj.get("x")
     if type(x) is bytes:
         if len(x) % 8 or len(x) > 8 * limits.max_dimension:
@@ -224,7 +232,7 @@ def _interaction_fast(obj: dict, limits: Limits) -> Event | None:
     return Event(eid, user, float(t), kind, item, x,
                  value if field == "d" else None, value if field == "s" else None,
                  value if field == "h" else None, value if field == "y" else None,
-                 None, None, None, session)
+                 None, None, None, session, False, None, None, None, None, False, _NO_EXTRA, rid)
 
 
 def event_from_map(obj: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> Event:
@@ -278,10 +286,48 @@ def event_from_map(obj: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> E
         if not isinstance(obj["bf"], bool):
             raise Rejected(Reason.WRONG_TYPE, "'bf' (backfill) must be true or false", "bf")
         fields["backfill"] = obj["bf"]
-    # 'ns' (segment statistics) and 'b' (segment model score) are stamped by the service; a
-    # publisher's are ignored
+    if obj.get("rid") is not None:
+        fields["rid"] = _string(obj["rid"], "rid", limits)
+    if kind == EXPOSURE:
+        fields["exposure"] = _exposure(obj, limits)
+        if fields.setdefault("rid", event_id) != event_id:
+            raise Rejected(Reason.INVALID_ID, "an exposure's 'rid' is its event id", "rid")
+    # 'ns' (segment statistics), 'b' (segment model score) and 'xa' (experiment arm) are
+    # stamped by the service; a publisher's are ignored
     extra = {k: obj[k] for k in obj if k not in _EVENT_KEYS}
     return Event(id=event_id, user=user, t=t, kind=kind, extra=extra, **fields)
+
+
+def _exposure(obj: Mapping[str, Any], limits: Limits) -> Exposure:
+    """An exposure's ranking: `sh` = [[item, weight, score], ...] best first, `rq` the seq
+    and `rc` the config version that ranked it, `pp` optional propensities."""
+    shown = _required(obj, "sh")
+    if not isinstance(shown, list) or not shown:
+        raise Rejected(Reason.WRONG_TYPE, "'sh' (shown) must be a non-empty list", "sh")
+    if len(shown) > limits.max_candidates:
+        raise Rejected(Reason.OVERSIZE, f"{len(shown)} shown items exceed "
+                       f"{limits.max_candidates}", "sh")
+    items, weights, scores = [], [], []
+    for entry in shown:
+        if not isinstance(entry, list | tuple) or len(entry) != 3:
+            raise Rejected(Reason.WRONG_TYPE, "each shown item is [item, weight, score]", "sh")
+        items.append(_string(entry[0], "sh[].i", limits))
+        weights.append(_number(entry[1], "sh[].w", 0.0, 1.0))
+        scores.append(_number(entry[2], "sh[].s"))
+    seq, config = obj.get("rq", 0), obj.get("rc", 1)
+    if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq < 2**63:
+        raise Rejected(Reason.WRONG_TYPE, "'rq' (the ranking's seq) must be an integer >= 0",
+                       "rq")
+    if isinstance(config, bool) or not isinstance(config, int) or config < 1:
+        raise Rejected(Reason.WRONG_TYPE, "'rc' (the ranking's config) must be an integer >= 1",
+                       "rc")
+    propensities = obj.get("pp")
+    if propensities is not None:
+        if not isinstance(propensities, list) or len(propensities) != len(items):
+            raise Rejected(Reason.WRONG_TYPE, "'pp' (propensities) must list one number per "
+                           "shown item", "pp")
+        propensities = tuple(_number(p, "pp[]", 0.0, 1.0) for p in propensities)
+    return Exposure(tuple(items), tuple(weights), tuple(scores), seq, config, propensities)
 
 
 def decode_event(
@@ -331,6 +377,16 @@ def event_to_map(event: Event, *, pack_x: bool = False) -> dict[str, Any]:
         out["ns"] = {k: list(v) for k, v in event.norms.items()}
     if event.base is not None:
         out["b"] = event.base
+    if event.rid is not None:
+        out["rid"] = event.rid
+    if event.exposure is not None:
+        e = event.exposure
+        out.update(sh=[[i, w, s] for i, w, s in zip(e.items, e.weights, e.scores, strict=True)],
+                   rq=e.seq, rc=e.config)
+        if e.propensities is not None:
+            out["pp"] = list(e.propensities)
+    if event.arm is not None:
+        out["xa"] = list(event.arm)
     return out
 
 
@@ -371,7 +427,18 @@ def event_from_log(body: bytes) -> Event:
         restored=obj.get("st"),
         backfill=obj.get("bf", False),
         extra={k: obj[k] for k in obj if k not in _EVENT_KEYS},
+        rid=obj.get("rid"),
+        exposure=None if obj["k"] != EXPOSURE else _logged_exposure(obj),
+        arm=None if (xa := obj.get("xa")) is None else Arm(*xa),
     )
+
+
+def _logged_exposure(obj: Mapping[str, Any]) -> Exposure:
+    shown = obj["sh"]
+    pp = obj.get("pp")
+    return Exposure(tuple(e[0] for e in shown), tuple(e[1] for e in shown),
+                    tuple(e[2] for e in shown), obj["rq"], obj["rc"],
+                    None if pp is None else tuple(pp))
 
 
 # ---------------------------------------------------------------- queries
@@ -410,8 +477,15 @@ def query_from_map(obj: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> Q
             raise Rejected(Reason.WRONG_TYPE, "'ms' (minimum seq) must be an integer", "ms")
         if not 0 <= min_seq < 2**63:
             raise Rejected(Reason.OUT_OF_RANGE, "'ms' (minimum seq) must be >= 0", "ms")
+    logged = obj.get("l", False)
+    if not isinstance(logged, bool):
+        raise Rejected(Reason.WRONG_TYPE, "'l' (log the exposure) must be true or false", "l")
+    shown_at = obj.get("t")
+    if shown_at is not None:
+        shown_at = _number(shown_at, "t", lo=0.0)
     return Query(user=user, candidates=candidates if fast is not None else tuple(candidates),
-                 top=top, windows=windows, matrix=matrix, min_seq=min_seq)
+                 top=top, windows=windows, matrix=matrix, min_seq=min_seq, log=logged,
+                 t=shown_at)
 
 
 def _candidates(raw: list, limits: Limits) -> list[Candidate]:
@@ -531,6 +605,10 @@ def encode_query(query: Query) -> bytes:
         body["w"] = True
     if query.min_seq is not None:
         body["ms"] = query.min_seq
+    if query.log:
+        body["l"] = True
+    if query.t is not None:
+        body["t"] = query.t
     return msgpack.packb(body, use_bin_type=True)
 
 
@@ -546,6 +624,12 @@ def encode_ranking(ranking: Ranking) -> bytes:
     }
     if ranking.windows is not None:
         body["rw"] = dict(ranking.windows)
+    if ranking.rid is not None:
+        body["rid"] = ranking.rid
+    if ranking.arm is not None:
+        body["xa"] = list(ranking.arm)
+    if ranking.log_error is not None:
+        body["le"] = ranking.log_error
     return msgpack.packb(body, use_bin_type=True)
 
 
@@ -566,4 +650,7 @@ def decode_reply(raw: bytes) -> Ranking:
         seq=obj["q"],
         config=obj["cv"],
         windows=obj.get("rw"),
+        rid=obj.get("rid"),
+        arm=None if obj.get("xa") is None else Arm(*obj["xa"]),
+        log_error=obj.get("le"),
     )

@@ -26,7 +26,7 @@ OUTLIER_RULES = ("z", "iqr")
 OUTLIER_ACTIONS = ("drop", "clip")
 _NON_NUMERIC = frozenset(
     {"optimizer", "prior", "hygiene", "late_policy", "outlier_rule", "outlier_action",
-     "normalize", "segment_model"}
+     "normalize", "segment_model", "personal"}
 )
 
 
@@ -92,12 +92,18 @@ class SegmentConfig:
     # where users share little, a fast shared model drowns their own (README "Segment model")
     segment_lr: float = 0.02
     segment_half_life: float = 60 * 86400.0  # population tastes fade slower than a user's
+    # the micro-adjustment itself: false freezes the users' own weights (they rank by the
+    # segment model and the prior alone, and still teach the segment model): the control arm
+    # of an experiment that asks "does the micro-adjustment help?" (README "Measuring the
+    # effect")
+    personal: bool = True
 
 
-# The encoding's schema. Changing a SegmentConfig default (or adding a field) needs a new
-# schema: bump CONFIG_SCHEMA and add its row below; earlier rows are never edited, except that
-# a new field gets, in every earlier row, the value that keeps the old behaviour (what a body
-# of that schema, which cannot name the field, meant). tests/test_config_schema.py checks that
+# The encoding's schema. Changing a SegmentConfig default needs a new schema: bump
+# CONFIG_SCHEMA and add its row below; earlier rows are never edited, except that a new field
+# gets, in every earlier row, the value that keeps the old behaviour (what a body of that
+# schema, which cannot name the field, meant). A new field whose default is that value
+# (`personal`) needs no new schema. tests/test_config_schema.py checks that
 # the current row equals the dataclass's defaults.
 CONFIG_SCHEMA = 1
 # Bodies written before the `schema` key existed (they hold every field of their time).
@@ -117,6 +123,7 @@ SEGMENT_DEFAULTS: dict[int, dict[str, Any]] = {
         "outlier_iqr": 3.0, "outlier_action": "drop", "dwell_max": 7200.0, "hover_max": 120.0,
         "normalize": True, "norm_slope": 1.0, "freq_power": 0.5, "recent_window": 300.0,
         "segment_model": True, "segment_lr": 0.02, "segment_half_life": 5184000.0,
+        "personal": True,
     },
 }
 
@@ -148,6 +155,9 @@ class TuningConfig:
     segments: dict[str, SegmentConfig] = field(
         default_factory=lambda: {"default": SegmentConfig()}
     )
+    # what this version is for when it is not the service's own: an experiment arm's config
+    # ("experiment <name> arm <arm>") is labelled, and never becomes the current config
+    label: str | None = None
     _priors: dict[str, np.ndarray] = field(init=False, repr=False, compare=False)
     _constants: dict[str, Constants] = field(init=False, repr=False, compare=False)
 
@@ -178,12 +188,15 @@ class TuningConfig:
 
     def to_map(self) -> dict[str, Any]:
         """The stored form: every field, and the schema whose defaults fill absent ones."""
-        return {
+        body = {
             "schema": CONFIG_SCHEMA,
             "version": self.version,
             "dim": self.dim,
             "segments": {k: asdict(v) for k, v in self.segments.items()},
         }
+        if self.label is not None:  # only when set: an unlabelled body encodes as it did
+            body["label"] = self.label
+        return body
 
     def encode(self) -> bytes:
         return msgpack.packb(self.to_map(), use_bin_type=True)
@@ -216,7 +229,9 @@ class TuningConfig:
                 if body.get("prior") is not None:
                     body["prior"] = tuple(float(p) for p in body["prior"])
                 segments[name] = SegmentConfig(**body)
-            return cls(version=int(obj["version"]), dim=int(obj["dim"]), segments=segments)
+            label = obj.get("label")
+            return cls(version=int(obj["version"]), dim=int(obj["dim"]), segments=segments,
+                       label=None if label is None else str(label))
         except Rejected:
             raise
         except (KeyError, TypeError, ValueError) as exc:
@@ -247,8 +262,10 @@ def _validate(cfg: TuningConfig) -> None:
                              ("outlier_action", OUTLIER_ACTIONS)):
             if getattr(s, key) not in allowed:
                 raise bad(f"segment {name!r}: {key} must be one of {allowed}")
-        if not all(isinstance(b, bool) for b in (s.hygiene, s.normalize, s.segment_model)):
-            raise bad(f"segment {name!r}: hygiene, normalize, segment_model are true or false")
+        if not all(isinstance(b, bool)
+                   for b in (s.hygiene, s.normalize, s.segment_model, s.personal)):
+            raise bad(f"segment {name!r}: hygiene, normalize, segment_model, personal are "
+                      "true or false")
         if min(s.session_timeout, s.recent_window, s.dwell_max, s.hover_max) <= 0:
             raise bad(f"segment {name!r}: session_timeout, recent_window, *_max > 0")
         if not 0 < s.lr_min <= s.lr_max:

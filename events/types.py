@@ -34,10 +34,15 @@ CONTROL_KINDS: dict[str, str | None] = {
 # state at an earlier seq (`to_seq`; the actor stamps that state, `restored`, on the logged
 # event), `restore` is the first event of a user imported from an export (`restored`)
 ADMIN_KINDS = frozenset({"rollback", "restore"})
+# what a user was shown: a ranking, logged (README "Measuring the effect"). It moves no
+# weight; outcomes (clicks, dwell, feedback) are joined to it (actors/experiments/attribution)
+EXPOSURE = "exposure"
+# the interactions that answer an exposure: what the user did with an item it was shown
+OUTCOME_KINDS = frozenset({"click", "dwell", "scroll", "hover", "feedback"})
 # what a user does (the bot heuristics watch these; impressions and explicit feedback are
 # produced by pages and rating forms, not by the pace of a hand)
 ACTION_KINDS = frozenset({"click", "dwell", "scroll", "hover"})
-KINDS = {**INTERACTION_KINDS, **CONTROL_KINDS}
+KINDS = {**INTERACTION_KINDS, **CONTROL_KINDS, EXPOSURE: "sh"}
 _NO_EXTRA: Mapping[str, Any] = MappingProxyType({})
 
 
@@ -73,6 +78,12 @@ class Event(NamedTuple):
     # "Backfill"). Hygiene trusts its time and does not pace it as a hand's actions.
     backfill: bool = False
     extra: Mapping[str, Any] = _NO_EXTRA  # unknown wire keys, kept and logged
+    # the ranking id (`rid`): on an exposure, its own; on an outcome, the exposure it answers
+    rid: str | None = None
+    exposure: Exposure | None = None  # an exposure's ranking (kind "exposure" only)
+    # the experiment arm the user is in, stamped by the service on an exposure (never taken
+    # from a publisher): the assignment is logged, so replay and reports read it from the log
+    arm: Arm | None = None
 
     @property
     def is_interaction(self) -> bool:
@@ -98,7 +109,30 @@ class Event(NamedTuple):
 _SCALAR_FIELDS = (
     "id", "user", "t", "kind", "item", "dwell", "depth", "hover", "target", "segment", "config",
     "received", "session", "automated", "norms", "base", "to_seq", "restored", "backfill",
+    "rid", "exposure", "arm",
 )
+
+
+class Arm(NamedTuple):
+    """A user's experiment assignment: experiment name, arm name, and the version of the
+    experiment's definition that assigned it (actors/experiments)."""
+
+    experiment: str
+    name: str
+    version: int
+
+
+class Exposure(NamedTuple):
+    """What one ranking showed, best first: items with their weights and scores, the seq and
+    config version of the state that ranked them, and (with exploration) each item's
+    probability of being shown (`propensities`, for off-policy evaluation)."""
+
+    items: tuple[str, ...]
+    weights: tuple[float, ...]
+    scores: tuple[float, ...]
+    seq: int
+    config: int
+    propensities: tuple[float, ...] | None = None
 
 
 class Candidate(NamedTuple):
@@ -145,6 +179,9 @@ class Query(NamedTuple):
     # read your own writes: answer from a state at this seq or later (the seq of the event
     # the caller just wrote, from its outcome), waiting a bounded time for it
     min_seq: int | None = None
+    # log this ranking as an exposure (`l`): the reply carries its ranking id (`rid`)
+    log: bool = False
+    t: float | None = None  # when the ranking is shown (event time); default: when answered
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,3 +199,6 @@ class Ranking:
     seq: int
     config: int
     windows: Mapping[str, int] | None = None  # kind -> count in the recent window, on request
+    rid: str | None = None  # the ranking id, when the query asked for its exposure to be logged
+    arm: Arm | None = None  # the experiment arm that ranked it, if any
+    log_error: str | None = None  # why a ranking asked to be logged was not (none: it was)

@@ -22,11 +22,13 @@ import structlog
 from sqlalchemy import Engine, bindparam, create_engine, event, func, literal, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError
 
 from store.schema import (
     audit_log,
     configs,
     events,
+    experiments,
     imported_ids,
     metadata,
     segment_models,
@@ -329,6 +331,26 @@ class Recorder:
                                               set_={"state": insert.excluded.state})
         with self.engine.begin() as conn:
             conn.execute(upsert, [{"segment": k, "state": v} for k, v in models.items()])
+
+    def save_experiment(self, name: str, version: int, body: bytes, audit: bytes) -> bool:
+        """Record a version of an experiment's definition, with its audit record, in one
+        transaction. Append-only: False if that version exists already (a concurrent change
+        won; the caller reads again)."""
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(experiments.insert().values(name=name, version=version,
+                                                         body=body))
+                conn.execute(audit_log.insert().values(body=audit))
+        except IntegrityError:
+            return False
+        return True
+
+    def experiments(self) -> list[tuple[str, int, bytes]]:
+        """Every version of every experiment's definition, oldest first."""
+        with self.engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(
+                select(experiments.c.name, experiments.c.version, experiments.c.body)
+                .order_by(experiments.c.name, experiments.c.version))]
 
     def segment_models(self) -> dict[str, bytes]:
         with self.engine.connect() as conn:

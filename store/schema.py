@@ -81,3 +81,14 @@ segment_models = Table(
     Column("segment", String(128), primary_key=True),
     Column("state", LargeBinary, nullable=False),  # msgpack, actors.state.encode_state
 )
+
+experiments = Table(
+    "mt_experiments",
+    metadata,
+    # append-only: each start, ramp and stop of an experiment is a new version of its
+    # definition (msgpack, actors.experiments.Experiment.to_map), with who, when and why
+    Column("name", String(128), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("body", LargeBinary, nullable=False),
+    PrimaryKeyConstraint("name", "version", name="mt_experiments_pk"),
+)

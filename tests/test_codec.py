@@ -227,14 +227,14 @@ def _wire_value(draw_kind: str):
         st.lists(st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-3, 3),
                            st.booleans(), st.just("1.5"), st.just(1e308)), max_size=5))
     return {"v": st.one_of(st.just(1), st.just(2), st.just(True), st.just(1.0)),
-            "id": ids, "u": ids, "i": ids, "sid": ids, "t": numbers,
+            "id": ids, "u": ids, "i": ids, "sid": ids, "rid": ids, "t": numbers,
             "k": st.sampled_from(["click", "impression", "dwell", "scroll", "hover",
                                   "feedback", "segment", "teleport", 3]),
             "x": packed, "d": numbers, "s": numbers, "h": numbers, "y": numbers,
             "a": st.booleans(), "zz": st.integers()}[draw_kind]
 
 
-@settings(max_examples=600, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=600, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(st.data())
 def test_the_fast_path_accepts_only_what_the_careful_path_accepts_and_builds_the_same(data):
     """`event_from_map` takes a one-pass path for the common interaction event: it must
@@ -255,9 +255,12 @@ def test_the_fast_path_accepts_only_what_the_careful_path_accepts_and_builds_the
         body[field] = 0.5
     if data.draw(st.booleans()):
         body["sid"] = "tab-1"
+    if data.draw(st.booleans()):
+        body["rid"] = "r-1"  # the exposure this outcome answers
     # a valid event, then up to two fields changed to edge values or removed
     for key in data.draw(st.sets(st.sampled_from(
-            ["v", "id", "u", "t", "k", "i", "x", "sid", "d", "s", "h", "y", "a", "zz"]),
+            ["v", "id", "u", "t", "k", "i", "x", "sid", "rid", "d", "s", "h", "y", "a",
+             "zz"]),
             max_size=2)):
         if data.draw(st.integers(0, 4)) == 0:
             body.pop(key, None)
