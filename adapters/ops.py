@@ -634,9 +634,15 @@ def import_events(argv: list[str]) -> int:
     return backfill.main(argv)
 
 
+def experiment(argv: list[str]) -> int:
+    from adapters import experiment_cli
+
+    return experiment_cli.main(argv)
+
+
 COMMANDS = {"replay": replay, "debug": debug, "rollback": rollback, "export": export,
             "import": import_, "forget": forget, "stats": stats,
-            "import-events": import_events}
+            "import-events": import_events, "experiment": experiment}
 
 
 def run(name: str, argv: list[str]) -> int:

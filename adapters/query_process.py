@@ -350,6 +350,8 @@ class QueryServer:
             self._send({"stats": {
                 "queries": self.stats.queries, "errors": self.stats.errors,
                 "rejected": dict(self.stats.rejected), "waited": self.stats.waited,
+                "exposures": self.stats.exposures,
+                "exposures_failed": self.stats.exposures_failed,
                 "loads_failed": self.stats.loads_failed, "replicas": len(self.model),
                 "loop_errors": self.stats.loop_errors, "behind": self.model.behind,
                 "rows": m.rows, "applied": m.applied, "loads": m.loads, "gaps": m.gaps,

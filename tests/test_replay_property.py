@@ -1,7 +1,8 @@
 """The log is the truth: live state == replayed state, bit for bit.
 
 Random event sequences (random times, kinds, items, repeated ids, segment changes, config
-changes) go through the real system (actors, journal, SQLite) while actors are passivated and
+changes, exposures and outcomes naming them, experiments started and stopped, so that users
+learn under their arms' configs) go through the real system (actors, journal, SQLite) while actors are passivated and
 re-activated and snapshots are taken at arbitrary points. Afterwards every user's live state,
 encoded as a snapshot, must equal byte for byte: a replay from the log, a replay from the
 latest snapshot, and an independent fold of `apply` over the events the test sent (first
@@ -21,6 +22,7 @@ from hypothesis import strategies as st
 from actors import Microtune, apply, encode_state, replay_user
 from actors.state import UserState
 from events import Event, SegmentConfig, TuningConfig
+from events.types import Exposure
 from events.codec import event_from_log
 
 DIM = 3
@@ -37,7 +39,8 @@ CONFIG = TuningConfig(version=1, dim=DIM, segments={
 })
 
 kinds = st.sampled_from(["click", "impression", "dwell", "scroll", "hover", "feedback",
-                         "segment", "clear_bot"])
+                         "segment", "clear_bot", "exposure"])
+SHOWN = Exposure(("a", "b"), (0.7, 0.3), (1.25, 0.4), 0, 1)
 
 
 @st.composite
@@ -48,6 +51,8 @@ def event_op(draw):
         fields["segment"] = draw(st.sampled_from(["default", "fast", "slow", "raw"]))
     elif kind == "clear_bot":
         pass
+    elif kind == "exposure":
+        fields["exposure"] = SHOWN
     else:
         fields["item"] = "i"
         fields["x"] = ITEMS[draw(st.integers(0, len(ITEMS) - 1))]
@@ -57,10 +62,15 @@ def event_op(draw):
             "hover": {"hover": draw(st.floats(0, 30))},
             "feedback": {"target": draw(st.floats(0, 1))},
         }.get(kind, {}))
+        if kind != "impression":  # an outcome may name the exposure it answers
+            fields["rid"] = draw(st.sampled_from([None, "id1", "id2"]))
     t = draw(st.floats(0, 5000, allow_nan=False))  # unordered event times
     delay = draw(st.one_of(st.none(), st.floats(-10, 3 * 3600)))  # skewed or late clocks
+    event_id = f"id{draw(st.integers(0, 25))}"  # a small id pool: repeats are common
+    if kind == "exposure":
+        fields["rid"] = event_id
     return ("event", Event(
-        id=f"id{draw(st.integers(0, 25))}",  # a small id pool: repeats are common
+        id=event_id,
         user=draw(st.sampled_from(USERS)),
         t=t,
         kind=kind,
@@ -80,6 +90,7 @@ ops = st.lists(
         st.just(("passivate",)),
         st.just(("restart",)),
         st.just(("config",)),
+        st.just(("experiment",)),
     ),
     min_size=1,
     max_size=60,
@@ -117,6 +128,13 @@ def test_live_state_equals_replay_bit_for_bit(ops, snapshot_every, max_live):
                 elif op[0] == "restart":  # as after a crash: no snapshots on the way out
                     mt.close(snapshot=False)
                     mt = start()
+                elif op[0] == "experiment":  # start one, or stop the one running
+                    running = mt.experiments.running
+                    if running:
+                        mt.stop_experiment(running[0].name)
+                    else:
+                        mt.start_experiment(f"x{len(mt.experiments.all())}",
+                                            [("control", "no-adjust"), ("b", "current")])
                 else:
                     cur = mt.configs.current
                     seg = cur.segments["default"]
@@ -135,8 +153,9 @@ def test_live_state_equals_replay_bit_for_bit(ops, snapshot_every, max_live):
                 # and without the codec: a field that snapshots lose would show here
                 assert canonical(full) == canonical(from_snapshot) == canonical(mt.state(user))
 
-                # what the actor stamped (the segment model's score, segment statistics)
-                # depends on other users; the rest of each logged event is what was sent
+                # what the actor stamped (the segment model's score, segment statistics, the
+                # experiment arm and its config) depends on other users and on experiments;
+                # the rest of each logged event is what was sent
                 stamped = {e.id: e for e in (event_from_log(row.body)
                                              for row in mt.recorder.read(user))}
                 expected, seen = UserState(user), set()
@@ -144,10 +163,15 @@ def test_live_state_equals_replay_bit_for_bit(ops, snapshot_every, max_live):
                     if event.id in seen:
                         continue
                     seen.add(event.id)
-                    cfg = mt.configs.get(version)
                     logged = stamped[event.id]
+                    if logged.config != version:  # only an arm's config replaces the current
+                        assert mt.configs.get(logged.config).label is not None or any(
+                            logged.config in dict(e.arms).values()
+                            for e in mt.experiments.all()), logged
+                    cfg = mt.configs.get(logged.config)
                     expected = apply(expected, event._replace(
-                        config=version, base=logged.base, norms=logged.norms), cfg)
+                        config=logged.config, base=logged.base, norms=logged.norms,
+                        arm=logged.arm), cfg)
                 assert live == encode_state(expected)
                 assert canonical(expected) == canonical(full)
                 assert [r.seq for r in mt.recorder.read(user)] == list(range(1, len(seen) + 1))

@@ -182,8 +182,8 @@ class ExperimentRegistry:
 
     def _save(self, e: Experiment) -> None:
         if self._recorder is not None:
-            audit = msgpack.packb({"action": f"experiment.{e.audit.get('action')}",
-                                   "experiment": e.name, "version": e.version, **e.audit},
+            audit = msgpack.packb({**e.audit, "action": f"experiment.{e.audit.get('action')}",
+                                   "experiment": e.name, "version": e.version},
                                   use_bin_type=True)
             if not self._recorder.save_experiment(e.name, e.version, e.encode(), audit):
                 raise Rejected(Reason.OUT_OF_RANGE, f"experiment {e.name!r} version "
