@@ -2,8 +2,8 @@
 
 Random event sequences (random times, kinds, items, repeated ids, segment changes, config
 changes, exposures and outcomes naming them, experiments started and stopped, so that users
-learn under their arms' configs) go through the real system (actors, journal, SQLite) while actors are passivated and
-re-activated and snapshots are taken at arbitrary points. Afterwards every user's live state,
+learn under their arms' configs) go through the real system (actors, journal, SQLite) while
+actors are passivated and re-activated and snapshots are taken at arbitrary points. Afterwards every user's live state,
 encoded as a snapshot, must equal byte for byte: a replay from the log, a replay from the
 latest snapshot, and an independent fold of `apply` over the events the test sent (first
 occurrence of each id), in the order sent.
@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from actors import Microtune, apply, encode_state, replay_user
 from actors.state import UserState
 from events import Event, SegmentConfig, TuningConfig
-from events.types import Exposure
 from events.codec import event_from_log
+from events.types import Exposure
 
 DIM = 3
 USERS = ["ann", "bob", "cyd"]
