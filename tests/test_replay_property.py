@@ -4,9 +4,9 @@ Random event sequences (random times, kinds, items, repeated ids, segment change
 changes, exposures and outcomes naming them, experiments started and stopped, so that users
 learn under their arms' configs) go through the real system (actors, journal, SQLite) while
 actors are passivated and re-activated and snapshots are taken at arbitrary points.
-Afterwards every user's live state, encoded as a snapshot, must equal byte for byte: a replay from the log, a replay from the
-latest snapshot, and an independent fold of `apply` over the events the test sent (first
-occurrence of each id), in the order sent.
+Afterwards every user's live state, encoded as a snapshot, must equal byte for byte: a replay
+from the log, a replay from the latest snapshot, and an independent fold of `apply` over the
+events the test sent (first occurrence of each id), in the order sent.
 """
 
 from __future__ import annotations
