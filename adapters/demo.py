@@ -51,8 +51,8 @@ PAGE_GAP = (1.0, 6.0)
 # the experiment's arms: (name, spec) as `Microtune.start_experiment` takes them
 CONTROL, ADJUSTED = "control", "adjusted"
 ARMS = [(CONTROL, "no-adjust"), (ADJUSTED, "current")]
-ARM_TEXT = {CONTROL: "no micro-adjustment (segment model and prior only)",
-            ADJUSTED: "the current config (micro-adjusted)"}
+ARM_TEXT = {CONTROL: "no micro-adjustment: segment model and prior only",
+            ADJUSTED: "the current config, micro-adjusted"}
 WHY = "microtune demo --experiment: does the micro-adjustment help?"
 
 
@@ -338,7 +338,17 @@ async def run_experiment_remote(url: str, *, users: int, rounds: int, dim: int, 
 
 
 def print_summary(result: DemoResult, console: Console) -> None:
-    console.print(arms_table(result))
+    """One line per arm: what the live view ended with."""
+    for arm, trace in result.arms.items():
+        if not trace.users:
+            continue
+        agree, ctr = trace.agreement, trace.ctr
+        console.print(
+            f"[bold]{arm}[/bold] ({ARM_TEXT.get(arm, 'not in the experiment')}): "
+            f"{len(trace.users)} users; mean agreement "
+            f"{agree[0]:+.2f} in the first round, {agree[-1]:+.2f} in the last; "
+            f"click-through {ctr[-1] if ctr else float('nan'):.1%} of "
+            f"{trace.exposures:,} exposures", highlight=False)
     if not result.settled:
         console.print("[yellow]some users' last events were not in the log yet; the report "
                       "may miss them[/yellow]")
@@ -408,10 +418,13 @@ async def _with_own_service(args: argparse.Namespace, console: Console) -> DemoR
     kw: dict[str, Any] = {"pace": args.pace}
     if args.experiment:
         run, kw = run_experiment, {**kw, "system": system}
-        console.print(f"the demo's store: {tmp / 'demo.db'}")
     try:
-        return await run(url=server.url, users=args.users, rounds=args.rounds, dim=args.dim,
-                         prefix=args.prefix, console=console, **kw)
+        result = await run(url=server.url, users=args.users, rounds=args.rounds,
+                           dim=args.dim, prefix=args.prefix, console=console, **kw)
     finally:
         await service.stop()
         server.stop()
+    if result.experiment:
+        console.print(f"the demo's store stays in {tmp}: microtune experiment report "
+                      f"{result.experiment} --store {tmp / 'demo.db'}", highlight=False)
+    return result

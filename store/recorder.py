@@ -332,15 +332,14 @@ class Recorder:
         with self.engine.begin() as conn:
             conn.execute(upsert, [{"segment": k, "state": v} for k, v in models.items()])
 
-    def save_experiment(self, name: str, version: int, body: bytes, audit: bytes) -> bool:
-        """Record a version of an experiment's definition, with its audit record, in one
-        transaction. Append-only: False if that version exists already (a concurrent change
-        won; the caller reads again)."""
+    def save_experiment(self, name: str, version: int, body: bytes) -> bool:
+        """Record a version of an experiment's definition (which names who changed it, when
+        and why: the table is its own audit trail). Append-only: False if that version
+        exists already (a concurrent change won; the caller reads again)."""
         try:
             with self.engine.begin() as conn:
                 conn.execute(experiments.insert().values(name=name, version=version,
                                                          body=body))
-                conn.execute(audit_log.insert().values(body=audit))
         except IntegrityError:
             return False
         return True

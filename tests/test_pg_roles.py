@@ -50,15 +50,21 @@ def test_the_service_role_needs_no_update_or_delete_on_the_log(pg_url):
                                             Candidate("b", np.array([0, 1.0, 0])))))
             assert ranking.items == ("a", "b") and ranking.seq == 5
             mt.catalog.upsert([("c", np.zeros(3))])
+            mt.start_experiment("x", [("control", "no-adjust"), ("b", "current")])
+            logged = mt.rank(Query("ann", (Candidate("a", np.array([1.0, 0, 0])),), log=True))
+            assert logged.rid is not None and logged.arm is not None
+            mt.stop_experiment("x")
             erased = mt.forget("bob", by="test", why="grants")
             assert erased["events"] == 1
         with psycopg.connect(dsn.replace("postgres@", f"{role}@"), autocommit=True) as svc:
             svc.execute(f"SET search_path TO {schema}")
             for statement in ("DELETE FROM mt_events", "UPDATE mt_events SET body = ''",
-                              "DELETE FROM mt_audit", "TRUNCATE mt_events"):
+                              "DELETE FROM mt_audit", "TRUNCATE mt_events",
+                              "DELETE FROM mt_experiments",
+                              "UPDATE mt_experiments SET body = ''"):
                 with pytest.raises(psycopg.errors.InsufficientPrivilege):
                     svc.execute(statement)
-            assert svc.execute("SELECT count(*) FROM mt_events").fetchone()[0] == 5
+            assert svc.execute("SELECT count(*) FROM mt_events").fetchone()[0] == 6
         with psycopg.connect(dsn, autocommit=True) as admin:  # nobody else may erase
             other = f"mt_other_{uuid.uuid4().hex[:8]}"
             admin.execute(f"CREATE ROLE {other} LOGIN")

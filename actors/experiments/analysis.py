@@ -12,7 +12,8 @@ delta-method variances (actors/experiments/statistics.py).
   means, for click-through also the two-proportion z-test (which treats exposures as
   independent: shown for reference, it overstates certainty when users repeat);
 - the always-valid sequential test (mSPRT) over the timeline's looks, so that reading the
-  report every hour does not inflate false positives;
+  report every hour does not inflate false positives; its mixing scale tau is 10% of the
+  metric's level before the experiment (`_tau_base`);
 - CUPED on per-user means with the same metric of the user's exposures before the experiment
   started as the covariate, where any user has such a pre-period;
 - the sample-ratio check of enrolled users against the split: a mismatch marks the report
@@ -126,7 +127,8 @@ def report(experiment: Experiment, users: list[UserSums], *, alpha: float = 0.05
             continue
         for metric in metrics:
             comparisons.append(_compare(experiment, control, by_arm[arm], arm, metric, alpha,
-                                        looks.get((arm, metric), [])))
+                                        looks.get((arm, metric), []),
+                                        _tau_base(users, timeline, experiment, metric)))
     return {
         "experiment": {**{k: v for k, v in experiment.to_map().items() if k != "salt"},
                        "split": experiment.shares},
@@ -165,8 +167,24 @@ def _per_user(group: list[UserSums], metric: str, pre: bool = False) -> np.ndarr
         return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
 
 
+def _tau_base(users: list[UserSums], timeline: list[dict], experiment: Experiment,
+              metric: str) -> float:
+    """The metric's level the sequential test's mixing scale is set from, fixed before the
+    experiment's data: the enrolled users' pre-period (pooled), else the control arm's first
+    look (an approximation: one look's worth of data)."""
+    den = sum(u.pre_den[metric] for u in users)
+    if den > 0:
+        return sum(u.pre_num[metric] for u in users) / den
+    for point in timeline:
+        if point["arm"] == experiment.control and point["metric"] == metric and \
+                point["estimate"] is not None:
+            return point["estimate"]
+    return 0.0
+
+
 def _compare(experiment: Experiment, control: list[UserSums], treated: list[UserSums],
-             arm: str, metric: str, alpha: float, looks: list[tuple[float, float]]) -> dict:
+             arm: str, metric: str, alpha: float, looks: list[tuple[float, float]],
+             tau_base: float) -> dict:
     primary = st.ratio_comparison(*_arrays(control, metric), *_arrays(treated, metric),
                                   alpha=alpha)
     a, b = _per_user(control, metric), _per_user(treated, metric)
@@ -186,9 +204,7 @@ def _compare(experiment: Experiment, control: list[UserSums], treated: list[User
                                  int(n_b.sum()), alpha=alpha)
         out["two_proportions"] = {**_interval(two.difference), "p_value": _num(two.p_value)}
     if looks:
-        control_rate = st.ratio_interval(*_arrays(control, metric)).estimate
-        seq = st.sequential(looks, st.default_tau(control_rate if math.isfinite(control_rate)
-                                                  else 0.0), alpha=alpha)
+        seq = st.sequential(looks, st.default_tau(tau_base), alpha=alpha)
         out["sequential"] = {"p_value": _num(seq.p_value), "low": _num(seq.interval.low),
                              "high": _num(seq.interval.high), "tau": seq.tau,
                              "looks": len(looks)}

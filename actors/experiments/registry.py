@@ -21,7 +21,6 @@ from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
-import msgpack
 import structlog
 
 from actors.configs import ConfigRegistry
@@ -181,13 +180,11 @@ class ExperimentRegistry:
         return changed
 
     def _save(self, e: Experiment) -> None:
-        if self._recorder is not None:
-            audit = msgpack.packb({**e.audit, "action": f"experiment.{e.audit.get('action')}",
-                                   "experiment": e.name, "version": e.version},
-                                  use_bin_type=True)
-            if not self._recorder.save_experiment(e.name, e.version, e.encode(), audit):
-                raise Rejected(Reason.OUT_OF_RANGE, f"experiment {e.name!r} version "
-                               f"{e.version} was recorded meanwhile by another writer")
+        # the version names who, when and why: the table is its own audit trail
+        if self._recorder is not None and not self._recorder.save_experiment(
+                e.name, e.version, e.encode()):
+            raise Rejected(Reason.OUT_OF_RANGE, f"experiment {e.name!r} version {e.version} "
+                           "was recorded meanwhile by another writer")
         self._publish({**self._latest, e.name: e})
 
 
