@@ -51,8 +51,8 @@ PAGE_GAP = (1.0, 6.0)
 # the experiment's arms: (name, spec) as `Microtune.start_experiment` takes them
 CONTROL, ADJUSTED = "control", "adjusted"
 ARMS = [(CONTROL, "no-adjust"), (ADJUSTED, "current")]
-ARM_TEXT = {CONTROL: "no micro-adjustment: segment model and prior only",
-            ADJUSTED: "the current config, micro-adjusted"}
+ARM_TEXT = {CONTROL: "no micro-adjustment (segment model and prior)",
+            ADJUSTED: "the current config"}
 WHY = "microtune demo --experiment: does the micro-adjustment help?"
 
 
@@ -339,6 +339,7 @@ async def run_experiment_remote(url: str, *, users: int, rounds: int, dim: int, 
 
 def print_summary(result: DemoResult, console: Console) -> None:
     """One line per arm: what the live view ended with."""
+    console.print()
     for arm, trace in result.arms.items():
         if not trace.users:
             continue
