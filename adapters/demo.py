@@ -51,15 +51,22 @@ PAGE_GAP = (1.0, 6.0)
 # the experiment's arms: (name, spec) as `Microtune.start_experiment` takes them
 CONTROL, ADJUSTED = "control", "adjusted"
 ARMS = [(CONTROL, "no-adjust"), (ADJUSTED, "current")]
-ARM_TEXT = {CONTROL: "no micro-adjustment (segment model and prior)",
+ARM_TEXT = {CONTROL: "without micro-adjustment, by segment model and prior",
             ADJUSTED: "the current config"}
 WHY = "microtune demo --experiment: does the micro-adjustment help?"
 
 
-def experiment_name(now: float | None = None) -> str:
-    """`demo-adjustment-<timestamp>` (UTC, to the second: names are never reused)."""
-    return "demo-adjustment-" + time.strftime("%Y%m%d-%H%M%S",
-                                              time.gmtime(time.time() if now is None else now))
+def stamp(now: float | None = None) -> str:
+    """A run's timestamp (UTC, to the second): experiment names are never reused."""
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime(time.time() if now is None else now))
+
+
+def user_ids(users: int, run: str | None = None) -> list[str]:
+    """`demo-user-<n>`, as the demo always had; with a run tag, `demo-<run>-<n>`: users of
+    their own, so that an experiment's users start with no history (none carries weights
+    learned in an earlier run into an arm), and a simulated clock never runs behind the
+    events an earlier run left on the same service."""
+    return [f"demo-user-{u}" if run is None else f"demo-{run}-{u}" for u in range(users)]
 
 
 class EventClock:
@@ -73,11 +80,15 @@ class EventClock:
     Data hygiene learns by event time, not wall time, but it aligns each event with the
     broker's receive time r (actors/hygiene.py `Hygiene.align`): an event after r is moved
     to r, and a clock offset r - t between `skew_tolerance` and `max_skew` is corrected as
-    skew. A simulated clock that ran ahead of the wall clock, or near it, would so be pulled
-    back to the wall clock, where a fast run looks like a bot. So the simulated clock starts
-    more than `max_skew` behind the wall clock (plus the run's length): hygiene takes such an
-    offset for delayed delivery and trusts the event's own time. The demo's events are then
-    dated a day or two in the past; exposures (`rank(..., t=)`) are dated the same way.
+    skew (by a low order statistic of the recent offsets). A simulated clock that ran ahead
+    of the wall clock, or that ran faster than it from up to `max_skew` behind, would so be
+    pulled back to the wall clock, where a fast run is machine-paced and marked a bot. So
+    the simulated clock starts more than `max_skew` behind the wall clock, and stays there
+    for the whole run: hygiene takes such an offset for delayed delivery and trusts the
+    event's own time. The demo's events are then dated a day or so in the past; exposures
+    (`rank(..., t=)`) are dated the same way. Such a run starts users of its own
+    (`user_ids`): on a service where these users acted at the wall clock before, its events
+    would all be older than their history.
     """
 
     def __init__(self, users: list[str], pace: float | None, rounds: int, seed: int,
@@ -86,7 +97,7 @@ class EventClock:
         self._rng = np.random.default_rng(seed + 1)  # not the simulation's own stream
         self._t: dict[str, float] = {}
         if pace is not None:
-            longest = rounds * (5 * ACTION_GAP[1] + PAGE_GAP[1])  # the run, at most
+            longest = (rounds + 1) * (5 * ACTION_GAP[1] + PAGE_GAP[1])  # the run, at most
             start = time.time() - max_skew - longest - 3600.0
             self._t = {u: start + self._rng.uniform(0, PAGE_GAP[1]) for u in users}
 
@@ -141,10 +152,12 @@ def _spark(values: list[float], lo: float = -1.0, hi: float = 1.0) -> str:
 
 async def run_demo(url: str, *, users: int, rounds: int, dim: int, prefix: str,
                    console: Console, experiment: str | None = None,
-                   pace: float | None = None, seed: int = 7) -> DemoResult:
+                   pace: float | None = None, run: str | None = None,
+                   seed: int = 7) -> DemoResult:
     """Run the simulated users against the service at `url`. `experiment`: the name of a
     running experiment (started by the caller): every ranking is logged, clicks name their
-    exposure, and the view follows the arms. `pace`: see `EventClock`."""
+    exposure, and the view follows the arms. `pace`: see `EventClock`. `run`: see
+    `user_ids`."""
     import nats
 
     from adapters.auth import client_options
@@ -156,7 +169,7 @@ async def run_demo(url: str, *, users: int, rounds: int, dim: int, prefix: str,
     await upsert_items(js, items, prefix=prefix)
     await asyncio.sleep(0.3)
     names = list(items)
-    tastes = {f"demo-user-{u}": rng.normal(size=dim) * 1.5 for u in range(users)}
+    tastes = {user: rng.normal(size=dim) * 1.5 for user in user_ids(users, run)}
     history: dict[str, list[float]] = {u: [] for u in tastes}
     result = DemoResult([], experiment)
     if experiment:
@@ -195,6 +208,10 @@ async def run_demo(url: str, *, users: int, rounds: int, dim: int, prefix: str,
             return table(round_no)
         return Group(table(round_no), arms_table(result))
 
+    # with an experiment, users click only what they clearly like: otherwise some item of the
+    # top five is clicked nearly always, whatever the ranking, and click-through cannot
+    # tell the arms apart (measured: 96-99% in both)
+    click_bar = 6.0 if experiment else 0.0
     with Live(view(0), console=console, refresh_per_second=4) as live:
         for round_no in range(1, rounds + 1):
             scores = []
@@ -214,7 +231,7 @@ async def run_demo(url: str, *, users: int, rounds: int, dim: int, prefix: str,
                 any_click = False
                 for item in ranking.items[:5]:  # the user sees the top five
                     n += 1
-                    clicked = rng.random() < 1 / (1 + np.exp(-(items[item] @ taste)))
+                    clicked = bool(rng.random() < 1 / (1 + np.exp(click_bar - items[item] @ taste)))
                     any_click = any_click or clicked
                     extra = {"rid": ranking.rid} if clicked and ranking.rid else {}
                     await track(js, user, prefix=prefix, id=f"demo-{n}-{time.time_ns()}",
@@ -230,7 +247,7 @@ async def run_demo(url: str, *, users: int, rounds: int, dim: int, prefix: str,
                     round_scores.setdefault(arm, []).append(agreement)
                     if ranking.rid is not None:
                         trace.exposures += 1
-                        trace.clicked += any_click
+                        trace.clicked += int(any_click)
             result.means.append(float(np.mean(scores)))
             for arm, trace in result.arms.items():
                 if arm in round_scores:
@@ -257,6 +274,7 @@ async def _rank(nc, user: str, slate: list[str], *, prefix: str, log: bool,
 
 
 async def _settle(nc, expect: dict[str, int], item: str, prefix: str) -> bool:
+    """Wait (bounded) until each user's log reaches the seq its events take it to."""
     settled = True
     for user, seq in expect.items():
         try:
@@ -290,17 +308,20 @@ def arms_table(result: DemoResult) -> Table:
 
 async def run_experiment(system, url: str, *, users: int, rounds: int, dim: int,
                          prefix: str, console: Console, pace: float | None = None,
-                         name: str | None = None, seed: int = 7) -> DemoResult:
+                         run: str | None = None, seed: int = 7) -> DemoResult:
     """`--experiment` with the service of this process (`system` is its `Microtune`): start
-    the experiment, run the demo, stop it once every event is in the log, print the report."""
+    the experiment `demo-adjustment-<run>` (`run`: default, the time), run the demo with the
+    users `demo-<run>-<n>`, stop it once every event is in the log, print the report."""
     from actors.experiments import analysis
     from adapters.experiment_report import print_report
 
-    name = name or experiment_name()
+    run = run or stamp()
+    name = f"demo-adjustment-{run}"
     await asyncio.to_thread(system.start_experiment, name, ARMS, by="microtune demo", why=WHY)
     try:
         result = await run_demo(url, users=users, rounds=rounds, dim=dim, prefix=prefix,
-                                console=console, experiment=name, pace=pace, seed=seed)
+                                console=console, experiment=name, pace=pace, run=run,
+                                seed=seed)
     finally:
         experiment = await asyncio.to_thread(system.stop_experiment, name, by="microtune demo",
                                              why="the demo is over")
@@ -319,13 +340,15 @@ async def run_experiment_remote(url: str, *, users: int, rounds: int, dim: int, 
     `<prefix>.admin.experiment` (needs the admin token, MICROTUNE_ADMIN_TOKEN)."""
     from adapters.ops import _admin
 
-    name = experiment_name()
+    run = stamp()
+    name = f"demo-adjustment-{run}"
     await _admin(url, prefix, "experiment", {"op": "start", "name": name,
                                              "arms": [list(a) for a in ARMS],
                                              "by": "microtune demo", "why": WHY})
     try:
         result = await run_demo(url, users=users, rounds=rounds, dim=dim, prefix=prefix,
-                                console=console, experiment=name, pace=pace, seed=seed)
+                                console=console, experiment=name, pace=pace, run=run,
+                                seed=seed)
     finally:  # an experiment on every user must not outlive the demo
         await _admin(url, prefix, "experiment", {"op": "stop", "name": name,
                                                  "by": "microtune demo",
@@ -391,7 +414,8 @@ def main(argv: list[str]) -> int:
         else:
             result = asyncio.run(run_demo(args.nats_url, users=args.users, rounds=args.rounds,
                                           dim=args.dim, prefix=args.prefix, console=console,
-                                          pace=args.pace))
+                                          pace=args.pace,
+                                          run=None if args.pace is None else stamp()))
     else:
         result = asyncio.run(_with_own_service(args, console))
     means = result.means
@@ -416,7 +440,7 @@ async def _with_own_service(args: argparse.Namespace, console: Console) -> DemoR
     service = Service(system, ServiceConfig(prefix=args.prefix))
     await service.start(server.url)
     run: Callable[..., Awaitable[Any]] = run_demo
-    kw: dict[str, Any] = {"pace": args.pace}
+    kw: dict[str, Any] = {"pace": args.pace, "run": None if args.pace is None else stamp()}
     if args.experiment:
         run, kw = run_experiment, {**kw, "system": system}
     try:

@@ -19,11 +19,13 @@ from events import TuningConfig
 from events.codec import event_from_log
 
 DIM = 16
-# 16 users, 20 rounds: with seed 7 the arms end about 0.25 apart in mean agreement (the
-# control is not at zero: the segment model it ranks by learns the population's taste, each
-# user's own included)
+# 16 users, 20 rounds: with the demo's seed (7) the arms end about 0.5 apart in mean
+# agreement (control about +0.1: the segment model it ranks by learns the population's taste,
+# each user's own included; adjusted about +0.65)
 USERS, ROUNDS = 16, 20
-NAME = "demo-adjustment-test"  # fixed: the assignment of users to arms hashes the name
+# fixed: the assignment of users to arms hashes the experiment's name and the user ids
+RUN = "seed7"  # 8 users in each arm
+NAME = f"demo-adjustment-{RUN}"
 
 
 def test_the_experiment_demo_shows_the_adjusted_arm_ahead_of_the_control(server, tmp_path):
@@ -35,7 +37,7 @@ def test_the_experiment_demo_shows_the_adjusted_arm_ahead_of_the_control(server,
         try:
             result = await demo.run_experiment(
                 system, server.url, users=USERS, rounds=ROUNDS, dim=DIM, prefix="microtune",
-                console=Console(file=out, width=160), pace=0.0, name=NAME)
+                console=Console(file=out, width=160), pace=0.0, run=RUN)
             states = {user: system.state(user) for user in result.arm_of}
             rows = {user: list(system.recorder.read(user)) for user in result.arm_of}
             experiment = system.experiments.get(NAME)
@@ -51,6 +53,7 @@ def test_the_experiment_demo_shows_the_adjusted_arm_ahead_of_the_control(server,
     assert control.users and adjusted.users
     assert len(control.users) + len(adjusted.users) == USERS
     assert set(result.arms) == {demo.CONTROL, demo.ADJUSTED}
+    assert set(result.arm_of) == {f"demo-{RUN}-{u}" for u in range(USERS)}
 
     # every ranking was logged as an exposure of the experiment, and named
     assert len(result.rankings) == USERS * ROUNDS
@@ -71,7 +74,7 @@ def test_the_experiment_demo_shows_the_adjusted_arm_ahead_of_the_control(server,
     assert len(control.agreement) == len(adjusted.agreement) == ROUNDS
     assert adjusted.agreement[-1] > control.agreement[-1], (control.agreement,
                                                             adjusted.agreement)
-    assert np.mean(adjusted.agreement[-3:]) > np.mean(control.agreement[-3:]) + 0.1
+    assert np.mean(adjusted.agreement[-3:]) > np.mean(control.agreement[-3:]) + 0.25
     assert adjusted.agreement[-1] > adjusted.agreement[0] + 0.3  # it learned
 
     # control users rank by the segment model and prior: their own weights never move;
