@@ -169,14 +169,19 @@ def verdict(comparison: Mapping[str, Any] | None, report: Mapping[str, Any]) -> 
     return f"{comparison.get('arm', 'B')} {'better' if estimate > 0 else 'worse'}"
 
 
-def _verdict_style(text: str) -> str:
+def _verdict_kind(text: str) -> str:
+    """srm, good, bad or none: what a verdict's colour says, in the table and on the page."""
     if text.startswith("untrustworthy"):
-        return "bold red"
+        return "srm"
     if text.endswith(" better"):
-        return "green"
+        return "good"
     if text.endswith(" worse"):
-        return "red"
-    return "dim"
+        return "bad"
+    return "none"
+
+
+def _verdict_style(text: str) -> str:
+    return {"srm": "bold red", "good": "green", "bad": "red", "none": "dim"}[_verdict_kind(text)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -723,13 +728,7 @@ def _e(x: Any) -> str:
 
 
 def _verdict_class(text: str) -> str:
-    if text.startswith("untrustworthy"):
-        return "v-srm"
-    if text.endswith(" better"):
-        return "v-good"
-    if text.endswith(" worse"):
-        return "v-bad"
-    return "v-none"
+    return f"v-{_verdict_kind(text)}"
 
 
 def _lift_cell(lines: Sequence[str]) -> str:
@@ -751,13 +750,16 @@ def _summary_html(report: Mapping[str, Any]) -> str:
             "<tr>"
             f"<td class=arm>{_e(r['arm'])}</td><td class=num>{_e(r['config'])}</td>"
             f"<td class=num>{_e(r['users'])}</td><td class=num>{_e(r['exposures'])}</td>"
-            f"<td class=ci>{_e(r['estimate'])}</td><td class=ci>{_lift_cell(r['lift'])}</td>"
-            f"<td class=num>{_e(r['p'])}</td><td class=num>{_e(r['seq_p'])}</td>"
-            f"<td class=ci>{_lift_cell(r['cuped'])}</td>"
-            f"<td class=\"{_verdict_class(r['verdict'])}\">{_e(r['verdict'])}</td>"
-            "</tr>"
+            f"<td class=ci>{_e(r['estimate'])}</td>{_result_cells(r)}</tr>"
         )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _result_cells(r: Mapping[str, Any]) -> str:
+    """The cells both tables end with: lift, p, sequential p, CUPED lift, verdict."""
+    return (f"<td class=ci>{_lift_cell(r['lift'])}</td><td class=num>{_e(r['p'])}</td>"
+            f"<td class=num>{_e(r['seq_p'])}</td><td class=ci>{_lift_cell(r['cuped'])}</td>"
+            f"<td class=\"{_verdict_class(r['verdict'])}\">{_e(r['verdict'])}</td>")
 
 
 def _guardrails_html(report: Mapping[str, Any]) -> str:
@@ -776,11 +778,7 @@ def _guardrails_html(report: Mapping[str, Any]) -> str:
         body.append(
             f"<tr{' class=group' if first else ''}>"
             f"<td>{metric}</td><td class=arm>{_e(r['arm'])}</td>"
-            f"<td class=ci>{_e(r['estimate'])}</td>"
-            f"<td class=ci>{_lift_cell(r['lift'])}</td><td class=num>{_e(r['p'])}</td>"
-            f"<td class=num>{_e(r['seq_p'])}</td><td class=ci>{_lift_cell(r['cuped'])}</td>"
-            f"<td class=\"{_verdict_class(r['verdict'])}\">{_e(r['verdict'])}</td>"
-            "</tr>"
+            f"<td class=ci>{_e(r['estimate'])}</td>{_result_cells(r)}</tr>"
         )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
