@@ -371,13 +371,20 @@ def _summary_rows(report: Mapping[str, Any], compact: bool) -> list[dict[str, An
             "users": _count(arm.get("users")),
             "exposures": _count(arm.get("exposures")),
             "estimate": _interval(estimate, percent, compact=compact),
-            "lift": [_DASH] if is_control else _lift_lines(c, percent, compact),
-            "p": _DASH if is_control else _p(_get(c, "p_value")),
-            "seq_p": _DASH if is_control else _p(_get(_get(c, "sequential"), "p_value")),
-            "cuped": [_DASH] if is_control else _cuped(c, percent, compact),
-            "verdict": "baseline" if is_control else verdict(c, report),
+            **_result(report, c, percent, compact),
         })
     return rows
+
+
+def _result(report: Mapping[str, Any], c: Mapping[str, Any] | None, percent: bool,
+            compact: bool) -> dict[str, Any]:
+    """A row's comparison with the control (None: the control's own row)."""
+    if c is None:
+        return {"lift": [_DASH], "p": _DASH, "seq_p": _DASH, "cuped": [_DASH],
+                "verdict": "baseline"}
+    return {"lift": _lift_lines(c, percent, compact), "p": _p(_get(c, "p_value")),
+            "seq_p": _p(_get(_get(c, "sequential"), "p_value")),
+            "cuped": _cuped(c, percent, compact), "verdict": verdict(c, report)}
 
 
 def _guardrail_rows(report: Mapping[str, Any], compact: bool) -> list[dict[str, Any]]:
@@ -397,11 +404,7 @@ def _guardrail_rows(report: Mapping[str, Any], compact: bool) -> list[dict[str, 
                 "estimate": _interval(
                     _get(_get(arm, "metrics", {}), metric), percent, compact=compact
                 ),
-                "lift": [_DASH] if is_control else _lift_lines(c, percent, compact),
-                "p": _DASH if is_control else _p(_get(c, "p_value")),
-                "seq_p": _DASH if is_control else _p(_get(_get(c, "sequential"), "p_value")),
-                "cuped": [_DASH] if is_control else _cuped(c, percent, compact),
-                "verdict": "baseline" if is_control else verdict(c, report),
+                **_result(report, c, percent, compact),
             })
     return rows
 
