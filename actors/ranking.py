@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from actors import hygiene
+from actors.configs import ConfigRegistry
 from actors.learning import settle
 from actors.segment_model import SegmentModels
 from actors.state import UserState
@@ -35,8 +36,17 @@ class View:
         return settled
 
 
+def logs(query: Query, state: UserState, configs: ConfigRegistry) -> bool:
+    """Is this ranking to be logged as an exposure: asked for (`l`), or the user's segment
+    logs every ranking (`log_exposures`, by the config of its last event)?"""
+    if query.log:
+        return True
+    return configs.get_fresh(state.config or None).segment(state.segment).log_exposures
+
+
 def rank(state: UserState, query: Query, config: TuningConfig,
-         models: SegmentModels, arm: Arm | None = None) -> Ranking | Rejected:
+         models: SegmentModels, arm: Arm | None = None, log: bool = False
+         ) -> Ranking | Rejected:
     """Score the query's candidates by the user's (settled) weights plus its segment model's;
     weights are a softmax over the returned items, best first."""
     dim = config.dim
@@ -69,4 +79,5 @@ def rank(state: UserState, query: Query, config: TuningConfig,
         windows=(state.hyg or hygiene.EMPTY).window_counts(config.segment(state.segment))
         if query.windows else None,
         arm=arm,
+        log=log,
     )

@@ -207,10 +207,12 @@ class ReadModel:
         self._replicas[query.user] = replica
         state = replica.state
         try:
-            config, arm = self.experiments.ranking_config(state, self.configs, query.log)
+            log = ranking.logs(query, state, self.configs)
+            config, arm = self.experiments.ranking_config(state, self.configs, log)
         except Rejected:
             return Rejected(Reason.UNKNOWN_CONFIG, "config version unknown to the query process")
-        return ranking.rank(replica.view.of(state, config), query, config, self.models, arm)
+        return ranking.rank(replica.view.of(state, config), query, config, self.models, arm,
+                            log)
 
     def _add(self, user: str, replica: Replica) -> Replica:
         replicas = self._replicas

@@ -217,7 +217,7 @@ class Microtune:
             result = not_reached(query, result, timeout)
         if isinstance(result, Rejected):
             raise result
-        if query.log:
+        if result.log:  # asked for, or the segment logs every ranking
             result = self.log_exposure(query, result, timeout)
         return result
 

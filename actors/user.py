@@ -406,8 +406,10 @@ class UserActor(PooledActor):
 
     def _rank(self, query: Query) -> Ranking | Rejected:
         state = self.state  # read once: the actor may replace it meanwhile
-        config, arm = self.ctx.experiments.ranking_config(state, self.ctx.configs, query.log)
-        return ranking.rank(self._view.of(state, config), query, config, self.ctx.models, arm)
+        log = ranking.logs(query, state, self.ctx.configs)
+        config, arm = self.ctx.experiments.ranking_config(state, self.ctx.configs, log)
+        return ranking.rank(self._view.of(state, config), query, config, self.ctx.models, arm,
+                            log)
 
 
 _WRITTEN_OK = Written(None)

@@ -375,7 +375,8 @@ class QueryServer:
         if not msg.reply:
             return
         answer = self.model.rank(query)
-        if answer is None or behind(query, answer) or query.log:
+        if answer is None or behind(query, answer) or query.log or (
+                isinstance(answer, Ranking) and answer.log):
             # nats-py runs this subscription's callbacks one after another: a query that
             # waits (for a load, a seq, or JetStream to store its exposure) must wait aside,
             # or every query behind it waits too
@@ -388,7 +389,7 @@ class QueryServer:
     async def _answer_later(self, query: Query, answer: Ranking | Rejected | None,
                             reply: str) -> None:
         answer = await self._awaited(query, answer)
-        if query.log and isinstance(answer, Ranking):
+        if isinstance(answer, Ranking) and answer.log:
             answer = await self._logged(query, answer)
         await self.nc.publish(reply, _encode(answer))
 

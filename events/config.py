@@ -26,7 +26,7 @@ OUTLIER_RULES = ("z", "iqr")
 OUTLIER_ACTIONS = ("drop", "clip")
 _NON_NUMERIC = frozenset(
     {"optimizer", "prior", "hygiene", "late_policy", "outlier_rule", "outlier_action",
-     "normalize", "segment_model", "personal"}
+     "normalize", "segment_model", "personal", "log_exposures"}
 )
 
 
@@ -97,13 +97,15 @@ class SegmentConfig:
     # of an experiment that asks "does the micro-adjustment help?" (README "Measuring the
     # effect")
     personal: bool = True
+    # log every ranking of this segment's users as an exposure, as if each query said `l`
+    log_exposures: bool = False
 
 
 # The encoding's schema. Changing a SegmentConfig default needs a new schema: bump
 # CONFIG_SCHEMA and add its row below; earlier rows are never edited, except that a new field
 # gets, in every earlier row, the value that keeps the old behaviour (what a body of that
 # schema, which cannot name the field, meant). A new field whose default is that value
-# (`personal`) needs no new schema. tests/test_config_schema.py checks that
+# (`personal`, `log_exposures`) needs no new schema. tests/test_config_schema.py checks that
 # the current row equals the dataclass's defaults.
 CONFIG_SCHEMA = 1
 # Bodies written before the `schema` key existed (they hold every field of their time).
@@ -123,7 +125,7 @@ SEGMENT_DEFAULTS: dict[int, dict[str, Any]] = {
         "outlier_iqr": 3.0, "outlier_action": "drop", "dwell_max": 7200.0, "hover_max": 120.0,
         "normalize": True, "norm_slope": 1.0, "freq_power": 0.5, "recent_window": 300.0,
         "segment_model": True, "segment_lr": 0.02, "segment_half_life": 5184000.0,
-        "personal": True,
+        "personal": True, "log_exposures": False,
     },
 }
 
@@ -263,9 +265,10 @@ def _validate(cfg: TuningConfig) -> None:
             if getattr(s, key) not in allowed:
                 raise bad(f"segment {name!r}: {key} must be one of {allowed}")
         if not all(isinstance(b, bool)
-                   for b in (s.hygiene, s.normalize, s.segment_model, s.personal)):
-            raise bad(f"segment {name!r}: hygiene, normalize, segment_model, personal are "
-                      "true or false")
+                   for b in (s.hygiene, s.normalize, s.segment_model, s.personal,
+                             s.log_exposures)):
+            raise bad(f"segment {name!r}: hygiene, normalize, segment_model, personal, "
+                      "log_exposures are true or false")
         if min(s.session_timeout, s.recent_window, s.dwell_max, s.hover_max) <= 0:
             raise bad(f"segment {name!r}: session_timeout, recent_window, *_max > 0")
         if not 0 < s.lr_min <= s.lr_max:

@@ -202,3 +202,6 @@ class Ranking:
     rid: str | None = None  # the ranking id, when the query asked for its exposure to be logged
     arm: Arm | None = None  # the experiment arm that ranked it, if any
     log_error: str | None = None  # why a ranking asked to be logged was not (none: it was)
+    # to be logged as an exposure: the query asked (`l`), or the user's segment logs every
+    # ranking (`log_exposures`); not on the wire
+    log: bool = False

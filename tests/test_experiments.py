@@ -280,3 +280,18 @@ def test_an_unknown_arm_config_or_bad_split_is_refused_before_anything_is_record
         wrong_dim = replace(CFG, dim=DIM + 1, segments={"default": SegmentConfig()})
         with pytest.raises(Rejected):
             mt.start_experiment("bad", [("a", "current"), ("b", wrong_dim)])
+
+
+def test_a_segment_can_log_every_ranking_without_being_asked(tmp_path):
+    cfg = TuningConfig(version=1, dim=DIM, segments={
+        "default": SegmentConfig(hygiene=False),
+        "news": SegmentConfig(hygiene=False, log_exposures=True)})
+    with Microtune.open(tmp_path / "mt.db", cfg) as mt:
+        (joined,) = mt.track_many([Event(id="g", user="ann", t=1.0, kind="segment",
+                                         segment="news")])
+        assert joined.status == "applied"
+        logged = mt.rank(Query("ann", CANDIDATES, top=2))  # no `l`: the segment logs it
+        quiet = mt.rank(Query("bob", CANDIDATES, top=2))  # the default segment does not
+        assert logged.rid is not None and quiet.rid is None
+        kinds = [event_from_log(r.body).kind for r in mt.recorder.read("ann")]
+        assert kinds == ["segment", EXPOSURE] and list(mt.recorder.read("bob")) == []

@@ -135,3 +135,28 @@ def test_an_exposure_that_cannot_be_stored_gets_no_rid_and_says_why(server, tmp_
             system.close()
 
     asyncio.run(scenario())
+
+
+def test_a_segment_that_logs_every_ranking_does_so_through_the_query_process(server,
+                                                                            tmp_path):
+    cfg = TuningConfig(version=1, dim=DIM, segments={"default": SegmentConfig(
+        segment_model=False, log_exposures=True)})
+
+    async def scenario():
+        system = Microtune.open(tmp_path / "mt.db", cfg)
+        service = Service(system, ServiceConfig())
+        await service.start(server.url)
+        nc = await nats.connect(server.url)
+        try:
+            ranking = await client.rank(nc, "ann", ITEMS, timeout=10)  # no `l`
+            assert ranking.rid is not None
+            await until(lambda: len(list(system.recorder.read("ann"))) == 1,
+                        what="the exposure committed")
+            (row,) = system.recorder.read("ann")
+            assert event_from_log(row.body).rid == ranking.rid
+        finally:
+            await nc.close()
+            await service.stop()
+            system.close()
+
+    asyncio.run(scenario())
