@@ -325,7 +325,8 @@ async def run_experiment(system, url: str, *, users: int, rounds: int, dim: int,
     finally:
         experiment = await asyncio.to_thread(system.stop_experiment, name, by="microtune demo",
                                              why="the demo is over")
-    users_sums = await asyncio.to_thread(analysis.collect, system.recorder, experiment)
+    users_sums = await asyncio.to_thread(analysis.collect, system.recorder, experiment,
+                                         system.configs)
     result.report = analysis.report(experiment, users_sums, generated_at=time.time())
     print_summary(result, console)
     console.print()

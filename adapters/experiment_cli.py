@@ -21,11 +21,13 @@ from typing import Any
 
 from rich.table import Table
 
+from actors.configs import ConfigRegistry
 from actors.experiments import analysis
 from actors.experiments.definition import DEFAULT_WINDOW, METRICS, Experiment
 from actors.experiments.registry import CURRENT, NO_ADJUST, ExperimentRegistry
 from adapters import experiment_report
 from adapters.ops import OperatorError, _admin, _jsonable, _parser, _service_args, console, out
+from events.config import TuningConfig
 from events.errors import Rejected
 from store.recorder import open_recorder
 
@@ -176,6 +178,10 @@ def _registry(store: str) -> tuple[Any, ExperimentRegistry]:
     return recorder, ExperimentRegistry(recorder)
 
 
+def _configs(recorder) -> ConfigRegistry:
+    return ConfigRegistry(recorder, TuningConfig(version=1, dim=1))  # the store's own
+
+
 def _list(args: argparse.Namespace) -> int:
     if args.nats_url:
         answer = asyncio.run(_admin(args.nats_url, args.prefix, "experiments", {}))
@@ -205,7 +211,7 @@ def _report(args: argparse.Namespace) -> int:
     try:
         experiment = registry.get(args.name)
         with console.status(f"reading the log for experiment {args.name} ..."):
-            users = analysis.collect(recorder, experiment)
+            users = analysis.collect(recorder, experiment, _configs(recorder))
     finally:
         recorder.close()
     report = analysis.report(experiment, users, alpha=args.alpha, generated_at=time.time())

@@ -295,3 +295,30 @@ def test_a_segment_can_log_every_ranking_without_being_asked(tmp_path):
         assert logged.rid is not None and quiet.rid is None
         kinds = [event_from_log(r.body).kind for r in mt.recorder.read("ann")]
         assert kinds == ["segment", EXPOSURE] and list(mt.recorder.read("bob")) == []
+
+
+def test_bots_are_left_out_of_the_metrics_and_counted_in_the_sample_ratio(tmp_path):
+    cfg = TuningConfig(version=1, dim=DIM)  # data hygiene on: it marks bots
+    with Microtune.open(tmp_path / "mt.db", cfg) as mt:
+        mt.start_experiment("bots", [("control", "no-adjust"), ("b", "current")])
+        users = [f"u{k}" for k in range(20)]
+        for user in users:
+            ranking = _show(mt, user, 1000.0)
+            declared = user == "u0"  # the publisher flags its traffic as automated
+            outcomes = mt.track_many([
+                Event(id=f"{user}-c{n}", user=user, t=1003.0 + 20 * n, kind="click",
+                      item=ranking.items[0], x=ITEMS[ranking.items[0]], rid=ranking.rid,
+                      automated=declared) for n in range(3)])
+            assert {o.status for o in outcomes} == {"applied"}
+        exp = mt.experiments.get("bots")
+        users_sums = analysis.collect(mt.recorder, exp, mt.configs)
+        assert [u.bot.split(":")[0] for u in users_sums if u.bot] == ["declared"]
+        report = analysis.report(exp, users_sums)
+        bot_arm = exp.assign("u0").name
+        arms = {a["name"]: a for a in report["arms"]}
+        assert arms[bot_arm]["bots"] == 1
+        assert sum(a["users"] for a in arms.values()) == 19  # the bot's exposures left out
+        assert sum(report["srm"]["observed"].values()) == 20  # the assignment check: all
+        # without the verdicts (no configs) every user counts
+        plain = analysis.report(exp, analysis.collect(mt.recorder, exp))
+        assert sum(a["users"] for a in plain["arms"]) == 20

@@ -18,6 +18,11 @@ delta-method variances (actors/experiments/statistics.py).
   started as the covariate, where any user has such a pre-period;
 - the sample-ratio check of enrolled users against the split: a mismatch marks the report
   untrustworthy (assignment or logging is broken; no lift should be believed).
+
+Users that data hygiene marks as bots (their current state's verdict) are left out of the
+metrics and counted per arm in the notes: the verdict comes from the pace of a user's own
+actions, not from what it was shown, so leaving them out favours no arm. The sample-ratio
+check counts every enrolled user, bots included (it checks the assignment).
 """
 
 from __future__ import annotations
@@ -29,9 +34,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from actors.configs import ConfigRegistry
 from actors.experiments import statistics as st
 from actors.experiments.attribution import ExposureOutcome, attribute
 from actors.experiments.definition import METRICS, Experiment
+from actors.replay import current_states
 from events.codec import event_from_log
 from store.recorder import Recorder, StoredEvent
 
@@ -55,6 +62,7 @@ class UserSums:
     pre_num: dict[str, float]
     pre_den: dict[str, float]
     shown: list[ExposureOutcome]  # the experiment's exposures, for the timeline
+    bot: str = ""  # data hygiene's verdict on the user (empty: a human)
 
 
 def _contributions(e: ExposureOutcome) -> dict[str, tuple[float, float]]:
@@ -85,9 +93,17 @@ def user_sums(rows: Iterable[StoredEvent], experiment: Experiment) -> UserSums |
     return sums
 
 
-def collect(recorder: Recorder, experiment: Experiment) -> list[UserSums]:
-    """Every enrolled user's sums, streaming the log user by user."""
-    return [s for rows in _by_user(recorder.read_all()) if (s := user_sums(rows, experiment))]
+def collect(recorder: Recorder, experiment: Experiment,
+            configs: ConfigRegistry | None = None) -> list[UserSums]:
+    """Every enrolled user's sums, streaming the log user by user; with `configs`, also each
+    one's bot verdict, from its current state (a second pass: snapshot and tail)."""
+    users = {rows[0].user: s for rows in _by_user(recorder.read_all())
+             if (s := user_sums(rows, experiment))}
+    if configs is not None and users:
+        for state in current_states(recorder, configs, users=users.keys()):
+            if state.hyg is not None and state.hyg.bot:
+                users[state.user].bot = state.hyg.bot
+    return list(users.values())
 
 
 def _by_user(rows: Iterator[StoredEvent]) -> Iterator[list[StoredEvent]]:
@@ -105,17 +121,23 @@ def report(experiment: Experiment, users: list[UserSums], *, alpha: float = 0.05
            generated_at: float | None = None) -> dict:
     """The report (a plain, JSON-ready map; adapters/experiment_report.py renders it)."""
     arms = [a for a, _ in experiment.arms]
+    enrolled = {a: 0 for a in arms}
+    bots = {a: 0 for a in arms}
     by_arm: dict[str, list[UserSums]] = {a: [] for a in arms}
     for u in users:
-        by_arm.setdefault(u.arm, []).append(u)
+        enrolled[u.arm] = enrolled.get(u.arm, 0) + 1
+        if u.bot:
+            bots[u.arm] = bots.get(u.arm, 0) + 1
+        else:
+            by_arm.setdefault(u.arm, []).append(u)
     metrics = [experiment.primary, *[g for g in experiment.guardrails
                                      if g != experiment.primary]]
-    srm = st.srm_check([len(by_arm[a]) for a in arms], list(experiment.split), SRM_THRESHOLD)
+    srm = st.srm_check([enrolled[a] for a in arms], list(experiment.split), SRM_THRESHOLD)
     out_arms = []
     for arm, version in experiment.arms:
         group = by_arm[arm]
         out_arms.append({
-            "name": arm, "config": version, "users": len(group),
+            "name": arm, "config": version, "users": len(group), "bots": bots[arm],
             "exposures": int(sum(u.den["ctr"] for u in group)),
             "metrics": {m: {**_interval(st.ratio_interval(*_arrays(group, m), alpha=alpha)),
                             "n": len(group)} for m in metrics}})
@@ -142,7 +164,7 @@ def report(experiment: Experiment, users: list[UserSums], *, alpha: float = 0.05
         "arms": out_arms,
         "comparisons": comparisons,
         "timeline": timeline,
-        "notes": _notes(experiment, users),
+        "notes": _notes(experiment, users, bots),
     }
 
 
@@ -272,8 +294,10 @@ def _timeline(experiment: Experiment, by_arm: dict[str, list[UserSums]], metrics
     return timeline, dict(looks)
 
 
-def _notes(experiment: Experiment, users: list[UserSums]) -> list[str]:
+def _notes(experiment: Experiment, users: list[UserSums], bots: dict[str, int]) -> list[str]:
     notes = [f"unit: the user; {len(users)} users with exposures of this experiment",
+             "bots (data hygiene's verdict) left out of the metrics, counted in the sample "
+             "ratio check: " + ", ".join(f"{arm} {n}" for arm, n in bots.items()),
              f"outcomes without a ranking id are joined to the latest exposure of their item "
              f"within {experiment.window:g} s before them (event time)",
              "the segment model is shared by all arms: what one arm's users teach it reaches "
