@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from actors import hygiene
+from actors import exploration, hygiene
 from actors.configs import ConfigRegistry
 from actors.learning import settle
 from actors.segment_model import SegmentModels
@@ -38,17 +38,21 @@ class View:
 
 def logs(query: Query, state: UserState, configs: ConfigRegistry) -> bool:
     """Is this ranking to be logged as an exposure: asked for (`l`), or the user's segment
-    logs every ranking (`log_exposures`, by the config of its last event)?"""
+    logs every ranking (`log_exposures`, or it explores; by the config of its last event)?"""
     if query.log:
         return True
-    return configs.get_fresh(state.config or None).segment(state.segment).log_exposures
+    seg = configs.get_fresh(state.config or None).segment(state.segment)
+    return seg.log_exposures or seg.explore != "none"
 
 
 def rank(state: UserState, query: Query, config: TuningConfig,
-         models: SegmentModels, arm: Arm | None = None, log: bool = False
-         ) -> Ranking | Rejected:
+         models: SegmentModels, arm: Arm | None = None, log: bool = False,
+         rid: str | None = None) -> Ranking | Rejected:
     """Score the query's candidates by the user's (settled) weights plus its segment model's;
-    weights are a softmax over the returned items, best first."""
+    weights are a softmax over the returned items, best first. A logged ranking (`log`, with
+    its ranking id `rid`) of an exploring segment shows the slate its policy draws
+    (actors/exploration.py), the weights by position, and carries what its exposure logs to
+    reproduce the draw: the candidates, their features and the segment model's weights."""
     dim = config.dim
     features = query.matrix
     if features is None or features.shape[1] != dim:  # the careful path finds the reason
@@ -69,6 +73,18 @@ def rank(state: UserState, query: Query, config: TuningConfig,
     weights = e / e.sum()
     cands = query.candidates
     ids = cands.items if type(cands) is CandidateRows else [c.item for c in cands]
+    seg = config.segment(state.segment)
+    explored = {}
+    if log and rid is not None and seg.explore != "none":
+        slate = exploration.choose(
+            seg.explore, scores, len(order), rid, epsilon=seg.epsilon, features=features,
+            weights=w, spread=exploration.spread(state.v, dim, seg.explore_scale),
+            samples=seg.explore_samples)
+        order, top = slate.order, scores[slate.order]  # the weights stay by position
+        shared = models.weights(state.segment or "default", dim) if seg.segment_model else None
+        explored = {"propensities": slate.propensities, "candidates": tuple(ids),
+                    "features": np.ascontiguousarray(features, "<f8").tobytes(),
+                    "shared": None if shared is None else shared.astype("<f8").tobytes()}
     return Ranking(
         user=query.user,
         items=tuple([ids[i] for i in order.tolist()]),
@@ -76,8 +92,10 @@ def rank(state: UserState, query: Query, config: TuningConfig,
         scores=tuple(top.tolist()),
         seq=state.seq,
         config=config.version,
-        windows=(state.hyg or hygiene.EMPTY).window_counts(config.segment(state.segment))
+        windows=(state.hyg or hygiene.EMPTY).window_counts(seg)
         if query.windows else None,
         arm=arm,
         log=log,
+        rid=rid if log else None,
+        **explored,
     )

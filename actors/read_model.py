@@ -35,6 +35,7 @@ from actors.segment_model import SegmentModels
 from actors.state import UserState
 from events.codec import event_from_log
 from events.errors import Reason, Rejected
+from events.exposure import new_rid
 from events.types import Query, Ranking
 
 log = structlog.get_logger(__name__)
@@ -212,7 +213,7 @@ class ReadModel:
         except Rejected:
             return Rejected(Reason.UNKNOWN_CONFIG, "config version unknown to the query process")
         return ranking.rank(replica.view.of(state, config), query, config, self.models, arm,
-                            log)
+                            log, new_rid() if log else None)
 
     def _add(self, user: str, replica: Replica) -> Replica:
         replicas = self._replicas

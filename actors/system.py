@@ -224,13 +224,14 @@ class Microtune:
     def log_exposure(self, query: Query, ranking: Ranking, timeout: float = 10.0) -> Ranking:
         """Append the exposure of `ranking` to the user's log (README "Measuring the
         effect"): the ranking with its id (`rid`) once committed, or with `log_error`."""
-        rid = new_rid()
+        rid = ranking.rid or new_rid()
         (outcome,) = self.track_many([exposure_event(query, ranking, rid, time.time())],
                                      timeout)
         if outcome.status == "applied":
             return dataclasses.replace(ranking, rid=rid)
         why = outcome.error.detail if outcome.error is not None else outcome.status
-        return dataclasses.replace(ranking, log_error=f"the exposure was not logged: {why}")
+        return dataclasses.replace(ranking, rid=None,
+                                   log_error=f"the exposure was not logged: {why}")
 
     # ------------------------------------------------------------ experiments
 

@@ -38,6 +38,7 @@ from actors.state import SNAPSHOT_SCHEMA, SnapshotError, UserState, decode_state
 from actors.state import id_hash as _id_hash
 from events.codec import encode_logged_event, event_from_log
 from events.errors import Reason, Rejected
+from events.exposure import new_rid
 from events.types import EXPOSURE, Arm, Event, Query, Ranking
 from store.journal import Journal, WriteRequest
 from store.recorder import AppendConflict, Recorder, Snapshot, StoredEvent, StoreRefused
@@ -409,7 +410,7 @@ class UserActor(PooledActor):
         log = ranking.logs(query, state, self.ctx.configs)
         config, arm = self.ctx.experiments.ranking_config(state, self.ctx.configs, log)
         return ranking.rank(self._view.of(state, config), query, config, self.ctx.models, arm,
-                            log)
+                            log, new_rid() if log else None)
 
 
 _WRITTEN_OK = Written(None)

@@ -395,18 +395,23 @@ class QueryServer:
 
     async def _logged(self, query: Query, ranking: Ranking) -> Ranking:
         """Store the ranking's exposure on the events stream, then name it in the reply."""
-        rid = new_rid()
-        event = exposure_event(query, ranking, rid, time.time())
+        rid = ranking.rid or new_rid()
+        body = encode_event(exposure_event(query, ranking, rid, time.time()))
+        if len(body) > self.settings.limits.max_payload_bytes:  # ingest would refuse it
+            self.stats.exposures_failed += 1
+            return dataclasses.replace(ranking, rid=None, log_error=(
+                f"the exposure ({len(body)} bytes with its candidates) exceeds the "
+                f"{self.settings.limits.max_payload_bytes}-byte limit; fewer candidates"))
         try:
-            await self.js.publish(f"{self.events_subject}.{query.user}", encode_event(event),
+            await self.js.publish(f"{self.events_subject}.{query.user}", body,
                                   timeout=self.settings.read_wait,
                                   headers={"Nats-Msg-Id": msg_id(query.user, rid)})
         except Exception as exc:  # no stream, a timeout, a disconnect: say so, rank anyway
             self.stats.exposures_failed += 1
             log.warning("exposure.not_logged", user_id=query.user, event_id=rid,
                         error=repr(exc))
-            return dataclasses.replace(ranking, log_error="the exposure could not be stored "
-                                       f"({type(exc).__name__}); retry to log it")
+            return dataclasses.replace(ranking, rid=None, log_error="the exposure could not be "
+                                       f"stored ({type(exc).__name__}); retry to log it")
         self.stats.exposures += 1
         return dataclasses.replace(ranking, rid=rid)
 

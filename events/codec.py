@@ -40,7 +40,7 @@ from events.types import (
 
 _EVENT_KEYS = frozenset(
     {"v", "id", "u", "t", "k", "i", "x", "d", "s", "h", "y", "g", "c", "r", "sid", "a", "ns", "b",
-     "to", "st", "bf", "rid", "sh", "rq", "rc", "pp", "xa"}
+     "to", "st", "bf", "rid", "sh", "rq", "rc", "pp", "xa", "ci", "cx", "sw"}
 )
 _TOKEN_FORBIDDEN = frozenset(" \t\r\n.*>")
 _F64 = np.dtype("<f8")
@@ -327,7 +327,25 @@ def _exposure(obj: Mapping[str, Any], limits: Limits) -> Exposure:
             raise Rejected(Reason.WRONG_TYPE, "'pp' (propensities) must list one number per "
                            "shown item", "pp")
         propensities = tuple(_number(p, "pp[]", 0.0, 1.0) for p in propensities)
-    return Exposure(tuple(items), tuple(weights), tuple(scores), seq, config, propensities)
+    candidates, features, shared = obj.get("ci"), obj.get("cx"), obj.get("sw")
+    if candidates is not None or features is not None:  # an explored ranking's draw
+        if not isinstance(candidates, list) or not candidates or \
+                len(candidates) > limits.max_candidates:
+            raise Rejected(Reason.WRONG_TYPE, "'ci' (candidates) is a list of item ids", "ci")
+        candidates = tuple(_string(c, "ci[]", limits) for c in candidates)
+        if not isinstance(features, bytes) or not features or \
+                len(features) % (8 * len(candidates)):
+            raise Rejected(Reason.WRONG_TYPE, "'cx' (the candidates' features) is packed "
+                           "float64, one row per candidate", "cx")
+        _vector(features, "cx", Limits(max_dimension=len(features) // 8))  # finite
+        if shared is not None:
+            if not isinstance(shared, bytes) or len(shared) * len(candidates) != \
+                    len(features) + 8 * len(candidates):
+                raise Rejected(Reason.WRONG_TYPE, "'sw' (the segment model's weights) is "
+                               "packed float64, dim + 1 of them", "sw")
+            _vector(shared, "sw", limits)
+    return Exposure(tuple(items), tuple(weights), tuple(scores), seq, config, propensities,
+                    candidates, features, shared)
 
 
 def decode_event(
@@ -385,6 +403,10 @@ def event_to_map(event: Event, *, pack_x: bool = False) -> dict[str, Any]:
                    rq=e.seq, rc=e.config)
         if e.propensities is not None:
             out["pp"] = list(e.propensities)
+        if e.candidates is not None:
+            out.update(ci=list(e.candidates), cx=e.features)
+            if e.shared is not None:
+                out["sw"] = e.shared
     if event.arm is not None:
         out["xa"] = list(event.arm)
     return out
@@ -435,10 +457,11 @@ def event_from_log(body: bytes) -> Event:
 
 def _logged_exposure(obj: Mapping[str, Any]) -> Exposure:
     shown = obj["sh"]
-    pp = obj.get("pp")
+    pp, ci = obj.get("pp"), obj.get("ci")
     return Exposure(tuple(e[0] for e in shown), tuple(e[1] for e in shown),
                     tuple(e[2] for e in shown), obj["rq"], obj["rc"],
-                    None if pp is None else tuple(pp))
+                    None if pp is None else tuple(pp), None if ci is None else tuple(ci),
+                    obj.get("cx"), obj.get("sw"))
 
 
 # ---------------------------------------------------------------- queries
@@ -630,6 +653,8 @@ def encode_ranking(ranking: Ranking) -> bytes:
         body["xa"] = list(ranking.arm)
     if ranking.log_error is not None:
         body["le"] = ranking.log_error
+    if ranking.propensities is not None:
+        body["pp"] = list(ranking.propensities)
     return msgpack.packb(body, use_bin_type=True)
 
 
@@ -653,4 +678,5 @@ def decode_reply(raw: bytes) -> Ranking:
         rid=obj.get("rid"),
         arm=None if obj.get("xa") is None else Arm(*obj["xa"]),
         log_error=obj.get("le"),
+        propensities=None if obj.get("pp") is None else tuple(obj["pp"]),
     )

@@ -24,9 +24,10 @@ OPTIMIZERS = ("adam", "rmsprop", "adagrad")
 LATE_POLICIES = ("apply", "drop")
 OUTLIER_RULES = ("z", "iqr")
 OUTLIER_ACTIONS = ("drop", "clip")
+EXPLORE_POLICIES = ("none", "epsilon", "thompson")  # actors/exploration.py
 _NON_NUMERIC = frozenset(
     {"optimizer", "prior", "hygiene", "late_policy", "outlier_rule", "outlier_action",
-     "normalize", "segment_model", "personal", "log_exposures"}
+     "normalize", "segment_model", "personal", "log_exposures", "explore"}
 )
 
 
@@ -99,14 +100,22 @@ class SegmentConfig:
     personal: bool = True
     # log every ranking of this segment's users as an exposure, as if each query said `l`
     log_exposures: bool = False
+    # exploration of logged rankings (actors/exploration.py): "none", "epsilon" (a random
+    # slate with probability `epsilon`) or "thompson" (weights sampled around the user's,
+    # spread `explore_scale` shrinking with evidence; propensities from `explore_samples`
+    # draws). An exploring segment logs every ranking, with its candidates.
+    explore: str = "none"
+    epsilon: float = 0.05
+    explore_scale: float = 0.5
+    explore_samples: int = 200
 
 
 # The encoding's schema. Changing a SegmentConfig default needs a new schema: bump
 # CONFIG_SCHEMA and add its row below; earlier rows are never edited, except that a new field
 # gets, in every earlier row, the value that keeps the old behaviour (what a body of that
 # schema, which cannot name the field, meant). A new field whose default is that value
-# (`personal`, `log_exposures`) needs no new schema. tests/test_config_schema.py checks that
-# the current row equals the dataclass's defaults.
+# (`personal`, `log_exposures`, the exploration settings) needs no new schema.
+# tests/test_config_schema.py checks that the current row equals the dataclass's defaults.
 CONFIG_SCHEMA = 1
 # Bodies written before the `schema` key existed (they hold every field of their time).
 LEGACY_SCHEMA = 1
@@ -125,7 +134,8 @@ SEGMENT_DEFAULTS: dict[int, dict[str, Any]] = {
         "outlier_iqr": 3.0, "outlier_action": "drop", "dwell_max": 7200.0, "hover_max": 120.0,
         "normalize": True, "norm_slope": 1.0, "freq_power": 0.5, "recent_window": 300.0,
         "segment_model": True, "segment_lr": 0.02, "segment_half_life": 5184000.0,
-        "personal": True, "log_exposures": False,
+        "personal": True, "log_exposures": False, "explore": "none", "epsilon": 0.05,
+        "explore_scale": 0.5, "explore_samples": 200,
     },
 }
 
@@ -260,6 +270,7 @@ def _validate(cfg: TuningConfig) -> None:
         if not all(isinstance(n, int | float) and math.isfinite(n) and n >= 0 for n in nums):
             raise bad(f"segment {name!r}: every number must be finite and >= 0")
         for key, allowed in (("optimizer", OPTIMIZERS), ("late_policy", LATE_POLICIES),
+                             ("explore", EXPLORE_POLICIES),
                              ("outlier_rule", OUTLIER_RULES),
                              ("outlier_action", OUTLIER_ACTIONS)):
             if getattr(s, key) not in allowed:
@@ -271,6 +282,9 @@ def _validate(cfg: TuningConfig) -> None:
                       "log_exposures are true or false")
         if min(s.session_timeout, s.recent_window, s.dwell_max, s.hover_max) <= 0:
             raise bad(f"segment {name!r}: session_timeout, recent_window, *_max > 0")
+        if not (s.epsilon <= 1 and isinstance(s.explore_samples, int)
+                and 1 <= s.explore_samples <= 10_000):
+            raise bad(f"segment {name!r}: epsilon in [0, 1], explore_samples in [1, 10000]")
         if not 0 < s.lr_min <= s.lr_max:
             raise bad(f"segment {name!r}: need 0 < lr_min <= lr_max")
         if not (0 <= s.beta1 < 1 and 0 <= s.beta2 < 1):

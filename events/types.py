@@ -133,6 +133,11 @@ class Exposure(NamedTuple):
     seq: int
     config: int
     propensities: tuple[float, ...] | None = None
+    # an explored ranking's candidates (ids; features packed float64, N x dim) and the
+    # segment model's weights it ranked with (packed; None: none): what reproduces its draw
+    candidates: tuple[str, ...] | None = None
+    features: bytes | None = None
+    shared: bytes | None = None
 
 
 class Candidate(NamedTuple):
@@ -205,3 +210,10 @@ class Ranking:
     # to be logged as an exposure: the query asked (`l`), or the user's segment logs every
     # ranking (`log_exposures`); not on the wire
     log: bool = False
+    # an explored slate (actors/exploration.py): each shown item's propensity (`pp` in the
+    # reply), and for its exposure the candidates, their features (packed float64, N x dim)
+    # and the segment model's weights it ranked with (packed; None: none)
+    propensities: tuple[float, ...] | None = None
+    candidates: tuple[str, ...] | None = None
+    features: bytes | None = None
+    shared: bytes | None = None
