@@ -228,3 +228,72 @@ def _when(t: float | None) -> str:
     if t is None:
         return "-"
     return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+# ---------------------------------------------------------------- off-policy evaluation
+
+
+def evaluate(argv: list[str]) -> int:
+    """`microtune evaluate --config B.toml`: what config B would have earned on the explored
+    exposures in the log (IPS, SNIPS, DR with intervals), by replaying each user under B."""
+    from actors.experiments import evaluation, offpolicy
+
+    parser = _parser("evaluate", "Off-policy evaluation: what a tuning config would have "
+                                 "earned on the log's explored exposures (README \"Tuning "
+                                 "from evidence\").")
+    parser.add_argument("--config", required=True,
+                        help="a TOML file with a [tuning] table, or a config version number")
+    parser.add_argument("--segment", help="only this segment's users")
+    parser.add_argument("--window", type=float, default=DEFAULT_WINDOW,
+                        help="attribution window of outcomes without a rid (seconds)")
+    parser.add_argument("--alpha", type=float, default=0.05)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    if "://" not in args.store and not Path(args.store).exists():
+        raise OperatorError(f"no store at {args.store} (give --store)")
+    recorder = open_recorder(args.store)
+    try:
+        configs = _configs(recorder)
+        target = _target(args.config, configs)
+        with console.status("replaying the users with explored exposures ..."):
+            slates = evaluation.logged_slates(recorder, target, segment=args.segment,
+                                              window=args.window)
+    finally:
+        recorder.close()
+    if not slates:
+        raise OperatorError("no explored exposures in the log: set `explore` on a segment "
+                            "(README \"Tuning from evidence\") and serve some traffic first")
+    estimates = offpolicy.estimate(slates, alpha=args.alpha)
+    if args.json:
+        print(json.dumps({k: {"estimate": v.value.estimate, "low": v.value.low,
+                              "high": v.value.high, "slates": v.slates, "users": v.units}
+                          for k, v in estimates.items()}))
+        return 0
+    table = Table(title=f"config {args.config}: expected clicks per slate, "
+                        f"{1 - args.alpha:.0%} intervals")
+    for column in ("estimator", "value", "interval", "vs the log"):
+        table.add_column(column, justify="left" if column == "estimator" else "right")
+    logged = estimates["logged"].value.estimate
+    names = {"logged": "the log (what was served)", "ips": "IPS", "snips": "self-normalised IPS",
+             "dr": "doubly robust"}
+    for key in ("logged", "ips", "snips", "dr"):
+        v = estimates[key].value
+        table.add_row(names[key], f"{v.estimate:.4f}", f"[{v.low:.4f}, {v.high:.4f}]",
+                      "" if key == "logged" else f"{(v.estimate - logged) / logged:+.1%}"
+                      if logged else "")
+    one = estimates["ips"]
+    table.caption = f"{one.slates:,} explored slates of {one.units:,} users"
+    out.print(table)
+    return 0
+
+
+def _target(spec: str, configs: ConfigRegistry) -> TuningConfig:
+    if spec.isdigit():
+        return configs.get(int(spec))
+    path = Path(spec)
+    if not path.exists():
+        raise OperatorError(f"--config {spec}: neither a version number nor a file")
+    with path.open("rb") as f:
+        values = tomllib.load(f)
+    body = values.get("tuning", values)
+    return TuningConfig.from_map({"version": 1, "dim": configs.current.dim, **body})

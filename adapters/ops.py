@@ -640,9 +640,15 @@ def experiment(argv: list[str]) -> int:
     return experiment_cli.main(argv)
 
 
+def evaluate(argv: list[str]) -> int:
+    from adapters import experiment_cli
+
+    return experiment_cli.evaluate(argv)
+
+
 COMMANDS = {"replay": replay, "debug": debug, "rollback": rollback, "export": export,
             "import": import_, "forget": forget, "stats": stats,
-            "import-events": import_events, "experiment": experiment}
+            "import-events": import_events, "experiment": experiment, "evaluate": evaluate}
 
 
 def run(name: str, argv: list[str]) -> int:

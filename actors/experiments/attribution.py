@@ -16,7 +16,8 @@ be rebuilt from the log. The rule, in event time:
 
 An exposure's outcome per metric: `clicked` (any click), `dwell` (the sum of its dwell
 seconds), `feedback` (the latest explicit y in event time, with its count), `scroll` (the
-deepest scroll). Impressions are not outcomes: they say an item was seen, not what was done.
+deepest scroll), and which items were clicked (off-policy evaluation's rewards).
+Impressions are not outcomes: they say an item was seen, not what was done.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import bisect
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from events.types import EXPOSURE, OUTCOME_KINDS, Arm, Event
+from events.types import EXPOSURE, OUTCOME_KINDS, Arm, Event, Exposure
 
 
 @dataclass(slots=True)
@@ -44,6 +45,8 @@ class ExposureOutcome:
     feedback_t: float = float("-inf")
     feedbacks: int = 0
     scroll: float | None = None  # the deepest
+    clicked_items: frozenset[str] = frozenset()  # which of its items got a click
+    logged: Exposure | None = None  # the logged ranking (candidates and propensities too)
 
     @property
     def clicked(self) -> bool:
@@ -66,7 +69,8 @@ def attribute(events: Iterable[tuple[int, Event]], window: float) -> Attribution
     for seq, event in events:
         if event.kind == EXPOSURE and event.exposure is not None:
             exposures[event.rid or event.id] = ExposureOutcome(
-                event.rid or event.id, seq, event.t, event.arm, event.exposure.items)
+                event.rid or event.id, seq, event.t, event.arm, event.exposure.items,
+                logged=event.exposure)
         elif event.kind in OUTCOME_KINDS:
             outcomes.append((seq, event))
     result = Attribution(sorted(exposures.values(), key=lambda e: (e.t, e.seq)))
@@ -102,6 +106,7 @@ def _record(exposure: ExposureOutcome, event: Event) -> None:
     kind = event.kind
     if kind == "click":
         exposure.clicks += 1
+        exposure.clicked_items = exposure.clicked_items | {event.item}
     elif kind == "dwell":
         exposure.dwell += event.dwell or 0.0
         exposure.dwells += 1
