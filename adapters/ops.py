@@ -641,14 +641,21 @@ def experiment(argv: list[str]) -> int:
 
 
 def evaluate(argv: list[str]) -> int:
-    from adapters import experiment_cli
+    from adapters import tuning_cli
 
-    return experiment_cli.evaluate(argv)
+    return tuning_cli.evaluate(argv)
+
+
+def calibrate(argv: list[str]) -> int:
+    from adapters import tuning_cli
+
+    return tuning_cli.calibrate(argv)
 
 
 COMMANDS = {"replay": replay, "debug": debug, "rollback": rollback, "export": export,
             "import": import_, "forget": forget, "stats": stats,
-            "import-events": import_events, "experiment": experiment, "evaluate": evaluate}
+            "import-events": import_events, "experiment": experiment, "evaluate": evaluate,
+            "calibrate": calibrate}
 
 
 def run(name: str, argv: list[str]) -> int:
