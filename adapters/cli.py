@@ -283,7 +283,7 @@ def auth_config(argv: list[str]) -> int:
     return 0
 
 
-BENCHMARKS = ("core", "nats", "ceiling", "ops", "hygiene", "quality", "readme")
+BENCHMARKS = ("core", "nats", "ceiling", "ops", "hygiene", "quality", "readme", "calibrate")
 
 
 def bench(argv: list[str]) -> int:
