@@ -397,7 +397,14 @@ def main(argv: list[str]) -> int:
                         help="pause between rounds (default: 0.8-2.0 s at random, with the "
                              "wall clock as event time); given, the events carry a simulated "
                              "human-paced clock instead, so that a fast run still learns")
+    parser.add_argument("--explore", choices=("epsilon", "thompson"),
+                        help="the demo's own service explores (epsilon 0.2, or Thompson "
+                             "sampling) and logs every ranking with its propensities, for "
+                             "`microtune evaluate` and `microtune calibrate` on its store")
     args = parser.parse_args(argv)
+    if args.explore and args.nats_url:
+        parser.error("--explore configures the demo's own service; a running one explores "
+                     "as its [tuning] table says")
     if args.pace is not None and args.pace < 0:
         parser.error("--pace must be >= 0")
     console = Console()
@@ -432,12 +439,15 @@ async def _with_own_service(args: argparse.Namespace, console: Console) -> DemoR
     from actors.system import Microtune
     from adapters.embedded import EmbeddedNats
     from adapters.nats_service import Service, ServiceConfig
-    from events.config import TuningConfig
+    from events.config import SegmentConfig, TuningConfig
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
     tmp = Path(tempfile.mkdtemp(prefix="microtune-demo-"))
     server = EmbeddedNats(tmp / "nats").start()
-    system = Microtune.open(tmp / "demo.db", TuningConfig(version=1, dim=args.dim))
+    segment = SegmentConfig() if args.explore is None else SegmentConfig(
+        explore=args.explore, epsilon=0.2)
+    system = Microtune.open(tmp / "demo.db", TuningConfig(version=1, dim=args.dim,
+                                                          segments={"default": segment}))
     service = Service(system, ServiceConfig(prefix=args.prefix))
     await service.start(server.url)
     run: Callable[..., Awaitable[Any]] = run_demo
@@ -453,4 +463,9 @@ async def _with_own_service(args: argparse.Namespace, console: Console) -> DemoR
     if result.experiment:
         console.print(f"the demo's store stays in {tmp}: microtune experiment report "
                       f"{result.experiment} --store {tmp / 'demo.db'}", highlight=False)
+    if args.explore:
+        console.print(f"the demo's store stays in {tmp}: microtune evaluate --store "
+                      f"{tmp / 'demo.db'} --config B.toml; microtune calibrate --store "
+                      f"{tmp / 'demo.db'} --grid grid.toml (README \"Tuning from evidence\")",
+                      highlight=False)
     return result

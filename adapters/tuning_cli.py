@@ -138,7 +138,7 @@ def calibrate(argv: list[str]) -> int:
                         f"in {args.processes} processes ..."):
         scores = calibration.calibrate(args.store, users, all_configs, args.segment,
                                        processes=args.processes)
-    rows = [({"(current config)": f"v{current.version}"}, scores[0], True)]
+    rows = [({"config": f"v{current.version} (current)"}, scores[0], True)]
     rows += [(params, score, False) for (params, _), score in zip(candidates, scores[1:],
                                                                    strict=True)]
     rows.sort(key=lambda r: (r[1].log_loss if r[1].weight else float("inf")))
@@ -165,8 +165,16 @@ def calibrate(argv: list[str]) -> int:
 
 
 def _label(params: dict) -> str:
-    return ", ".join(f"{k}={v:g}" if isinstance(v, int | float) else f"{k}={v}"
-                     for k, v in params.items())
+    return ", ".join(f"{k}={_value(k, v)}" for k, v in params.items())
+
+
+def _value(key: str, value) -> str:
+    if key == "half_life" and isinstance(value, int | float):  # seconds, as a person reads
+        for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+            if value >= size:
+                return f"{value / size:g}{unit}"
+        return f"{value:g}s"
+    return f"{value:g}" if isinstance(value, int | float) else str(value)
 
 
 def _calibration_table(rows: list, segment: str) -> None:
