@@ -82,12 +82,12 @@ def apply(
         return _restore(state, event, config, trace)
     # positional construction: NamedTuple._replace costs microseconds on this hot path
     (user, seq, _config, segment, t_last, steps, b1p, b2p, bucket, w, m, v, recent, pos,
-     hyg, arm) = state
+     hyg, arm, stability) = state
     at = 8 * pos
     state = UserState(user, seq + 1, config.version, event.segment or segment, t_last, steps,
                       b1p, b2p, bucket, w, m, v,
                       recent[:at] + id_hash(event.id) + recent[at + 8:],
-                      (pos + 1) % RECENT_IDS, hyg, event.arm or arm)
+                      (pos + 1) % RECENT_IDS, hyg, event.arm or arm, stability)
     if event.kind not in INTERACTION_KINDS:  # control events and exposures move no weight
         if trace is not None:
             trace.append(Step(event.id, event.kind, event.t,
@@ -161,7 +161,8 @@ def _restore(state: UserState, event: Event, config: TuningConfig,
     return UserState(state.user, state.seq + 1, config.version, target.segment, target.t_last,
                      target.steps, target.b1p, target.b2p, target.bucket, target.w, target.m,
                      target.v, state.recent[:at] + id_hash(event.id) + state.recent[at + 8:],
-                     (state.recent_pos + 1) % RECENT_IDS, target.hyg, state.arm)
+                     (state.recent_pos + 1) % RECENT_IDS, target.hyg, state.arm,
+                     target.stability)
 
 
 def settle(state: UserState, config: TuningConfig,
@@ -267,18 +268,56 @@ def _learn(state: UserState, event_id: str, kind: str, x_item: np.ndarray, y: fl
     t_last = state.t_last
     dt = t - t_last  # the decay, for the kernel to apply when dt > 0 (and not a first event)
     f = math.pow(0.5, dt / seg.half_life) if dt > 0.0 else 1.0
+    max_step, budget, stability = seg.max_step, seg.window_budget, state.stability
+    if seg.adaptive_bounds:
+        scale = bound_scale(stability)
+        max_step, budget = max_step * scale, budget * scale
     # a w of another length than the prior's (empty) is the first learning event
     w, m, v, step, p, score, rate, b1p, b2p, bucket = learn(
         state.w, state.m, state.v, config.prior(segment), x_item, t, t_last, f, y,
         importance, offset, state.bucket, state.b1p, state.b2p,
         OPTIMIZER_CODES.get(seg.optimizer, ADAGRAD), seg.beta1, seg.beta2, seg.l2, seg.eps,
-        seg.lr, seg.lr_min, seg.lr_max, seg.max_step, seg.window_budget, seg.window)
+        seg.lr, seg.lr_min, seg.lr_max, max_step, budget, seg.window)
+    if seg.adaptive_bounds:
+        stability = steadiness(stability, step)
     if trace is not None:
         trace.append(Step(event_id, kind, t, verdict, y, importance, p, rate, step, observed,
                           x_item, score))
     return UserState(state.user, state.seq, state.config, segment, max(t_last, t),
                      state.steps + 1, b1p, b2p, bucket, w, m, v, state.recent,
-                     state.recent_pos, state.hyg, state.arm)
+                     state.recent_pos, state.hyg, state.arm, stability)
+
+
+# Adaptive bounds (`SegmentConfig.adaptive_bounds`): a user's step bound and window budget
+# scale with how steady its updates have been. Running means, over about STABILITY_EVENTS
+# updates (exponential weights alpha = 2 / (STABILITY_EVENTS + 1)), of the step vector
+# (mean_step) and of its norm (mean_norm) give the consistency c = |mean_step| / mean_norm in
+# [0, 1]: 1 when every update pushed the same way, near 0 when they cancel out. After
+# STABILITY_MIN updates both bounds are multiplied by BOUND_FLOOR + (1 - BOUND_FLOOR) c.
+# Steady users (signals that keep confirming each other) keep the full bounds; erratic ones
+# (conflicting signals, a noisy or shifting user) move less per event.
+STABILITY_EVENTS = 50
+STABILITY_MIN = 10
+BOUND_FLOOR = 0.25
+
+
+def bound_scale(stability: tuple[np.ndarray, float, int] | None) -> float:
+    if stability is None or stability[2] < STABILITY_MIN or stability[1] <= 0.0:
+        return 1.0
+    mean_step, mean_norm, _n = stability
+    consistency = min(1.0, math.sqrt(float(mean_step @ mean_step)) / mean_norm)
+    return BOUND_FLOOR + (1.0 - BOUND_FLOOR) * consistency
+
+
+def steadiness(stability: tuple[np.ndarray, float, int] | None,
+               step: np.ndarray) -> tuple[np.ndarray, float, int]:
+    norm = math.sqrt(float(step @ step))
+    alpha = 2.0 / (STABILITY_EVENTS + 1)
+    if stability is None or stability[0].shape != step.shape:  # both means start at 0, so
+        return (alpha * step, alpha * norm, 1)  # their ratio is not biased by the start
+    mean_step, mean_norm, n = stability
+    return (mean_step + alpha * (step - mean_step), mean_norm + alpha * (norm - mean_norm),
+            n + 1)
 
 
 def _frozen(state: UserState, event_id: str, kind: str, x_item: np.ndarray, y: float,
@@ -306,7 +345,7 @@ def learn_segment(state: UserState, step: Step, config: TuningConfig) -> UserSta
 
 
 def _with_hygiene(state: UserState, h: hygiene.Hygiene) -> UserState:
-    return UserState(*state[:14], h, state.arm)
+    return UserState(*state[:14], h, *state[15:])
 
 
 def own_weights(state: UserState, config: TuningConfig) -> np.ndarray:

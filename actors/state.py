@@ -17,6 +17,7 @@ from actors.hygiene import Hygiene, from_wire, to_wire
 from events.types import Arm
 
 # 2: the hygiene state; 3: waiting impressions keep their base score; 4: the experiment arm
+# and the stability of the user's updates
 SNAPSHOT_SCHEMA = 4
 _READABLE_SCHEMAS = frozenset({2, 3, 4})
 RECENT_IDS = 32  # event-id hashes kept for dedupe; older repeats are caught by the log's key
@@ -59,6 +60,9 @@ class UserState(NamedTuple):
     # the user's latest experiment assignment, from the exposure that logged it (sticky:
     # whether it still applies depends on the experiment, actors/experiments)
     arm: Arm | None = None
+    # how steady the user's updates are (actors/learning.py, adaptive bounds): running means
+    # of the step vector and of its norm, and the updates counted; None until needed
+    stability: tuple[np.ndarray, float, int] | None = None
 
     def has_seen(self, event_hash: bytes) -> bool:
         # A match at an offset that is not a multiple of 8 would need 8 random bytes to line
@@ -90,6 +94,8 @@ def encode_state(state: UserState) -> bytes:
             "rp": state.recent_pos,
             "hy": None if state.hyg is None else to_wire(state.hyg),
             "xa": None if state.arm is None else list(state.arm),
+            "sb": None if state.stability is None else [
+                np.ascontiguousarray(state.stability[0], _F64).tobytes(), *state.stability[1:]],
         },
         use_bin_type=True,
     )
@@ -124,6 +130,8 @@ def decode_state(raw: bytes) -> UserState:
             recent_pos=obj["rp"],
             hyg=None if obj["hy"] is None else from_wire(obj["hy"]),
             arm=None if obj.get("xa") is None else Arm(*obj["xa"]),
+            stability=None if obj.get("sb") is None else (
+                np.frombuffer(obj["sb"][0], dtype=_F64), obj["sb"][1], obj["sb"][2]),
         )
     except SnapshotError:
         raise

@@ -27,7 +27,8 @@ OUTLIER_ACTIONS = ("drop", "clip")
 EXPLORE_POLICIES = ("none", "epsilon", "thompson")  # actors/exploration.py
 _NON_NUMERIC = frozenset(
     {"optimizer", "prior", "hygiene", "late_policy", "outlier_rule", "outlier_action",
-     "normalize", "segment_model", "personal", "log_exposures", "explore"}
+     "normalize", "segment_model", "personal", "log_exposures", "explore",
+     "adaptive_bounds"}
 )
 
 
@@ -108,6 +109,9 @@ class SegmentConfig:
     epsilon: float = 0.05
     explore_scale: float = 0.5
     explore_samples: int = 200
+    # scale each user's max_step and window_budget by the steadiness of its updates
+    # (actors/learning.py, "Adaptive bounds"); off: the bounds as set
+    adaptive_bounds: bool = False
 
 
 # The encoding's schema. Changing a SegmentConfig default needs a new schema: bump
@@ -135,7 +139,7 @@ SEGMENT_DEFAULTS: dict[int, dict[str, Any]] = {
         "normalize": True, "norm_slope": 1.0, "freq_power": 0.5, "recent_window": 300.0,
         "segment_model": True, "segment_lr": 0.02, "segment_half_life": 5184000.0,
         "personal": True, "log_exposures": False, "explore": "none", "epsilon": 0.05,
-        "explore_scale": 0.5, "explore_samples": 200,
+        "explore_scale": 0.5, "explore_samples": 200, "adaptive_bounds": False,
     },
 }
 
@@ -277,7 +281,7 @@ def _validate(cfg: TuningConfig) -> None:
                 raise bad(f"segment {name!r}: {key} must be one of {allowed}")
         if not all(isinstance(b, bool)
                    for b in (s.hygiene, s.normalize, s.segment_model, s.personal,
-                             s.log_exposures)):
+                             s.log_exposures, s.adaptive_bounds)):
             raise bad(f"segment {name!r}: hygiene, normalize, segment_model, personal, "
                       "log_exposures are true or false")
         if min(s.session_timeout, s.recent_window, s.dwell_max, s.hover_max) <= 0:

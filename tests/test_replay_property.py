@@ -35,7 +35,7 @@ CONFIG = TuningConfig(version=1, dim=DIM, segments={
     "slow": SegmentConfig(optimizer="adagrad", half_life=86400.0, late_policy="drop",
                           outlier_action="clip", lateness=30.0, impression_timeout=5.0,
                           segment_model=False),
-    "raw": SegmentConfig(hygiene=False),
+    "raw": SegmentConfig(hygiene=False, adaptive_bounds=True, max_step=0.2),
 })
 
 kinds = st.sampled_from(["click", "impression", "dwell", "scroll", "hover", "feedback",
