@@ -101,8 +101,10 @@ def points(base: TuningConfig, segment: str, grid: dict[str, list]) -> list[
 
 
 def score_user(rows: list[StoredEvent], configs: list[TuningConfig],
-               segment: str) -> list[Score]:
-    """One user's progressive-validation totals under each config."""
+               segment: str, since: float | None = None) -> list[Score]:
+    """One user's progressive-validation totals under each config; with `since`, only the
+    steps learned at or after that event time count (the states still learn from the whole
+    log: the latest window is scored, not replayed alone)."""
     events = [event_from_log(r.body) for r in rows]
     scores = []
     for config in configs:
@@ -112,7 +114,8 @@ def score_user(rows: list[StoredEvent], configs: list[TuningConfig],
             inside = (event.segment or state.segment) == segment
             state = apply(state, event, config, trace if inside else None)
             if trace:
-                counted |= _record(score, trace)
+                counted |= _record(score, trace if since is None else
+                                   [step for step in trace if step.t >= since])
                 trace.clear()
         score.users = int(counted)
         scores.append(score)
@@ -149,14 +152,15 @@ def _by_user(rows: Iterable[StoredEvent]) -> Iterator[list[StoredEvent]]:
 
 
 def _score_range(store: str, encoded: list[bytes], segment: str, lo: str | None,
-                 hi: str | None) -> list[Score]:
+                 hi: str | None, since: float | None = None) -> list[Score]:
     """A worker: the users in [lo, hi) under every config."""
     configs = [TuningConfig.decode(raw) for raw in encoded]
     totals = [Score() for _ in configs]
     recorder = open_recorder(store)
     try:
         for rows in _by_user(recorder.read_all(from_user=lo, to_user=hi)):
-            for total, score in zip(totals, score_user(rows, configs, segment), strict=True):
+            for total, score in zip(totals, score_user(rows, configs, segment, since),
+                                    strict=True):
                 total.add(score)
     finally:
         recorder.close()
@@ -164,16 +168,16 @@ def _score_range(store: str, encoded: list[bytes], segment: str, lo: str | None,
 
 
 def calibrate(store: str, users: list[str], configs: list[TuningConfig], segment: str, *,
-              processes: int = 1) -> list[Score]:
+              processes: int = 1, since: float | None = None) -> list[Score]:
     """Every config's totals over the users (sorted), in `processes` ranges of users."""
     encoded = [c.encode() for c in configs]
     if processes <= 1 or len(users) < 2:
-        return _score_range(store, encoded, segment, None, None)
+        return _score_range(store, encoded, segment, None, None, since)
     cuts = [users[len(users) * k // processes] for k in range(1, processes)]
     ranges = list(zip([None, *cuts], [*cuts, None], strict=True))
     totals = [Score() for _ in configs]
     with ProcessPoolExecutor(processes, mp_context=mp.get_context("spawn")) as pool:
-        for part in pool.map(_score_range, *zip(*[(store, encoded, segment, lo, hi)
+        for part in pool.map(_score_range, *zip(*[(store, encoded, segment, lo, hi, since)
                                                    for lo, hi in ranges], strict=True)):
             for total, score in zip(totals, part, strict=True):
                 total.add(score)

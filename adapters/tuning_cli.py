@@ -17,7 +17,7 @@ from rich.table import Table
 
 from actors.configs import ConfigRegistry
 from actors.experiments.definition import DEFAULT_WINDOW
-from adapters.ops import OperatorError, _parser, console, out
+from adapters.ops import OperatorError, _parser, _time, console, out
 from events.config import TuningConfig
 from store.recorder import open_recorder
 
@@ -114,9 +114,20 @@ def calibrate(argv: list[str]) -> int:
                         help="processes replaying ranges of users")
     parser.add_argument("--plot", type=Path, default=Path("calibrate.png"),
                         help="where to draw the scores")
-    parser.add_argument("--apply", action="store_true",
+    parser.add_argument("--since", type=_time,
+                        help="score only what was learned at or after this event time "
+                             "(seconds or ISO 8601): the latest window of the log")
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--apply", action="store_true",
                         help="record the winner as the new current config version (takes "
                              "the store's lease: refused while a service runs)")
+    action.add_argument("--propose", metavar="EXPERIMENT",
+                        help="start an experiment with the current config (control) against "
+                             "the winner (calibrated), so that the change is itself "
+                             "measured; through --nats-url, or offline on the store")
+    parser.add_argument("--nats-url", default=os.environ.get("MICROTUNE_NATS_URL"),
+                        help="the running service, for --propose (needs the admin token)")
+    parser.add_argument("--prefix", default=os.environ.get("MICROTUNE_PREFIX", "microtune"))
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     with args.grid.open("rb") as f:
@@ -137,7 +148,7 @@ def calibrate(argv: list[str]) -> int:
     with console.status(f"replaying {len(users):,} users under {len(all_configs)} configs "
                         f"in {args.processes} processes ..."):
         scores = calibration.calibrate(args.store, users, all_configs, args.segment,
-                                       processes=args.processes)
+                                       processes=args.processes, since=args.since)
     rows = [({"config": f"v{current.version} (current)"}, scores[0], True)]
     rows += [(params, score, False) for (params, _), score in zip(candidates, scores[1:],
                                                                    strict=True)]
@@ -159,9 +170,48 @@ def calibrate(argv: list[str]) -> int:
             added = mt.configs.add(winner)
         console.print(f"recorded as config version {added.version} (current); put the same "
                       f"settings in serve's [tuning] table, which it adopts at every start")
-    elif args.apply:
+    elif args.propose and not best_is_current:
+        winner = next(c for p, c in candidates if p == best_params)
+        _propose(args, winner, best_params)
+    elif args.apply or args.propose:
         console.print("the current config scores best: nothing recorded")
     return 0
+
+
+def _propose(args, winner: TuningConfig, params: dict) -> None:
+    """Start an experiment: the current config against the calibrated one, 50/50."""
+    segment = winner.segments[args.segment]
+    body = {"op": "start", "name": args.propose,
+            "arms": [["control", "current"],
+                     ["calibrated", {"segments": {k: {**_plain(v)} for k, v in
+                                                  winner.segments.items()}}]],
+            "segment": args.segment,
+            "by": os.environ.get("USER"), "why": f"calibrate: {_label(params)}"}
+    if args.nats_url:
+        import asyncio
+
+        from adapters.ops import _admin
+
+        asyncio.run(_admin(args.nats_url, args.prefix, "experiment", body))
+    else:
+        from actors.system import Microtune
+
+        with Microtune.open(args.store) as mt:
+            mt.start_experiment(args.propose, [("control", "current"),
+                                               ("calibrated", winner)],
+                                segment=body["segment"], by=body["by"], why=body["why"])
+    console.print(f"experiment {args.propose} started: the current config against "
+                  f"{_label(params)} (half_life {segment.half_life:g} s); read it with "
+                  f"microtune experiment report {args.propose}")
+
+
+def _plain(segment) -> dict:
+    from dataclasses import asdict
+
+    body = asdict(segment)
+    if body.get("prior") is not None:
+        body["prior"] = list(body["prior"])
+    return body
 
 
 def _label(params: dict) -> str:

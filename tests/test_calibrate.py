@@ -107,3 +107,31 @@ def test_the_calibrate_command_ranks_applies_and_draws(tmp_path):
         assert mt.configs.current.version == 2
         assert mt.configs.current.segments["default"].half_life == rows[0]["params"][
             "half_life"]
+
+
+def test_the_latest_window_and_a_proposed_experiment(tmp_path):
+    """`--since` scores only what was learned in the latest window; `--propose` starts an
+    experiment of the current config against the winner instead of applying it."""
+    store = str(tmp_path / "mt.db")
+    users = _population(store, switch_every=12 * 3600.0, seed=6)
+    configs = [c for _, c in points(CFG, "default", GRID)]
+    whole = calibrate(store, users, configs, "default")
+    latest = calibrate(store, users, configs, "default", since=1e6 + 3 * 86400.0)
+    assert all(0 < b.steps < a.steps for a, b in zip(whole, latest, strict=True))
+    assert latest[0].steps == 24 * 144  # the last of 4 days
+    grid = tmp_path / "grid.toml"
+    grid.write_text("[grid]\nhalf_life = [1800.0, 21600.0, 5184000.0]\n")
+    run = subprocess.run([sys.executable, "-m", "adapters.cli", "calibrate", "--store", store,
+                          "--grid", str(grid), "--processes", "1", "--plot",
+                          str(tmp_path / "c.png"), "--since", "1259200",
+                          "--propose", "recalibrated"], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    with Microtune.open(store, CFG) as mt:
+        experiment = mt.experiments.get("recalibrated")
+        arms = dict(experiment.arms)
+        assert experiment.running and arms["control"] == 1 and experiment.segment == "default"
+        calibrated = mt.configs.get(arms["calibrated"])
+        assert calibrated.label == "experiment recalibrated arm calibrated"
+        assert calibrated.segments["default"].half_life == 21600.0
+        assert mt.configs.current.version == 1  # proposed, not applied
