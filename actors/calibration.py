@@ -11,6 +11,12 @@ predictions against outcomes y >= 0.5, both over every learning step of the segm
 Work is split over processes by ranges of users; each process reads its users' logs once and
 replays them under every point. Only steps taken while the user was in the segment count.
 
+The seed's rule, that more responsive segments get tighter rate bounds, is kept as an order:
+a segment's responsiveness is the median, over its users, of their interaction events per
+active day (`responsiveness`), and a grid point whose `lr_max` would give a segment wider
+bounds than a less responsive segment has (or narrower than a more responsive one) is left
+out (`ordered`). One segment alone is never constrained.
+
 Not in the grid: the segment model's rate. A user's replay reads the segment model's score
 logged with each event (that is what keeps a user's state a function of its own log), so a
 per-user replay cannot tell what another segment-model rate would have done; that needs a
@@ -33,6 +39,7 @@ from actors.state import UserState
 from events.codec import event_from_log
 from events.config import TuningConfig
 from events.errors import Reason, Rejected
+from events.types import INTERACTION_KINDS
 from store.recorder import StoredEvent, open_recorder
 
 # what a grid may vary (SegmentConfig fields); the rest stay as the current config has them
@@ -182,3 +189,46 @@ def calibrate(store: str, users: list[str], configs: list[TuningConfig], segment
             for total, score in zip(totals, part, strict=True):
                 total.add(score)
     return totals
+
+
+# ---------------------------------------------------------------- responsiveness
+
+
+def responsiveness(rows: Iterable[StoredEvent]) -> dict[str, float]:
+    """Per segment, how responsive its users are: the median, over its users, of their
+    interaction events per active day (days, in event time, with at least one). A segment
+    whose users send many signals a day reacts to what it is shown more than one whose
+    users send a few; the seed's rule gives it tighter rate bounds (`ordered`)."""
+    per_user: dict[tuple[str, str], dict[int, int]] = {}
+    for user_rows in _by_user(rows):
+        segment = "default"
+        for row in user_rows:
+            event = event_from_log(row.body)
+            if event.segment is not None:
+                segment = event.segment
+            if event.kind in INTERACTION_KINDS:
+                days = per_user.setdefault((segment, row.user), {})
+                day = int(event.t // 86400)
+                days[day] = days.get(day, 0) + 1
+    rates: dict[str, list[float]] = {}
+    for (segment, _user), days in per_user.items():
+        rates.setdefault(segment, []).append(sum(days.values()) / len(days))
+    return {segment: float(np.median(r)) for segment, r in rates.items()}
+
+
+def ordered(segment: str, lr_max: float, config: TuningConfig,
+            measured: dict[str, float]) -> bool:
+    """Does giving `segment` this `lr_max` keep the seed's order: a more responsive segment
+    never has wider rate bounds (a higher lr_max) than a less responsive one, nor a less
+    responsive one narrower bounds than a more responsive one (the other segments as the
+    config has them)?"""
+    mine = measured.get(segment)
+    if mine is None:
+        return True
+    for other, theirs in measured.items():
+        if other == segment or other not in config.segments:
+            continue
+        their_max = config.segments[other].lr_max
+        if (mine > theirs and lr_max > their_max) or (mine < theirs and lr_max < their_max):
+            return False
+    return True

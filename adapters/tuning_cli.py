@@ -141,9 +141,23 @@ def calibrate(argv: list[str]) -> int:
         configs = _configs(recorder)
         current = configs.current
         users = list(recorder.users())
+        with console.status("measuring the segments' responsiveness ..."):
+            measured = calibration.responsiveness(recorder.read_all())
     finally:
         recorder.close()
     candidates = calibration.points(current, args.segment, grid)
+    kept = [(p, c) for p, c in candidates if calibration.ordered(
+        args.segment, c.segments[args.segment].lr_max, current, measured)]
+    if measured:
+        console.print("responsiveness (median interaction events per active day): " + ", ".join(
+            f"{k} {v:.3g}" for k, v in sorted(measured.items())))
+    if len(kept) < len(candidates):
+        console.print(f"{len(candidates) - len(kept)} grid points left out: their lr_max would "
+                      "give a more responsive segment wider rate bounds than a less "
+                      "responsive one (README \"Tuning\")")
+    if not kept:
+        raise OperatorError("no grid point keeps the segments' order of rate bounds")
+    candidates = kept
     all_configs = [current] + [c for _, c in candidates]
     with console.status(f"replaying {len(users):,} users under {len(all_configs)} configs "
                         f"in {args.processes} processes ..."):

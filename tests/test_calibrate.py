@@ -135,3 +135,43 @@ def test_the_latest_window_and_a_proposed_experiment(tmp_path):
         assert calibrated.label == "experiment recalibrated arm calibrated"
         assert calibrated.segments["default"].half_life == 21600.0
         assert mt.configs.current.version == 1  # proposed, not applied
+
+
+def test_more_responsive_segments_never_get_wider_rate_bounds(tmp_path):
+    from actors.calibration import ordered, responsiveness
+
+    T0 = 12 * 86400.0  # midnight: three days are three calendar days
+    cfg = TuningConfig(version=1, dim=DIM, segments={
+        "default": SegmentConfig(hygiene=False),
+        "busy": SegmentConfig(hygiene=False, lr_max=0.06),
+        "calm": SegmentConfig(hygiene=False, lr_max=0.12)})
+    store = str(tmp_path / "mt.db")
+    rng = np.random.default_rng(8)
+    with Microtune.open(store, cfg) as mt:
+        events = []
+        for segment, per_day in (("busy", 96), ("calm", 6)):
+            for u in range(6):
+                user = f"{segment}-{u}"
+                events.append(Event(id=f"{user}-g", user=user, t=T0, kind="segment",
+                                    segment=segment))
+                for n in range(per_day * 3):  # three days
+                    x = rng.normal(size=DIM)
+                    events.append(Event(id=f"{user}-{n}", user=user,
+                                        t=T0 + n * 86400 / per_day, kind="feedback",
+                                        item="i", x=x, target=float(rng.random() < 0.5)))
+        assert {o.status for o in mt.track_many(events, timeout=120)} == {"applied"}
+        measured = responsiveness(mt.recorder.read_all())
+    assert measured == {"busy": 96.0, "calm": 6.0}
+    assert ordered("busy", 0.1, cfg, measured)  # still below calm's 0.12
+    assert not ordered("busy", 0.2, cfg, measured)  # wider than the calmer segment's
+    assert not ordered("calm", 0.03, cfg, measured)  # narrower than the busier one's 0.06
+    assert ordered("calm", 0.3, cfg, measured)
+    assert ordered("default", 5.0, cfg, measured)  # not measured: no users
+    grid = tmp_path / "grid.toml"
+    grid.write_text("[grid]\nlr_max = [0.05, 0.1, 0.2]\n")
+    run = subprocess.run([sys.executable, "-m", "adapters.cli", "calibrate", "--store", store,
+                          "--segment", "busy", "--grid", str(grid), "--processes", "1",
+                          "--json"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    lr_maxes = {r["params"].get("lr_max") for r in json.loads(run.stdout) if not r["current"]}
+    assert lr_maxes == {0.05, 0.1} and "1 grid points left out" in run.stderr
