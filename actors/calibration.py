@@ -17,10 +17,13 @@ active day (`responsiveness`), and a grid point whose `lr_max` would give a segm
 bounds than a less responsive segment has (or narrower than a more responsive one) is left
 out (`ordered`). One segment alone is never constrained.
 
-Not in the grid: the segment model's rate. A user's replay reads the segment model's score
-logged with each event (that is what keeps a user's state a function of its own log), so a
-per-user replay cannot tell what another segment-model rate would have done; that needs a
-joint replay of the whole segment in event-time order.
+A grid that varies the segment model (`segment_lr`, `segment_half_life`) needs more: a user's
+replay reads the segment model's score logged with each event (that is what keeps a user's
+state a function of its own log), so it cannot tell what another segment model would have
+done. Such a grid is scored by a joint replay (`score_joint`): every user's events in the
+order the broker received them, in one process, each interaction's segment-model score
+stamped anew by a segment model that learns along, as the service does live. Every point of
+that grid, the current config included, is scored the same way, so they compare fairly.
 """
 
 from __future__ import annotations
@@ -44,7 +47,9 @@ from store.recorder import StoredEvent, open_recorder
 
 # what a grid may vary (SegmentConfig fields); the rest stay as the current config has them
 TUNABLE = ("lr", "lr_min", "lr_max", "half_life", "l2", "max_step", "window_budget", "beta2",
-           "optimizer")
+           "optimizer", "segment_lr", "segment_half_life")
+# settings of the segment model: a grid that varies them needs the joint replay
+JOINT = frozenset({"segment_lr", "segment_half_life"})
 MAX_POINTS = 256
 BINS = 1000  # AUC from histograms of predictions, so that processes can add them up
 _EPS = 1e-7
@@ -174,9 +179,49 @@ def _score_range(store: str, encoded: list[bytes], segment: str, lo: str | None,
     return totals
 
 
+def score_joint(rows: Iterable[StoredEvent], configs: list[TuningConfig], segment: str,
+                since: float | None = None) -> list[Score]:
+    """Every config's totals by a joint replay: all users' events in the broker's receive
+    order (event time where none), the segment model learning along and stamping anew."""
+    from actors.segment_model import SegmentModels
+
+    events = []
+    for row in rows:
+        event = event_from_log(row.body)
+        at = event.received if event.received is not None else event.t
+        events.append((at, row.user, row.seq, event))
+    events.sort(key=lambda e: e[:3])
+    scores = []
+    for config in configs:
+        score, states, models, trace, counted = Score(), {}, SegmentModels(), [], set()
+        for _at, user, _seq, event in events:
+            state = states.get(user) or UserState(user)
+            name = event.segment or state.segment or "default"
+            if event.is_interaction and event.x is not None:
+                event = event._replace(base=models.stamp(name, event.x, config))
+            state = states[user] = apply(state, event, config, trace)
+            if trace:
+                if name == segment and _record(score, trace if since is None else
+                                               [s for s in trace if s.t >= since]):
+                    counted.add(user)
+                models.learn(state.segment or "default", trace, config)
+                trace.clear()
+        score.users = len(counted)
+        scores.append(score)
+    return scores
+
+
 def calibrate(store: str, users: list[str], configs: list[TuningConfig], segment: str, *,
-              processes: int = 1, since: float | None = None) -> list[Score]:
-    """Every config's totals over the users (sorted), in `processes` ranges of users."""
+              processes: int = 1, since: float | None = None,
+              joint: bool = False) -> list[Score]:
+    """Every config's totals over the users (sorted), in `processes` ranges of users; with
+    `joint`, by one joint replay of every user (see `score_joint`)."""
+    if joint:
+        recorder = open_recorder(store)
+        try:
+            return score_joint(recorder.read_all(), configs, segment, since)
+        finally:
+            recorder.close()
     encoded = [c.encode() for c in configs]
     if processes <= 1 or len(users) < 2:
         return _score_range(store, encoded, segment, None, None, since)

@@ -159,10 +159,13 @@ def calibrate(argv: list[str]) -> int:
         raise OperatorError("no grid point keeps the segments' order of rate bounds")
     candidates = kept
     all_configs = [current] + [c for _, c in candidates]
+    joint = bool(calibration.JOINT & set(grid))  # the segment model varies: one replay
     with console.status(f"replaying {len(users):,} users under {len(all_configs)} configs "
-                        f"in {args.processes} processes ..."):
+                        + ("jointly (the segment model varies)" if joint else
+                           f"in {args.processes} processes") + " ..."):
         scores = calibration.calibrate(args.store, users, all_configs, args.segment,
-                                       processes=args.processes, since=args.since)
+                                       processes=args.processes, since=args.since,
+                                       joint=joint)
     rows = [({"config": f"v{current.version} (current)"}, scores[0], True)]
     rows += [(params, score, False) for (params, _), score in zip(candidates, scores[1:],
                                                                    strict=True)]

@@ -76,7 +76,7 @@ def test_scores_add_up_across_processes_exactly(tmp_path):
 
 
 def test_a_bad_grid_is_refused():
-    for grid in ({"segment_lr": [0.1]}, {"lr": []}, {"lr": [0.1] * 20, "l2": [0.1] * 20}):
+    for grid in ({"prior": [None]}, {"lr": []}, {"lr": [0.1] * 20, "l2": [0.1] * 20}):
         with pytest.raises(Rejected):
             points(CFG, "default", grid)
     with pytest.raises(Rejected):  # an invalid value, by the config's own validation
@@ -175,3 +175,29 @@ def test_more_responsive_segments_never_get_wider_rate_bounds(tmp_path):
     assert run.returncode == 0, run.stderr
     lr_maxes = {r["params"].get("lr_max") for r in json.loads(run.stdout) if not r["current"]}
     assert lr_maxes == {0.05, 0.1} and "1 grid points left out" in run.stderr
+
+
+def test_a_grid_over_the_segment_model_is_scored_by_a_joint_replay(tmp_path):
+    """Users who all share one taste: a segment model that learns faster predicts them
+    better; only a joint replay (the segment model learning along) can see it."""
+    store = str(tmp_path / "mt.db")
+    rng = np.random.default_rng(9)
+    items = rng.normal(size=(30, DIM)) / np.sqrt(DIM)
+    shared = rng.normal(size=DIM) * 2
+    with Microtune.open(store, CFG) as mt:
+        events = []
+        for n in range(40):  # users arrive one after another and rate a few items each
+            for u in range(30):
+                k = rng.integers(len(items))
+                y = float(rng.random() < 1 / (1 + np.exp(-2 * items[k] @ shared)))
+                events.append(Event(id=f"u{u}-{n}", user=f"u{u}", t=1e6 + 600 * n + u,
+                                    kind="feedback", item=f"i{k}", x=items[k], target=y))
+        assert {o.status for o in mt.track_many(events, timeout=120)} == {"applied"}
+        users = sorted({e.user for e in events})
+    candidates = points(CFG, "default", {"segment_lr": [0.0005, 0.02, 0.2]})
+    scores = calibrate(store, users, [c for _, c in candidates], "default", joint=True)
+    assert all(s.steps == 1200 and s.users == 30 for s in scores)
+    losses = [s.log_loss for s in scores]
+    assert losses[0] > losses[1] > losses[2], losses  # faster shared learning helps here
+    again = calibrate(store, users, [c for _, c in candidates], "default", joint=True)
+    assert [s.log_loss for s in again] == losses  # deterministic
