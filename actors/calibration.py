@@ -31,7 +31,7 @@ from __future__ import annotations
 import itertools
 import math
 import multiprocessing as mp
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 
@@ -43,7 +43,7 @@ from events.codec import event_from_log
 from events.config import TuningConfig
 from events.errors import Reason, Rejected
 from events.types import INTERACTION_KINDS
-from store.recorder import StoredEvent, open_recorder
+from store.recorder import StoredEvent, by_user, open_recorder
 
 # what a grid may vary (SegmentConfig fields); the rest stay as the current config has them
 TUNABLE = ("lr", "lr_min", "lr_max", "half_life", "l2", "max_step", "window_budget", "beta2",
@@ -152,17 +152,6 @@ def _record(score: Score, trace: list[Step]) -> bool:
     return learned
 
 
-def _by_user(rows: Iterable[StoredEvent]) -> Iterator[list[StoredEvent]]:
-    current: list[StoredEvent] = []
-    for row in rows:
-        if current and row.user != current[0].user:
-            yield current
-            current = []
-        current.append(row)
-    if current:
-        yield current
-
-
 def _score_range(store: str, encoded: list[bytes], segment: str, lo: str | None,
                  hi: str | None, since: float | None = None) -> list[Score]:
     """A worker: the users in [lo, hi) under every config."""
@@ -170,7 +159,7 @@ def _score_range(store: str, encoded: list[bytes], segment: str, lo: str | None,
     totals = [Score() for _ in configs]
     recorder = open_recorder(store)
     try:
-        for rows in _by_user(recorder.read_all(from_user=lo, to_user=hi)):
+        for rows in by_user(recorder.read_all(from_user=lo, to_user=hi)):
             for total, score in zip(totals, score_user(rows, configs, segment, since),
                                     strict=True):
                 total.add(score)
@@ -245,7 +234,7 @@ def responsiveness(rows: Iterable[StoredEvent]) -> dict[str, float]:
     whose users send many signals a day reacts to what it is shown more than one whose
     users send a few; the seed's rule gives it tighter rate bounds (`ordered`)."""
     per_user: dict[tuple[str, str], dict[int, int]] = {}
-    for user_rows in _by_user(rows):
+    for user_rows in by_user(rows):
         segment = "default"
         for row in user_rows:
             event = event_from_log(row.body)

@@ -529,6 +529,18 @@ class Recorder:
         self.engine.dispose()
 
 
+def by_user(rows: Iterable[StoredEvent]) -> Iterator[list[StoredEvent]]:
+    """Rows ordered by user (as `read_all` gives them), one user's list at a time."""
+    current: list[StoredEvent] = []
+    for row in rows:
+        if current and row.user != current[0].user:
+            yield current
+            current = []
+        current.append(row)
+    if current:
+        yield current
+
+
 def _merge_by_user(snaps: Iterator[Snapshot], rows: Iterator[StoredEvent]) -> Iterator[UserLog]:
     """Join two streams ordered by user into one UserLog per user."""
     snap = next(snaps, None)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,7 +40,7 @@ from actors.experiments.attribution import ExposureOutcome, attribute
 from actors.experiments.definition import METRICS, Experiment
 from actors.replay import current_states
 from events.codec import event_from_log
-from store.recorder import Recorder, StoredEvent
+from store.recorder import Recorder, StoredEvent, by_user
 
 TIMELINE_POINTS = 30
 SRM_THRESHOLD = 0.001
@@ -97,24 +97,13 @@ def collect(recorder: Recorder, experiment: Experiment,
             configs: ConfigRegistry | None = None) -> list[UserSums]:
     """Every enrolled user's sums, streaming the log user by user; with `configs`, also each
     one's bot verdict, from its current state (a second pass: snapshot and tail)."""
-    users = {rows[0].user: s for rows in _by_user(recorder.read_all())
+    users = {rows[0].user: s for rows in by_user(recorder.read_all())
              if (s := user_sums(rows, experiment))}
     if configs is not None and users:
         for state in current_states(recorder, configs, users=users.keys()):
             if state.hyg is not None and state.hyg.bot:
                 users[state.user].bot = state.hyg.bot
     return list(users.values())
-
-
-def _by_user(rows: Iterator[StoredEvent]) -> Iterator[list[StoredEvent]]:
-    current: list[StoredEvent] = []
-    for row in rows:
-        if current and row.user != current[0].user:
-            yield current
-            current = []
-        current.append(row)
-    if current:
-        yield current
 
 
 def report(experiment: Experiment, users: list[UserSums], *, alpha: float = 0.05,

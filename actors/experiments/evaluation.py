@@ -14,7 +14,6 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from actors.experiments.analysis import _by_user
 from actors.experiments.attribution import attribute
 from actors.experiments.definition import DEFAULT_WINDOW
 from actors.experiments.offpolicy import LoggedSlate
@@ -24,7 +23,7 @@ from actors.state import UserState
 from events.codec import event_from_log
 from events.config import TuningConfig
 from events.types import EXPOSURE
-from store.recorder import Recorder, StoredEvent
+from store.recorder import Recorder, StoredEvent, by_user
 
 
 def user_slates(rows: list[StoredEvent], target: TuningConfig, *, segment: str | None = None,
@@ -68,6 +67,6 @@ def logged_slates(recorder: Recorder, target: TuningConfig, *, segment: str | No
                   users: Iterable[str] | None = None) -> list[LoggedSlate]:
     """Every explored exposure in the store (or of `users`), with B's slate on each."""
     out: list[LoggedSlate] = []
-    for rows in _by_user(recorder.read_all(users)):
+    for rows in by_user(recorder.read_all(users)):
         out.extend(user_slates(rows, target, segment=segment, window=window))
     return out
