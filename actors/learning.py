@@ -268,9 +268,10 @@ def _learn(state: UserState, event_id: str, kind: str, x_item: np.ndarray, y: fl
     t_last = state.t_last
     dt = t - t_last  # the decay, for the kernel to apply when dt > 0 (and not a first event)
     f = math.pow(0.5, dt / seg.half_life) if dt > 0.0 else 1.0
-    max_step, budget, stability = seg.max_step, seg.window_budget, state.stability
-    if seg.adaptive_bounds:
-        scale = bound_scale(stability)
+    max_step, budget = seg.max_step, seg.window_budget
+    adaptive = seg.adaptive_bounds
+    if adaptive:
+        scale = bound_scale(state.stability)
         max_step, budget = max_step * scale, budget * scale
     # a w of another length than the prior's (empty) is the first learning event
     w, m, v, step, p, score, rate, b1p, b2p, bucket = learn(
@@ -278,8 +279,7 @@ def _learn(state: UserState, event_id: str, kind: str, x_item: np.ndarray, y: fl
         importance, offset, state.bucket, state.b1p, state.b2p,
         OPTIMIZER_CODES.get(seg.optimizer, ADAGRAD), seg.beta1, seg.beta2, seg.l2, seg.eps,
         seg.lr, seg.lr_min, seg.lr_max, max_step, budget, seg.window)
-    if seg.adaptive_bounds:
-        stability = steadiness(stability, step)
+    stability = steadiness(state.stability, step) if adaptive else state.stability
     if trace is not None:
         trace.append(Step(event_id, kind, t, verdict, y, importance, p, rate, step, observed,
                           x_item, score))
@@ -345,7 +345,7 @@ def learn_segment(state: UserState, step: Step, config: TuningConfig) -> UserSta
 
 
 def _with_hygiene(state: UserState, h: hygiene.Hygiene) -> UserState:
-    return UserState(*state[:14], h, *state[15:])
+    return UserState(*state[:14], h, state.arm, state.stability)
 
 
 def own_weights(state: UserState, config: TuningConfig) -> np.ndarray:
