@@ -46,9 +46,11 @@ def greedy(scores: np.ndarray, n: int) -> np.ndarray:
 
 def choose(policy: str, scores: np.ndarray, n: int, rid: str, *, epsilon: float = 0.0,
            features: np.ndarray | None = None, weights: np.ndarray | None = None,
-           spread: np.ndarray | None = None, samples: int = 0) -> Slate:
+           spread: np.ndarray | None = None, samples: int = 0,
+           offsets: np.ndarray | None = None) -> Slate:
     """The slate shown. `scores`: every candidate's score; `features` (N x d, without the
-    bias), `weights` (d + 1, bias first) and `spread` (s, d + 1) for Thompson sampling."""
+    bias), `weights` (d + 1, bias first), `spread` (s, d + 1) and the candidates' item effects
+    (`offsets`, not sampled) for Thompson sampling."""
     best = greedy(scores, n)
     if policy == "none":
         return Slate(best, (1.0,) * len(best))
@@ -62,6 +64,8 @@ def choose(policy: str, scores: np.ndarray, n: int, rid: str, *, epsilon: float 
         assert features is not None and weights is not None and spread is not None
         draws = weights + spread * rng.standard_normal((samples + 1, weights.shape[0]))
         sampled = draws[:, 1:] @ features.T + draws[:, :1]  # (samples + 1) x N
+        if offsets is not None:
+            sampled = sampled + offsets
         orders = np.argsort(-sampled, axis=1, kind="stable")[:, :n]
         order = orders[0]
         hits = (orders == order).sum(axis=0)  # draws with the shown item at each position
@@ -87,8 +91,12 @@ def reproduce(state, exposure, rid: str, config) -> Slate:
     w = own if exposure.shared is None else own + np.frombuffer(exposure.shared, "<f8")
     features = np.frombuffer(exposure.features, "<f8").reshape(len(exposure.candidates), -1)
     scores = features @ w[1:] + w[0]
+    offsets = None
+    if exposure.offsets is not None:  # the segment model's item effects it ranked with
+        offsets = np.frombuffer(exposure.offsets, "<f8")
+        scores = scores + offsets
     seg = config.segment(settled.segment)
     return choose(seg.explore, scores, len(exposure.items), rid, epsilon=seg.epsilon,
                   features=features, weights=w,
                   spread=spread(settled.v, config.dim, seg.explore_scale),
-                  samples=seg.explore_samples)
+                  samples=seg.explore_samples, offsets=offsets)

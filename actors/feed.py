@@ -19,6 +19,8 @@ shortcut). A frame is a msgpack array of messages `[kind, payload]`:
 - `MODELS`: `{segment: encoded state}` the segment models (sent when they moved, at most
   every `models_every` seconds: queries add them to the user's own weights)
 - `EXPERIMENTS`: `[encoded definition, ...]` every experiment's latest version, after a change
+- `ITEM_EFFECTS`: `[full, {segment: {item: bias}}]` the segment models' item effects learned
+  since the last frame (`full`: all of them, replacing what the reader has)
 
 After a `GAP` the reader reads the store again for what the dropped messages carried (the
 catalog's items, the experiments) as well as for its replicas.
@@ -41,6 +43,7 @@ from store.recorder import StoredEvent
 log = structlog.get_logger(__name__)
 
 ROWS, GAP, FORGET, ITEMS, MODELS, EXPERIMENTS = "r", "g", "f", "i", "m", "x"
+ITEM_EFFECTS = "e"
 
 _F64 = np.dtype("<f8")
 
@@ -86,6 +89,7 @@ class FeedSender:
 
     def _run(self) -> None:
         sent_steps = -1
+        item_cursor = 0
         while not self._closed:
             self._wake.wait(self._models_every)
             self._wake.clear()
@@ -96,6 +100,11 @@ class FeedSender:
             if steps != sent_steps:  # before the rows: queries score with the newest
                 sent_steps = steps
                 messages.insert(0, (MODELS, self._models.dump()))
+                item_cursor, changed = self._models.item_changes(item_cursor)
+                if changed is None:  # this reader fell behind the change log: all of them
+                    messages.insert(1, (ITEM_EFFECTS, [True, self._models.dump_items()]))
+                elif changed:
+                    messages.insert(1, (ITEM_EFFECTS, [False, changed]))
             if not messages:
                 continue
             try:

@@ -65,6 +65,7 @@ class Step(NamedTuple):
     observed: tuple[tuple[str, float], ...] = ()  # (segment statistic, value)
     x: np.ndarray | None = None
     score: float | None = None
+    item: str | None = None  # the item learned about (the segment model's item effects)
 
 
 def apply(
@@ -101,7 +102,7 @@ def apply(
     if not seg.hygiene:  # raw: every event learns at once, at its own time
         y, importance = engagement(event, seg)
         return _learn(state, event.id, event.kind, event.x, y, importance, event.t, config,
-                      trace, offset=_base(event, seg))
+                      trace, offset=_base(event, seg), item=event.item)
 
     h = (state.hyg or hygiene.EMPTY).copy()  # this call's own: mutated below, nowhere else
     tc = h.align(event, seg)
@@ -188,19 +189,20 @@ def _release(state: UserState, h: hygiene.Hygiene, config: TuningConfig, events_
             h.pending = h.pending[1:]
             state = _released(state, h, tc, event, config, trace)
         elif h.impressions and h.impressions[0][0] <= due_until:
-            due, _item, x, event_id, base = h.impressions[0]
+            due, item, x, event_id, base = h.impressions[0]
             h.impressions = h.impressions[1:]
-            state = _impression_negative(state, event_id, x, base, due, config, trace)
+            state = _impression_negative(state, event_id, x, base, due, config, trace, item)
         else:
             return _with_hygiene(state, h)
 
 
 def _impression_negative(state: UserState, event_id: str, x: np.ndarray, base: float,
-                         t: float, config: TuningConfig,
-                         trace: list[Step] | None) -> UserState:
+                         t: float, config: TuningConfig, trace: list[Step] | None,
+                         item: str | None = None) -> UserState:
     seg = config.segment(state.segment)
     return _learn(state, event_id, "impression", x, 0.0, seg.impression_importance, t, config,
-                  trace, "impression_negative", offset=base if seg.segment_model else 0.0)
+                  trace, "impression_negative", offset=base if seg.segment_model else 0.0,
+                  item=item)
 
 
 def _released(state: UserState, h: hygiene.Hygiene, tc: float, event: Event,
@@ -228,9 +230,9 @@ def _released(state: UserState, h: hygiene.Hygiene, tc: float, event: Event,
         if trace is not None:
             trace.append(Step(event.id, event.kind, tc, "impression_pending"))
         if len(h.impressions) > hygiene.MAX_IMPRESSIONS:  # bounded: the oldest is due now
-            _due, _item, x, event_id, base = h.impressions[0]
+            _due, item, x, event_id, base = h.impressions[0]
             h.impressions = h.impressions[1:]
-            state = _impression_negative(state, event_id, x, base, tc, config, trace)
+            state = _impression_negative(state, event_id, x, base, tc, config, trace, item)
         return state
     engaged = h.cancel_impression(event.item)
     if engaged is not None and trace is not None:
@@ -244,7 +246,7 @@ def _released(state: UserState, h: hygiene.Hygiene, tc: float, event: Event,
         return state
     verdict = "applied" if sig.verdict == "clean" else sig.verdict
     return _learn(state, event.id, event.kind, event.x, sig.y, sig.importance, tc, config,
-                  trace, verdict, sig.observed, _base(event, seg))
+                  trace, verdict, sig.observed, _base(event, seg), event.item)
 
 
 def _base(event: Event, seg: SegmentConfig) -> float:
@@ -255,7 +257,8 @@ def _base(event: Event, seg: SegmentConfig) -> float:
 
 def _learn(state: UserState, event_id: str, kind: str, x_item: np.ndarray, y: float,
            importance: float, t: float, config: TuningConfig, trace: list[Step] | None,
-           verdict: str = "applied", observed: tuple = (), offset: float = 0.0) -> UserState:
+           verdict: str = "applied", observed: tuple = (), offset: float = 0.0,
+           item: str | None = None) -> UserState:
     """One learning update (the module docstring's formulas) at event time t: one call of the
     compiled kernel (actors/kernel.py), which allocates the new arrays and writes no input.
     The constants are the segment's own floats (`config.constants` holds the same values as
@@ -264,7 +267,7 @@ def _learn(state: UserState, event_id: str, kind: str, x_item: np.ndarray, y: fl
     seg = config.segment(segment)
     if not seg.personal:
         return _frozen(state, event_id, kind, x_item, y, importance, t, config, trace, verdict,
-                       observed, offset)
+                       observed, offset, item)
     t_last = state.t_last
     dt = t - t_last  # the decay, for the kernel to apply when dt > 0 (and not a first event)
     f = math.pow(0.5, dt / seg.half_life) if dt > 0.0 else 1.0
@@ -282,7 +285,7 @@ def _learn(state: UserState, event_id: str, kind: str, x_item: np.ndarray, y: fl
     stability = steadiness(state.stability, step) if adaptive else state.stability
     if trace is not None:
         trace.append(Step(event_id, kind, t, verdict, y, importance, p, rate, step, observed,
-                          x_item, score))
+                          x_item, score, item))
     return UserState(state.user, state.seq, state.config, segment, max(t_last, t),
                      state.steps + 1, b1p, b2p, bucket, w, m, v, state.recent,
                      state.recent_pos, state.hyg, state.arm, stability)
@@ -322,7 +325,7 @@ def steadiness(stability: tuple[np.ndarray, float, int] | None,
 
 def _frozen(state: UserState, event_id: str, kind: str, x_item: np.ndarray, y: float,
             importance: float, t: float, config: TuningConfig, trace: list[Step] | None,
-            verdict: str, observed: tuple, offset: float) -> UserState:
+            verdict: str, observed: tuple, offset: float, item: str | None) -> UserState:
     """A learning event under a segment without micro-adjustment (`personal = false`): the
     user's weights, moments and clock stay as they are (so when adjustment resumes, the decay
     covers the whole pause). The step is still traced with the prior's score, so that the
@@ -332,7 +335,7 @@ def _frozen(state: UserState, event_id: str, kind: str, x_item: np.ndarray, y: f
         score = float(w0[0] + w0[1:] @ x_item)
         trace.append(Step(event_id, kind, t, verdict, y, importance,
                           sigmoid(offset + score), 0.0, np.zeros_like(w0), observed, x_item,
-                          score))
+                          score, item))
     return state
 
 

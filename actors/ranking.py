@@ -65,26 +65,32 @@ def rank(state: UserState, query: Query, config: TuningConfig,
         features = np.stack([cand.x for cand in query.candidates])
     w = models.total(state, config)  # the user's own + the segment's
     scores = features @ w[1:] + w[0]
+    seg = config.segment(state.segment)
+    cands = query.candidates
+    ids = cands.items if type(cands) is CandidateRows else [c.item for c in cands]
+    offsets = None
+    if seg.item_effects and seg.segment_model:  # the segment model's item effects
+        offsets = models.item_biases(state.segment or "default", ids)
+        if offsets is not None:
+            scores = scores + offsets
     order = np.argsort(-scores, kind="stable")
     if query.top is not None:
         order = order[: query.top]
     top = scores[order]
     e = np.exp(top - top[0])
     weights = e / e.sum()
-    cands = query.candidates
-    ids = cands.items if type(cands) is CandidateRows else [c.item for c in cands]
-    seg = config.segment(state.segment)
     explored = {}
     if log and rid is not None and seg.explore != "none":
         slate = exploration.choose(
             seg.explore, scores, len(order), rid, epsilon=seg.epsilon, features=features,
             weights=w, spread=exploration.spread(state.v, dim, seg.explore_scale),
-            samples=seg.explore_samples)
+            samples=seg.explore_samples, offsets=offsets)
         order, top = slate.order, scores[slate.order]  # the weights stay by position
         shared = models.weights(state.segment or "default", dim) if seg.segment_model else None
         explored = {"propensities": slate.propensities, "candidates": tuple(ids),
                     "features": np.ascontiguousarray(features, "<f8").tobytes(),
-                    "shared": None if shared is None else shared.astype("<f8").tobytes()}
+                    "shared": None if shared is None else shared.astype("<f8").tobytes(),
+                    "offsets": None if offsets is None else offsets.astype("<f8").tobytes()}
     return Ranking(
         user=query.user,
         items=tuple([ids[i] for i in order.tolist()]),

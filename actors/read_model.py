@@ -98,6 +98,9 @@ class ReadModel:
                     x = np.frombuffer(raw, _F64)
                     x.flags.writeable = False
                     self.catalog[item] = x
+            elif kind == feed.ITEM_EFFECTS:
+                full, biases = payload
+                self.models.load_items(biases, replace=full)
             elif kind == feed.EXPERIMENTS:
                 self.experiments.load(Experiment.decode(raw) for raw in payload)
             elif kind == feed.FORGET:

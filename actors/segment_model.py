@@ -15,6 +15,14 @@ every user's state stays a pure function of that user's log.
   `segment_half_life`.
 - A query scores each candidate by w_s . x + w_u . x.
 
+Item effects (`SegmentConfig.item_effects`): what a segment's users share about an item itself,
+its appeal beyond its features, is a bias b_i per item, learned with the same joint step: p =
+sigmoid(w_s . x + b_i + w_u . x), b_i -= item_lr / sqrt(G_i) * a (p - y), G_i the item's running
+sum of squared gradients (Adagrad), decayed toward 0 with `segment_half_life` in event time
+between its updates. It is part of the stamped score b (so a user's state stays a function of
+its log) and of a query's scores; an item never learned about scores by its features alone.
+At most `max_items` items are kept per segment: the least recently learned go first.
+
 This model is not the truth of anything: it is learned from the logs and checkpointed
 (`Recorder.save_segment_models`) by the service every 30 s and on shutdown. A crash loses its
 last seconds of learning, never a user's exactness, since what each user learned with is in
@@ -23,19 +31,25 @@ that user's log.
 
 from __future__ import annotations
 
+import math
 import threading
-from collections.abc import Iterable
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 
+import msgpack
 import numpy as np
 import structlog
 
-from actors.learning import Step, learn_segment, own_weights
+from actors.learning import Step, learn_segment, own_weights, sigmoid
 from actors.state import SnapshotError, UserState, decode_state, encode_state
 from events.config import SegmentConfig, TuningConfig
 
 log = structlog.get_logger(__name__)
 
 _ONE = np.ones(1)
+_NO_ITEM = (0.0,)
+ITEMS_SUFFIX = "\x1fitems"  # a checkpoint row of a segment's item effects
+_ITEM_LOG_MAX = 1_000_000  # changes kept for the feed's readers before they take a dump
 
 
 def model_config(config: TuningConfig, segment: str) -> TuningConfig:
@@ -59,6 +73,11 @@ class SegmentModels:
 
     def __init__(self) -> None:
         self._states: dict[str, UserState] = {}
+        # segment -> item -> [bias, sum of squared gradients, event time of the last update],
+        # least recently learned first
+        self._items: dict[str, OrderedDict[str, list[float]]] = {}
+        self._item_log: list[tuple[str, str]] = []  # (segment, item) learned, for the feed
+        self._item_log_base = 0  # how many entries were trimmed from its front
         self._configs: dict[tuple[int, str], TuningConfig] = {}
         self._lock = threading.Lock()
         self.steps = 0  # learned since start (stats)
@@ -87,10 +106,30 @@ class SegmentModels:
         w = self.weights(segment, x.shape[0])
         return 0.0 if w is None else float((w * np.concatenate((_ONE, x))).sum())
 
-    def stamp(self, segment: str, x: np.ndarray, config: TuningConfig) -> float | None:
+    def item_bias(self, segment: str, item: str | None) -> float:
+        items = self._items.get(segment)
+        entry = None if items is None or item is None else items.get(item)
+        return 0.0 if entry is None else entry[0]
+
+    def item_biases(self, segment: str, items: Sequence[str]) -> np.ndarray | None:
+        """The candidates' item effects (0 for an unknown item), None if none are known."""
+        known = self._items.get(segment)
+        if not known:
+            return None
+        get = known.get
+        return np.array([(get(i) or _NO_ITEM)[0] for i in items])
+
+    def stamp(self, segment: str, x: np.ndarray, config: TuningConfig,
+              item: str | None = None) -> float | None:
         """The score an interaction is logged with (`Event.base`): None where the segment
-        has no segment model. The user actor and the quality harness both stamp with this."""
-        return self.score(segment, x) if config.segment(segment).segment_model else None
+        has no segment model; with item effects, the item's bias included. The user actor and
+        the quality harness both stamp with this."""
+        seg = config.segment(segment)
+        if not seg.segment_model:
+            return None
+        if seg.item_effects:
+            return self.score(segment, x) + self.item_bias(segment, item)
+        return self.score(segment, x)
 
     # ------------------------------------------------------------ learning
 
@@ -104,26 +143,109 @@ class SegmentModels:
         own = self._configs.get(key)
         if own is None:
             own = self._configs[key] = model_config(config, segment)
+        seg = config.segment(segment)
         with self._lock:
             state = self._states.get(segment) or UserState(f"segment:{segment}")
             for step in learned:
+                if seg.item_effects and step.item is not None:
+                    bias = self._learn_item(segment, step, state, seg)
+                    step = step._replace(score=step.score + bias)  # the joint prediction
                 state = learn_segment(state, step, own)
             self._states[segment] = state
             self.steps += len(learned)
 
+    def _learn_item(self, segment: str, step: Step, state: UserState,
+                    seg: SegmentConfig) -> float:
+        """The item's side of the joint step (under the lock); returns its bias before it."""
+        items = self._items.get(segment)
+        if items is None:
+            items = self._items[segment] = OrderedDict()
+        entry = items.get(step.item)
+        if entry is None:
+            entry = items[step.item] = [0.0, 0.0, step.t]
+            if len(items) > seg.max_items:  # the least recently learned goes
+                items.popitem(last=False)
+        else:
+            items.move_to_end(step.item)
+            if step.t > entry[2]:  # fade toward 0 between updates, in event time
+                entry[0] *= math.pow(0.5, (step.t - entry[2]) / seg.segment_half_life)
+                entry[2] = step.t
+        bias = entry[0]
+        w = state.w
+        shared = 0.0 if w.shape[0] != step.x.shape[0] + 1 else float(
+            w[0] + w[1:] @ step.x)
+        g = step.importance * (sigmoid(shared + bias + step.score) - step.y)
+        entry[1] += g * g
+        if entry[1] > 0.0:
+            entry[0] = bias - seg.item_lr / math.sqrt(entry[1]) * g
+        self._item_log.append((segment, step.item))
+        if len(self._item_log) > _ITEM_LOG_MAX:  # bounded: a reader behind it takes a dump
+            self._item_log_base += len(self._item_log)
+            self._item_log = []
+        return bias
+
+    def item_changes(self, cursor: int) -> tuple[int, dict[str, dict[str, float]] | None]:
+        """The item effects learned since `cursor` (a position in the change log), and the
+        new cursor; None for the changes when the log no longer reaches back that far (then
+        the caller takes `dump_items`)."""
+        with self._lock:
+            end = self._item_log_base + len(self._item_log)
+            if cursor < self._item_log_base:
+                return end, None
+            changed: dict[str, dict[str, float]] = {}
+            for segment, item in self._item_log[cursor - self._item_log_base:]:
+                entry = self._items.get(segment, {}).get(item)
+                if entry is not None:
+                    changed.setdefault(segment, {})[item] = entry[0]
+            return end, changed
+
+    def dump_items(self) -> dict[str, dict[str, float]]:
+        with self._lock:
+            return {segment: {item: e[0] for item, e in items.items()}
+                    for segment, items in self._items.items()}
+
+    def load_items(self, biases: dict[str, dict[str, float]], *, replace: bool = False) -> None:
+        """Item effects from the feed (a query process: biases only) or a checkpoint."""
+        with self._lock:
+            for segment, items in biases.items():
+                known = self._items.setdefault(segment, OrderedDict())
+                if replace:
+                    known.clear()
+                for item, bias in items.items():
+                    entry = known.get(item)
+                    if entry is None:
+                        known[item] = [bias, 0.0, -math.inf]
+                    else:
+                        entry[0] = bias
+
     # ------------------------------------------------------------ checkpoints
 
     def dump(self) -> dict[str, bytes]:
+        """The models' weights (what the feed sends every 0.1 s: small)."""
         with self._lock:
             return {name: encode_state(state) for name, state in self._states.items()}
+
+    def checkpoint(self) -> dict[str, bytes]:
+        """Weights and item effects (with their Adagrad sums and times), for the store."""
+        out = self.dump()
+        with self._lock:
+            for segment, items in self._items.items():
+                out[f"{segment}{ITEMS_SUFFIX}"] = msgpack.packb(
+                    {item: e for item, e in items.items()}, use_bin_type=True)
+        return out
 
     def load(self, saved: dict[str, bytes]) -> None:
         """Restore checkpoints; an undecodable one is logged and starts from zero."""
         with self._lock:
             for name, raw in saved.items():
                 try:
-                    self._states[name] = decode_state(raw)
-                except SnapshotError as exc:
+                    if name.endswith(ITEMS_SUFFIX):
+                        items = msgpack.unpackb(raw, raw=False)
+                        self._items[name[:-len(ITEMS_SUFFIX)]] = OrderedDict(
+                            (item, list(e)) for item, e in items.items())
+                    else:
+                        self._states[name] = decode_state(raw)
+                except (SnapshotError, ValueError, TypeError, msgpack.UnpackException) as exc:
                     log.warning("segment_model.undecodable", segment=name, error=str(exc))
 
     def summary(self) -> dict[str, dict]:

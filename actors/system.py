@@ -306,7 +306,7 @@ class Microtune:
     def checkpoint(self) -> None:
         """Save the segment models (the service does so every 30 s and on shutdown)."""
         try:
-            self.recorder.save_segment_models(self.context.models.dump())
+            self.recorder.save_segment_models(self.context.models.checkpoint())
         except Exception as exc:  # a cache: the next checkpoint tries again
             log.warning("segment_model.checkpoint_failed", error=repr(exc))
 

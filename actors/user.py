@@ -235,7 +235,7 @@ class UserActor(PooledActor):
                     segment, event, h.recent_actions() if h is not None else 0,
                     observe=h is None or not h.bot)  # a bot's signals would skew them
             if base is None:
-                base = self.ctx.models.stamp(segment, event.x, config)
+                base = self.ctx.models.stamp(segment, event.x, config, event.item)
         if event.config is None or norms is not event.norms or base is not event.base:
             # positional: NamedTuple._replace costs microseconds (a dict and a _make)
             event = Event(*event[:11], config.version, *event[12:15], norms, base, *event[17:])

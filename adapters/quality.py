@@ -193,7 +193,7 @@ def microtune(stream: Stream, config: TuningConfig | None = None,
         n += 1
         state = states.get(r.user) or UserState(r.user)
         segment = state.segment or "default"
-        base = models.stamp(segment, r.x, config)
+        base = models.stamp(segment, r.x, config, r.item)
         p = predict(state, r.x, config, base or 0.0)
         event = Event(id=str(n), user=r.user, t=r.t, kind="feedback", item=r.item, x=r.x,
                       target=r.y, config=config.version, base=base)

@@ -40,7 +40,7 @@ from events.types import (
 
 _EVENT_KEYS = frozenset(
     {"v", "id", "u", "t", "k", "i", "x", "d", "s", "h", "y", "g", "c", "r", "sid", "a", "ns", "b",
-     "to", "st", "bf", "rid", "sh", "rq", "rc", "pp", "xa", "ci", "cx", "sw"}
+     "to", "st", "bf", "rid", "sh", "rq", "rc", "pp", "xa", "ci", "cx", "sw", "co"}
 )
 _TOKEN_FORBIDDEN = frozenset(" \t\r\n.*>")
 _F64 = np.dtype("<f8")
@@ -344,8 +344,15 @@ def _exposure(obj: Mapping[str, Any], limits: Limits) -> Exposure:
                 raise Rejected(Reason.WRONG_TYPE, "'sw' (the segment model's weights) is "
                                "packed float64, dim + 1 of them", "sw")
             _vector(shared, "sw", limits)
+    offsets = obj.get("co")
+    if offsets is not None and (candidates is None or not isinstance(offsets, bytes)
+                                or len(offsets) != 8 * len(candidates)):
+        raise Rejected(Reason.WRONG_TYPE, "'co' (the candidates' item effects) is packed "
+                       "float64, one per candidate", "co")
+    if offsets is not None:
+        _vector(offsets, "co", Limits(max_dimension=len(candidates)))
     return Exposure(tuple(items), tuple(weights), tuple(scores), seq, config, propensities,
-                    candidates, features, shared)
+                    candidates, features, shared, offsets)
 
 
 def decode_event(
@@ -407,6 +414,8 @@ def event_to_map(event: Event, *, pack_x: bool = False) -> dict[str, Any]:
             out.update(ci=list(e.candidates), cx=e.features)
             if e.shared is not None:
                 out["sw"] = e.shared
+            if e.offsets is not None:
+                out["co"] = e.offsets
     if event.arm is not None:
         out["xa"] = list(event.arm)
     return out
@@ -461,7 +470,7 @@ def _logged_exposure(obj: Mapping[str, Any]) -> Exposure:
     return Exposure(tuple(e[0] for e in shown), tuple(e[1] for e in shown),
                     tuple(e[2] for e in shown), obj["rq"], obj["rc"],
                     None if pp is None else tuple(pp), None if ci is None else tuple(ci),
-                    obj.get("cx"), obj.get("sw"))
+                    obj.get("cx"), obj.get("sw"), obj.get("co"))
 
 
 # ---------------------------------------------------------------- queries

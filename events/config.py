@@ -28,7 +28,7 @@ EXPLORE_POLICIES = ("none", "epsilon", "thompson")  # actors/exploration.py
 _NON_NUMERIC = frozenset(
     {"optimizer", "prior", "hygiene", "late_policy", "outlier_rule", "outlier_action",
      "normalize", "segment_model", "personal", "log_exposures", "explore",
-     "adaptive_bounds"}
+     "adaptive_bounds", "item_effects"}
 )
 
 
@@ -112,6 +112,12 @@ class SegmentConfig:
     # scale each user's max_step and window_budget by the steadiness of its updates
     # (actors/learning.py, "Adaptive bounds"); off: the bounds as set
     adaptive_bounds: bool = False
+    # item effects (actors/segment_model.py): the segment model also learns a bias per item,
+    # its appeal beyond its features (Adagrad at `item_lr`; at most `max_items` items, the
+    # least recently learned forgotten first), stamped with the rest of its score
+    item_effects: bool = False
+    item_lr: float = 0.4
+    max_items: int = 200_000
 
 
 # The encoding's schema. Changing a SegmentConfig default needs a new schema: bump
@@ -140,6 +146,7 @@ SEGMENT_DEFAULTS: dict[int, dict[str, Any]] = {
         "segment_model": True, "segment_lr": 0.02, "segment_half_life": 5184000.0,
         "personal": True, "log_exposures": False, "explore": "none", "epsilon": 0.05,
         "explore_scale": 0.5, "explore_samples": 200, "adaptive_bounds": False,
+        "item_effects": False, "item_lr": 0.4, "max_items": 200_000,
     },
 }
 
@@ -281,11 +288,13 @@ def _validate(cfg: TuningConfig) -> None:
                 raise bad(f"segment {name!r}: {key} must be one of {allowed}")
         if not all(isinstance(b, bool)
                    for b in (s.hygiene, s.normalize, s.segment_model, s.personal,
-                             s.log_exposures, s.adaptive_bounds)):
+                             s.log_exposures, s.adaptive_bounds, s.item_effects)):
             raise bad(f"segment {name!r}: hygiene, normalize, segment_model, personal, "
                       "log_exposures are true or false")
         if min(s.session_timeout, s.recent_window, s.dwell_max, s.hover_max) <= 0:
             raise bad(f"segment {name!r}: session_timeout, recent_window, *_max > 0")
+        if not (isinstance(s.max_items, int) and s.max_items >= 1 and s.item_lr > 0):
+            raise bad(f"segment {name!r}: max_items an integer >= 1, item_lr > 0")
         if not (s.epsilon <= 1 and isinstance(s.explore_samples, int)
                 and 1 <= s.explore_samples <= 10_000):
             raise bad(f"segment {name!r}: epsilon in [0, 1], explore_samples in [1, 10000]")

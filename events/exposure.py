@@ -22,6 +22,6 @@ def exposure_event(query: Query, ranking: Ranking, rid: str, t: float) -> Event:
     """The exposure of `ranking` (the answer to `query`), shown at event time `t`."""
     shown = Exposure(ranking.items, ranking.weights, ranking.scores, ranking.seq,
                      ranking.config, ranking.propensities, ranking.candidates, ranking.features,
-                     ranking.shared)
+                     ranking.shared, ranking.offsets)
     return Event(id=rid, user=query.user, t=query.t if query.t is not None else t,
                  kind=EXPOSURE, rid=rid, exposure=shown)

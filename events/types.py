@@ -138,6 +138,7 @@ class Exposure(NamedTuple):
     candidates: tuple[str, ...] | None = None
     features: bytes | None = None
     shared: bytes | None = None
+    offsets: bytes | None = None  # the candidates' item effects (packed; None: none)
 
 
 class Candidate(NamedTuple):
@@ -217,3 +218,4 @@ class Ranking:
     candidates: tuple[str, ...] | None = None
     features: bytes | None = None
     shared: bytes | None = None
+    offsets: bytes | None = None  # the candidates' item effects (packed; None: none)

@@ -31,7 +31,7 @@ ITEMS = np.random.default_rng(42).normal(size=(6, DIM))
 CONFIG = TuningConfig(version=1, dim=DIM, segments={
     "default": SegmentConfig(half_life=600.0),
     "fast": SegmentConfig(optimizer="rmsprop", lr=0.2, lr_min=0.05, lr_max=0.4, max_step=0.3,
-                          half_life=120.0, window=60.0, window_budget=0.5),
+                          half_life=120.0, window=60.0, window_budget=0.5, item_effects=True),
     "slow": SegmentConfig(optimizer="adagrad", half_life=86400.0, late_policy="drop",
                           outlier_action="clip", lateness=30.0, impression_timeout=5.0,
                           segment_model=False),

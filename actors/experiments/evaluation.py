@@ -53,7 +53,10 @@ def user_slates(rows: list[StoredEvent], target: TuningConfig, *, segment: str |
         if shown.shared is not None:
             w = w + np.frombuffer(shown.shared, "<f8")
         features = np.frombuffer(shown.features, "<f8").reshape(len(shown.candidates), -1)
-        best = [shown.candidates[i] for i in greedy(features @ w[1:] + w[0], len(shown.items))]
+        scores = features @ w[1:] + w[0]
+        if shown.offsets is not None:  # the item effects it was ranked with
+            scores = scores + np.frombuffer(shown.offsets, "<f8")
+        best = [shown.candidates[i] for i in greedy(scores, len(shown.items))]
         clicked = joined[event.rid].clicked_items
         slates.append(LoggedSlate(
             at.user, event.rid, shown.items, shown.propensities,
