@@ -30,6 +30,7 @@ import msgpack
 
 from actors.configs import ConfigRegistry
 from actors.replay import current_states
+from actors.segment_model import ITEMS_SUFFIX
 from actors.state import UserState, decode_state, encode_state
 from events.codec import encode_logged_event
 from events.config import TuningConfig
@@ -66,12 +67,18 @@ def header(configs: ConfigRegistry, segment_models: dict[str, bytes]) -> dict[st
         "microtune_export": EXPORT_SCHEMA,
         "created": time.time(),
         "configs": {str(v): c.to_map() for v, c in sorted(configs.versions().items())},
-        # as of their last checkpoint: the weights to read, the state to import
-        "segment_models": {
-            name: {"w": decode_state(raw).w.tolist(),
-                   "state": base64.b64encode(raw).decode("ascii")}
-            for name, raw in sorted(segment_models.items())},
+        # as of their last checkpoint: the weights (or the item effects' count) to read, the
+        # state to import
+        "segment_models": {name: _segment_model(name, raw)
+                           for name, raw in sorted(segment_models.items())},
     }
+
+
+def _segment_model(name: str, raw: bytes) -> dict[str, Any]:
+    state = base64.b64encode(raw).decode("ascii")
+    if name.endswith(ITEMS_SUFFIX):  # a segment's item effects
+        return {"items": len(msgpack.unpackb(raw, raw=False)), "state": state}
+    return {"w": decode_state(raw).w.tolist(), "state": state}
 
 
 def export(recorder: Recorder, configs: ConfigRegistry, path: str | Path, fmt: str, *,

@@ -149,6 +149,8 @@ class Result:
         y, p = self.labels, self.predictions
         self.figures = {
             "auc": auc(y, p), "log_loss": log_loss(y, p),
+            "auc_first_half": auc(y[:half], p[:half]),
+            "log_loss_first_half": log_loss(y[:half], p[:half]),
             "auc_last_half": auc(y[half:], p[half:]),
             "log_loss_last_half": log_loss(y[half:], p[half:]),
             "events_per_s": len(y) / self.seconds if self.seconds else float("inf"),
@@ -234,7 +236,26 @@ def user_mean(stream: Stream, prior: float = 5.0) -> Result:
     return progressive(stream, "baseline", f"user mean (prior {prior:g})", step)
 
 
-def vw(stream: Stream, args: str) -> Result:
+def item_mean(stream: Stream, prior: float = 5.0) -> Result:
+    """Each item's mean rating so far, shrunk toward the global mean (`prior` ratings)."""
+    sums: dict[str, tuple[float, int]] = {}
+    total, count = 0.0, 0
+
+    def step(r: Rating) -> float:
+        nonlocal total, count
+        g = (total + 0.5) / (count + 1)
+        s, c = sums.get(r.item, (0.0, 0))
+        p = (s + prior * g) / (c + prior)
+        sums[r.item] = (s + r.y, c + 1)
+        total, count = total + r.y, count + 1
+        return p
+
+    return progressive(stream, "baseline", f"item mean (prior {prior:g})", step)
+
+
+def vw(stream: Stream, args: str, items: bool = False) -> Result:
+    """Vowpal Wabbit, logistic, with user and genre namespaces (and, with `items`, an item
+    namespace: a weight per item, VW's own item effects)."""
     from vowpalwabbit import Workspace
 
     ws = Workspace(f"--loss_function logistic --link logistic --quiet {args}")
@@ -242,11 +263,13 @@ def vw(stream: Stream, args: str) -> Result:
     def step(r: Rating) -> float:
         feats = " ".join(g.replace("'", "").replace("-", "_") for g in r.genres)
         line = f"{1 if r.y else -1} |u u{r.user} |g {feats}"
+        if items:
+            line += f" |i i{r.item}"
         p = ws.predict(line)
         ws.learn(line)
         return float(p)
 
-    result = progressive(stream, "vowpal wabbit", args, step)
+    result = progressive(stream, "vowpal wabbit", f"{args} |i item" if items else args, step)
     ws.finish()
     return result
 

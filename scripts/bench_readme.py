@@ -1,9 +1,14 @@
-"""Write the README's benchmark table from the benchmarks' JSON (never by hand).
+"""Write the README's benchmark tables from the benchmarks' JSON (never by hand).
 
-Reads `bench-results/ceiling.json` (`microtune bench ceiling`) and the end-to-end run (`microtune
-bench nats --backlog ...`, default `bench-results/nats.json`), and replaces what stands between
-`<!-- bench:ceilings -->` and `<!-- /bench:ceilings -->` in README.md with each figure beside
-its ceiling measured on the same machine, the ratio and the target.
+- Speed: reads `bench-results/ceiling.json` (`microtune bench ceiling`) and the end-to-end run
+  (`microtune bench nats --backlog ...`, default `bench-results/nats.json`), and replaces what
+  stands between `<!-- bench:ceilings -->` and `<!-- /bench:ceilings -->` in README.md with
+  each figure beside its ceiling measured on the same machine, the ratio and the target.
+- Learning quality: reads `bench-results/quality.json` (`microtune bench quality`) and
+  replaces the `<!-- bench:quality -->` block with each learner's best configuration and what
+  each part of microtune's defaults buys.
+
+A block whose JSON is missing is left as it is.
 
     microtune bench readme [--nats bench-results/nats.json] [--readme README.md]
 """
@@ -58,6 +63,54 @@ def table(nats: dict, ceiling_path: Path) -> str:
     return "\n".join(lines)
 
 
+QBEGIN, QEND = "<!-- bench:quality -->", "<!-- /bench:quality -->"
+_QUALITY_COLUMNS = (("log_loss_first_half", "log loss, first half"), ("auc", "AUC"),
+                    ("auc_last_half", "AUC, last half"), ("log_loss", "log loss"),
+                    ("log_loss_last_half", "log loss, last half"),
+                    ("auc_cold", "AUC, a user's first 10"), ("events_per_s", "ratings/s"))
+
+
+def quality_table(results: list[dict], measured: str) -> str:
+    """Each learner family's best configuration (by AUC), then microtune's variants."""
+    def row(r: dict, bold: bool = False) -> str:
+        cells = [r["learner"], r["config"].replace("|", "\\|")] + [
+            f"{r[k]:,.0f}" if k == "events_per_s" else f"{r[k]:.4f}"
+            for k, _ in _QUALITY_COLUMNS]
+        if bold:
+            cells = [f"**{c}**" for c in cells]
+        return "| " + " | ".join(cells) + " |"
+
+    head = ["| learner | configuration | " + " | ".join(n for _, n in _QUALITY_COLUMNS) + " |",
+            "|" + "---|" * (len(_QUALITY_COLUMNS) + 2)]
+    default = next(r for r in results if r["learner"] == "microtune"
+                   and r["config"] == "defaults")
+    families: dict[tuple[str, bool], dict] = {}
+    for r in results:
+        if r["learner"] == "microtune":
+            continue
+        key = (r["learner"], "|i item" in r["config"])
+        if key not in families or r["auc"] > families[key]["auc"]:
+            families[key] = r
+    lines = [f"Measured {measured.rstrip('.')}; the best configuration of each peer by AUC "
+             "(the report has every configuration).", "", *head, row(default, bold=True)]
+    lines += [row(r) for r in sorted(families.values(), key=lambda r: -r["auc"])]
+    peers = [r for r in results if r["learner"] == "vowpal wabbit"]
+    verdict = []
+    for key, higher in (("auc", True), ("auc_last_half", True), ("log_loss", False),
+                        ("log_loss_last_half", False), ("auc_cold", True)):
+        best = (max if higher else min)(peers, key=lambda r, k=key: r[k])
+        ahead = default[key] > best[key] if higher else default[key] < best[key]
+        verdict.append(f"- {key.replace('_', ' ')}: microtune {default[key]:.4f}, VW's best "
+                       f"{best[key]:.4f} (`{best['config']}`): "
+                       f"{'ahead' if ahead else 'behind'} by {abs(default[key] - best[key]):.4f}")
+    variants = [r for r in results if r["learner"] == "microtune"]
+    lines += ["", "microtune's defaults against every Vowpal Wabbit configuration, figure by "
+              "figure:", "", *verdict, "", "What each part of the defaults buys (one thing "
+              "changed at a time):", "", *head]
+    lines += [row(r, bold=r is default) for r in variants]
+    return "\n".join(lines)
+
+
 def _per_event(seconds, rows):
     return None if not seconds or not rows else round(seconds / rows * 1e6, 1)
 
@@ -67,16 +120,28 @@ def main() -> None:
     parser.add_argument("--nats", default="bench-results/nats.json", type=Path)
     parser.add_argument("--ceiling", default="bench-results/ceiling.json", type=Path)
     parser.add_argument("--readme", default="README.md", type=Path)
+    parser.add_argument("--quality", default="bench-results/quality.json", type=Path)
     args = parser.parse_args()
-    nats = json.loads(args.nats.read_text())
     text = args.readme.read_text()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{args.readme} has no {BEGIN} ... {END} block")
-    block = f"{BEGIN}\n{table(nats, args.ceiling)}\n{END}"
-    text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _m: block, text,
-                  flags=re.S)
+    if args.nats.exists() and args.ceiling.exists():
+        nats = json.loads(args.nats.read_text())
+        text = _replace(text, BEGIN, END, table(nats, args.ceiling), args.readme)
+        print(f"{args.readme}: benchmark table written from {args.nats} and {args.ceiling}")
+    if args.quality.exists():
+        results = json.loads(args.quality.read_text())
+        measured = args.quality.with_suffix(".md").read_text().splitlines()[2] \
+            if args.quality.with_suffix(".md").exists() else "?"
+        text = _replace(text, QBEGIN, QEND, quality_table(results, measured), args.readme)
+        print(f"{args.readme}: learning-quality tables written from {args.quality}")
     args.readme.write_text(text)
-    print(f"{args.readme}: benchmark table written from {args.nats} and {args.ceiling}")
+
+
+def _replace(text: str, begin: str, end: str, body: str, readme: Path) -> str:
+    if begin not in text or end not in text:
+        raise SystemExit(f"{readme} has no {begin} ... {end} block")
+    block = f"{begin}\n{body}\n{end}"
+    return re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _m: block, text,
+                  flags=re.S)
 
 
 if __name__ == "__main__":

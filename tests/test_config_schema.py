@@ -55,10 +55,13 @@ def _without(config: TuningConfig, field: str, schema: int | None) -> bytes:
 
 @pytest.fixture
 def defaults_changed(monkeypatch):
-    """A future version of the code: schema 2 changed the default of lr_max to 0.2."""
-    future = {**SEGMENT_DEFAULTS, 2: {**SEGMENT_DEFAULTS[1], "lr_max": 0.2}}
+    """A future version of the code: its schema changed the default of lr_max to 0.2."""
+    future = {**SEGMENT_DEFAULTS, FUTURE: {**SEGMENT_DEFAULTS[CONFIG_SCHEMA], "lr_max": 0.2}}
     monkeypatch.setattr(config_module, "SEGMENT_DEFAULTS", future)
-    monkeypatch.setattr(config_module, "CONFIG_SCHEMA", 2)
+    monkeypatch.setattr(config_module, "CONFIG_SCHEMA", FUTURE)
+
+
+FUTURE = CONFIG_SCHEMA + 1
 
 
 def test_a_missing_field_takes_its_schemas_default_not_todays(defaults_changed):
@@ -67,11 +70,12 @@ def test_a_missing_field_takes_its_schemas_default_not_todays(defaults_changed):
         decoded = TuningConfig.decode(_without(old, "lr_max", schema))
         assert decoded.segment("default").lr_max == 0.12  # schema 1's, not today's 0.2
         again = decoded.encode()  # now written out in full, under today's schema
-        assert msgpack.unpackb(again)["schema"] == 2
+        assert msgpack.unpackb(again)["schema"] == FUTURE
         assert msgpack.unpackb(again)["segments"]["default"]["lr_max"] == 0.12
         assert TuningConfig.decode(again) == decoded
     # a body of today's schema, and a map someone writes now (a TOML table), mean today's
-    assert TuningConfig.decode(_without(old, "lr_max", 2)).segment("default").lr_max == 0.2
+    assert TuningConfig.decode(_without(old, "lr_max", FUTURE)).segment(
+        "default").lr_max == 0.2
     table = TuningConfig.from_map({"version": 1, "dim": 3, "segments": {"default": {}}})
     assert table.segment("default").lr_max == 0.2
 

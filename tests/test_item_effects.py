@@ -1,6 +1,7 @@
-"""Item effects: the segment model learns each item's own appeal beyond its features,
-stamps it on logged events (replay stays exact), adds it to queries in process and in the
-query processes, keeps at most `max_items`, and survives a restart in its checkpoint."""
+"""Item effects (on by default): the segment model learns each item's own appeal beyond its
+features, stamps it on logged events (replay stays exact), adds it to queries in process and
+in the query processes, keeps at most `max_items`, and survives a restart, an export and an
+import."""
 
 from __future__ import annotations
 
@@ -69,9 +70,10 @@ def test_items_alike_by_features_are_told_apart_by_their_effects(tmp_path):
         assert mt.context.models.item_bias("default", "gem") == gem
 
 
-def test_off_by_default_and_then_no_item_learns_anything(tmp_path):
+def test_switched_off_no_item_learns_anything(tmp_path):
+    assert SegmentConfig().item_effects  # on by default (config schema 2)
     plain = TuningConfig(version=1, dim=DIM, segments={"default": SegmentConfig(
-        hygiene=False)})
+        hygiene=False, item_effects=False)})
     with Microtune.open(tmp_path / "mt.db", plain) as mt:
         mt.track_many(feedback())
         assert mt.context.models.item_bias("default", "gem") == 0.0
@@ -132,3 +134,18 @@ def test_the_query_process_gets_the_item_effects_through_the_feed(server, tmp_pa
             system.close()
 
     asyncio.run(scenario())
+
+
+def test_export_and_import_carry_the_item_effects(tmp_path):
+    from adapters.cli import main
+
+    store, copy = str(tmp_path / "mt.db"), str(tmp_path / "copy.db")
+    with Microtune.open(store, config()) as mt:
+        send(mt, feedback(users=6))
+        gem = mt.context.models.item_bias("default", "gem")
+    assert gem > 0  # checkpointed on close
+    out = tmp_path / "users.jsonl"
+    assert main(["export", "--store", store, "--format", "jsonl", "--out", str(out)]) == 0
+    assert main(["import", str(out), "--store", copy]) == 0
+    with Microtune.open(copy, config()) as mt:
+        assert mt.context.models.item_bias("default", "gem") == gem

@@ -92,13 +92,14 @@ def test_the_model_survives_a_restart_on_both_stores(store_url):
         assert np.array_equal(mt.context.models.weights("default", DIM), saved)
         assert mt.context.models.summary()["default"]["steps"] == steps
         assert rank_new_user(mt)[0] == "s"
-    # a second checkpoint replaces the first (one row per segment)
+    # a second checkpoint replaces the first (per segment: a row of weights, one of item
+    # effects)
     with Microtune.open(store_url, config()) as mt:
         assert all(o.ok for o in mt.track_many(crowd(users=3, per_user=6, prefix="w")))
         moved = mt.context.models.weights("default", DIM).copy()
     with Microtune.open(store_url, config()) as mt:
         assert np.array_equal(mt.context.models.weights("default", DIM), moved)
-        assert mt.recorder.counts()["mt_segment_models"] == 1
+        assert mt.recorder.counts()["mt_segment_models"] == 2
 
 
 def test_any_valid_segment_rate_gives_a_valid_model_config():
