@@ -221,36 +221,30 @@ def global_mean(stream: Stream) -> Result:
 
 def user_mean(stream: Stream, prior: float = 5.0) -> Result:
     """Per-user mean, shrunk toward the running global mean by `prior` pseudo-ratings."""
-    sums: dict[str, tuple[float, int]] = {}
-    total, count = 0.0, 0
-
-    def step(r: Rating) -> float:
-        nonlocal total, count
-        g = (total + 0.5) / (count + 1)
-        s, c = sums.get(r.user, (0.0, 0))
-        p = (s + prior * g) / (c + prior)
-        sums[r.user] = (s + r.y, c + 1)
-        total, count = total + r.y, count + 1
-        return p
-
-    return progressive(stream, "baseline", f"user mean (prior {prior:g})", step)
+    return _mean_by(stream, lambda r: r.user, prior, f"user mean (prior {prior:g})")
 
 
 def item_mean(stream: Stream, prior: float = 5.0) -> Result:
     """Each item's mean rating so far, shrunk toward the global mean (`prior` ratings)."""
+    return _mean_by(stream, lambda r: r.item, prior, f"item mean (prior {prior:g})")
+
+
+def _mean_by(stream: Stream, key: Callable[[Rating], str], prior: float,
+             label: str) -> Result:
     sums: dict[str, tuple[float, int]] = {}
     total, count = 0.0, 0
 
     def step(r: Rating) -> float:
         nonlocal total, count
         g = (total + 0.5) / (count + 1)
-        s, c = sums.get(r.item, (0.0, 0))
+        k = key(r)
+        s, c = sums.get(k, (0.0, 0))
         p = (s + prior * g) / (c + prior)
-        sums[r.item] = (s + r.y, c + 1)
+        sums[k] = (s + r.y, c + 1)
         total, count = total + r.y, count + 1
         return p
 
-    return progressive(stream, "baseline", f"item mean (prior {prior:g})", step)
+    return progressive(stream, "baseline", label, step)
 
 
 def vw(stream: Stream, args: str, items: bool = False) -> Result:
