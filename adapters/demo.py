@@ -408,6 +408,14 @@ def main(argv: list[str]) -> int:
     if args.pace is not None and args.pace < 0:
         parser.error("--pace must be >= 0")
     console = Console()
+    try:
+        return _run(args, console)
+    except KeyboardInterrupt:  # Ctrl-C ends the demo with a line, not a traceback
+        console.print("microtune demo: interrupted")
+        return 130
+
+
+def _run(args: argparse.Namespace, console: Console) -> int:
     if args.nats_url:
         if args.experiment:
             from adapters.ops import OperatorError

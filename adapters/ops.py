@@ -418,8 +418,14 @@ def forget(argv: list[str]) -> int:
     if not args.nats_url and (held := lease.refusal(args.store)):
         raise OperatorError(held)  # before asking: it could not be done now
     if not args.yes:
-        answer = input(f"Erase every event and snapshot of user {args.user!r}? "
-                       "This cannot be undone. [y/N] ")
+        if not sys.stdin.isatty():  # a script, a pipe: nobody to ask
+            raise OperatorError("no terminal to confirm the erasure on: nothing erased; pass "
+                                "--yes to erase without asking")
+        try:
+            answer = input(f"Erase every event and snapshot of user {args.user!r}? "
+                           "This cannot be undone. [y/N] ")
+        except EOFError:
+            answer = ""
         if answer.strip().lower() not in ("y", "yes"):
             console.print("nothing erased")
             return 1
@@ -667,3 +673,6 @@ def run(name: str, argv: list[str]) -> int:
     except (OperatorError, lease.LeaseHeld) as exc:  # a writer refused: the service runs
         console.print(f"[red]microtune {name}:[/red] {exc}")
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback
+        console.print(f"microtune {name}: interrupted")
+        return 130

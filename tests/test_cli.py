@@ -87,3 +87,49 @@ def test_each_benchmark_is_one_command(tmp_path, capsys):
     assert ceiling["responder_100qps_p99_ms"] > 0 and ceiling["responder_100qps_errors"] == 0
     assert ceiling["replay_rows"] == 300 and ceiling["replay_rows_per_s"] > 0
     assert ceiling["machine"]["cores"] >= 1
+
+
+def test_commands_without_a_terminal_end_with_a_line_and_an_exit_code(tmp_path):
+    """forget without --yes and with nobody to ask erases nothing and says why; a second
+    serve on a taken port says so in one line; neither prints a traceback."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import numpy as np
+
+    from actors import Microtune
+    from events import Event
+
+    store = str(tmp_path / "mt.db")
+    with Microtune.open(store, TuningConfig(version=1, dim=2)) as mt:
+        mt.track_many([Event(id="e1", user="alice", t=1.0, kind="click", item="a",
+                             x=np.ones(2))])
+    forget = subprocess.run([sys.executable, "-m", "adapters.cli", "forget", "--user", "alice",
+                             "--store", store], stdin=subprocess.DEVNULL, capture_output=True,
+                            text=True, timeout=60)
+    assert forget.returncode == 2 and "--yes" in forget.stdout + forget.stderr
+    assert "Traceback" not in forget.stdout + forget.stderr
+    with Microtune.open(store, TuningConfig(version=1, dim=2)) as mt:
+        assert len(list(mt.recorder.read("alice"))) == 1  # nothing erased
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        serve = subprocess.run([sys.executable, "-m", "adapters.cli", "serve",
+                                "--embedded-port", str(port), "--data-dir",
+                                str(tmp_path / "data")], capture_output=True, text=True,
+                               timeout=60)
+    assert serve.returncode == 2 and f"port {port} is in use" in serve.stderr
+    assert "Traceback" not in serve.stderr
+    # Ctrl-C in the demo: a line and 130, not a KeyboardInterrupt traceback
+    demo = subprocess.Popen([sys.executable, "-m", "adapters.cli", "demo", "--users", "2",
+                             "--rounds", "50", "--pace", "0.2"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(8)  # started its own server and service, into its rounds
+    demo.send_signal(signal.SIGINT)
+    out, err = demo.communicate(timeout=60)
+    assert demo.returncode == 130, err[-500:]
+    assert "interrupted" in out + err and "Traceback" not in out + err
