@@ -123,6 +123,16 @@ def summary(tl: Timeline, configs: ConfigRegistry) -> dict[str, Any]:
     return out
 
 
+def _why_still(tl: Timeline) -> str:
+    """Why a user's weights never moved, for the plot's title."""
+    hyg = tl.state.hyg
+    if hyg is not None and hyg.bot:
+        return f"marked a bot: {hyg.bot}"
+    if not tl.rows:
+        return "its log is empty"
+    return "no event of it has learned yet (waiting in the lateness window, or none learns)"
+
+
 def plot(tl: Timeline, dim: int, path: str) -> None:
     """A PNG of every weight over the log (seq), with rollbacks marked."""
     import matplotlib
@@ -143,8 +153,9 @@ def plot(tl: Timeline, dim: int, path: str) -> None:
                         rotation=90, va="top")
     ax.set_xlabel("seq (log order)")
     ax.set_ylabel("weight")
-    ax.set_title(f"weights of user {tl.user} over its log")
-    if dim <= 16:
+    ax.set_title(f"weights of user {tl.user} over its log" if tl.history
+                 else f"user {tl.user}: no weight has moved ({_why_still(tl)})")
+    if dim <= 16 and tl.history:  # no lines: no legend (matplotlib would warn)
         ax.legend(loc="upper left", fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -324,3 +324,25 @@ def test_hygiene_brings_humans_closer_to_their_true_taste_on_a_noisy_population(
                 bots = [mt.state(f"bot{b}").hyg.bot for b in range(pop.bots)]
                 assert all(bots), bots
     assert means[True] > means[False] + 0.1, means
+
+
+def test_a_bots_debug_plot_says_why_it_is_empty_and_warns_nothing(tmp_path):
+    import warnings
+
+    import numpy as np
+
+    from actors import Microtune
+    from actors.debug import plot, timeline
+    from events import Event, TuningConfig
+
+    with Microtune.open(tmp_path / "mt.db", TuningConfig(version=1, dim=2)) as mt:
+        mt.track_many([Event(id=f"e{n}", user="crawler", t=100.0 + 10 * n, kind="click",
+                             item="a", x=np.ones(2), automated=True) for n in range(3)])
+        tl = timeline(mt.recorder, mt.configs, "crawler")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # matplotlib's "no artists with labels" included
+            plot(tl, 2, str(tmp_path / "crawler.png"))
+    assert (tmp_path / "crawler.png").stat().st_size > 5000
+    from actors.debug import _why_still
+
+    assert _why_still(tl).startswith("marked a bot: declared")
