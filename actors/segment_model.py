@@ -49,7 +49,8 @@ log = structlog.get_logger(__name__)
 _ONE = np.ones(1)
 _NO_ITEM = (0.0,)
 ITEMS_SUFFIX = "\x1fitems"  # a checkpoint row of a segment's item effects
-_ITEM_LOG_MAX = 1_000_000  # changes kept for the feed's readers before they take a dump
+_ITEM_LOG_MAX = 100_000  # changes kept for the feed's readers (each reads every 0.1 s) before a
+# reader behind it takes a full dump: about 6 MB of (segment, item) pairs at most
 
 
 def model_config(config: TuningConfig, segment: str) -> TuningConfig:
