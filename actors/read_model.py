@@ -216,7 +216,7 @@ class ReadModel:
         except Rejected:
             return Rejected(Reason.UNKNOWN_CONFIG, "config version unknown to the query process")
         return ranking.rank(replica.view.of(state, config), query, config, self.models, arm,
-                            log, new_rid() if log else None)
+                            log, (query.rid or new_rid()) if log else None)
 
     def _add(self, user: str, replica: Replica) -> Replica:
         replicas = self._replicas

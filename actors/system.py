@@ -227,7 +227,7 @@ class Microtune:
         rid = ranking.rid or new_rid()
         (outcome,) = self.track_many([exposure_event(query, ranking, rid, time.time())],
                                      timeout)
-        if outcome.status == "applied":
+        if outcome.status in ("applied", "duplicate"):  # a retry of a logged query: kept once
             return dataclasses.replace(ranking, rid=rid)
         why = outcome.error.detail if outcome.error is not None else outcome.status
         return dataclasses.replace(ranking, rid=None,

@@ -410,7 +410,7 @@ class UserActor(PooledActor):
         log = ranking.logs(query, state, self.ctx.configs)
         config, arm = self.ctx.experiments.ranking_config(state, self.ctx.configs, log)
         return ranking.rank(self._view.of(state, config), query, config, self.ctx.models, arm,
-                            log, new_rid() if log else None)
+                            log, (query.rid or new_rid()) if log else None)
 
 
 _WRITTEN_OK = Written(None)

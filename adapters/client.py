@@ -58,7 +58,7 @@ async def track(js, user: str, *, prefix: str = "microtune", **event: Any):
 
 async def rank(nc, user: str, candidates: Iterable[str | tuple[str, Sequence[float]]], *,
                top: int | None = None, min_seq: int | None = None, log: bool = False,
-               t: float | None = None, prefix: str = "microtune",
+               t: float | None = None, rid: str | None = None, prefix: str = "microtune",
                timeout: float = 2.0) -> Ranking:
     """Ask for this user's content weights; raises `Rejected` if the service refuses.
 
@@ -82,6 +82,8 @@ async def rank(nc, user: str, candidates: Iterable[str | tuple[str, Sequence[flo
         body["l"] = True
     if t is not None:
         body["t"] = t
+    if rid is not None:  # a retry of a logged query under the same id: one exposure
+        body["rid"] = rid
     reply = await nc.request(f"{prefix}.query.{user}", msgpack.packb(body, use_bin_type=True),
                              timeout=timeout)
     return decode_reply(reply.data)

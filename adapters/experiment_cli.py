@@ -21,15 +21,22 @@ from typing import Any
 
 from rich.table import Table
 
-from actors.configs import ConfigRegistry
 from actors.experiments import analysis
 from actors.experiments.definition import DEFAULT_WINDOW, METRICS, Experiment
 from actors.experiments.registry import CURRENT, NO_ADJUST, ExperimentRegistry
 from adapters import experiment_report
-from adapters.ops import OperatorError, _admin, _jsonable, _parser, _service_args, console, out
+from adapters.ops import (
+    OperatorError,
+    _admin,
+    _jsonable,
+    _parser,
+    _service_args,
+    console,
+    open_store,
+    out,
+)
 from events.config import TuningConfig
 from events.errors import Rejected
-from store.recorder import open_recorder
 
 
 def main(argv: list[str]) -> int:
@@ -151,7 +158,6 @@ def _change(args: argparse.Namespace, op: str, body: dict) -> Experiment:
         answer = asyncio.run(_admin(args.nats_url, args.prefix, "experiment", body))
         return Experiment.from_map(answer["experiment"])
     from actors.system import Microtune
-    from events.config import TuningConfig
 
     with Microtune.open(args.store) as mt:
         if op == "start":
@@ -171,25 +177,14 @@ def _change(args: argparse.Namespace, op: str, body: dict) -> Experiment:
 # ---------------------------------------------------------------- reading
 
 
-def _registry(store: str) -> tuple[Any, ExperimentRegistry]:
-    if "://" not in store and not Path(store).exists():
-        raise OperatorError(f"no store at {store} (give --store)")
-    recorder = open_recorder(store)
-    return recorder, ExperimentRegistry(recorder)
-
-
-def _configs(recorder) -> ConfigRegistry:
-    return ConfigRegistry(recorder, TuningConfig(version=1, dim=1))  # the store's own
-
-
 def _list(args: argparse.Namespace) -> int:
     if args.nats_url:
         answer = asyncio.run(_admin(args.nats_url, args.prefix, "experiments", {}))
         experiments = [Experiment.from_map(e) for e in answer["experiments"]]
     else:
-        recorder, registry = _registry(args.store)
+        recorder, _configs = open_store(args.store)
+        experiments = ExperimentRegistry(recorder).all()
         recorder.close()
-        experiments = registry.all()
     if args.json:
         print(json.dumps([e.to_map() for e in experiments], default=_jsonable))
         return 0
@@ -207,11 +202,11 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    recorder, registry = _registry(args.store)
+    recorder, configs = open_store(args.store)
     try:
-        experiment = registry.get(args.name)
+        experiment = ExperimentRegistry(recorder).get(args.name)
         with console.status(f"reading the log for experiment {args.name} ..."):
-            users = analysis.collect(recorder, experiment, _configs(recorder))
+            users = analysis.collect(recorder, experiment, configs)
     finally:
         recorder.close()
     report = analysis.report(experiment, users, alpha=args.alpha, generated_at=time.time())

@@ -17,14 +17,8 @@ from rich.table import Table
 
 from actors.configs import ConfigRegistry
 from actors.experiments.definition import DEFAULT_WINDOW
-from adapters.ops import OperatorError, _parser, _time, console, out
+from adapters.ops import OperatorError, _parser, _time, console, open_store, out
 from events.config import TuningConfig
-from store.recorder import open_recorder
-
-
-def _configs(recorder) -> ConfigRegistry:
-    return ConfigRegistry(recorder, TuningConfig(version=1, dim=1))  # the store's own
-
 
 # ---------------------------------------------------------------- off-policy evaluation
 
@@ -45,11 +39,8 @@ def evaluate(argv: list[str]) -> int:
     parser.add_argument("--alpha", type=float, default=0.05)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    if "://" not in args.store and not Path(args.store).exists():
-        raise OperatorError(f"no store at {args.store} (give --store)")
-    recorder = open_recorder(args.store)
+    recorder, configs = open_store(args.store)
     try:
-        configs = _configs(recorder)
         target = _target(args.config, configs)
         with console.status("replaying the users with explored exposures ..."):
             slates = evaluation.logged_slates(recorder, target, segment=args.segment,
@@ -134,11 +125,8 @@ def calibrate(argv: list[str]) -> int:
         grid = tomllib.load(f).get("grid")
     if not isinstance(grid, dict):
         raise OperatorError(f"{args.grid}: no [grid] table")
-    if "://" not in args.store and not Path(args.store).exists():
-        raise OperatorError(f"no store at {args.store} (give --store)")
-    recorder = open_recorder(args.store)
+    recorder, configs = open_store(args.store)
     try:
-        configs = _configs(recorder)
         current = configs.current
         users = list(recorder.users())
         with console.status("measuring the segments' responsiveness ..."):

@@ -515,9 +515,12 @@ def query_from_map(obj: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> Q
     shown_at = obj.get("t")
     if shown_at is not None:
         shown_at = _number(shown_at, "t", lo=0.0)
+    rid = obj.get("rid")
+    if rid is not None:
+        rid = _string(rid, "rid", limits)
     return Query(user=user, candidates=candidates if fast is not None else tuple(candidates),
                  top=top, windows=windows, matrix=matrix, min_seq=min_seq, log=logged,
-                 t=shown_at)
+                 t=shown_at, rid=rid)
 
 
 def _candidates(raw: list, limits: Limits) -> list[Candidate]:
@@ -641,6 +644,8 @@ def encode_query(query: Query) -> bytes:
         body["l"] = True
     if query.t is not None:
         body["t"] = query.t
+    if query.rid is not None:
+        body["rid"] = query.rid
     return msgpack.packb(body, use_bin_type=True)
 
 

@@ -188,6 +188,9 @@ class Query(NamedTuple):
     # log this ranking as an exposure (`l`): the reply carries its ranking id (`rid`)
     log: bool = False
     t: float | None = None  # when the ranking is shown (event time); default: when answered
+    # the ranking id to log it under (default: a new random one): a client that retries a
+    # logged query with the same id gets one exposure, not two (and a reproducible draw)
+    rid: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

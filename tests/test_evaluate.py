@@ -32,7 +32,7 @@ def _serve_log(store) -> None:
             for n in range(12):
                 slate = rng.choice(list(items), size=8, replace=False)
                 ranking = mt.rank(Query(user, tuple(Candidate(i, items[i]) for i in slate),
-                                        top=3, t=t))
+                                        top=3, t=t, rid=f"{user}-r{n}"))  # reproducible
                 clicks = [Event(id=f"{user}-{n}-{i}", user=user, t=t + 1 + k, kind="click",
                                 item=i, x=items[i], rid=ranking.rid)
                           for k, i in enumerate(ranking.items)

@@ -322,3 +322,12 @@ def test_bots_are_left_out_of_the_metrics_and_counted_in_the_sample_ratio(tmp_pa
         # without the verdicts (no configs) every user counts
         plain = analysis.report(exp, analysis.collect(mt.recorder, exp))
         assert sum(a["users"] for a in plain["arms"]) == 20
+
+
+def test_a_retried_logged_query_with_its_rid_is_one_exposure(tmp_path):
+    with Microtune.open(tmp_path / "mt.db", CFG) as mt:
+        first = mt.rank(Query("ann", CANDIDATES, top=2, log=True, t=10.0, rid="page-1"))
+        again = mt.rank(Query("ann", CANDIDATES, top=2, log=True, t=10.0, rid="page-1"))
+        assert first.rid == again.rid == "page-1" and again.log_error is None
+        kinds = [event_from_log(r.body).kind for r in mt.recorder.read("ann")]
+        assert kinds == [EXPOSURE]
