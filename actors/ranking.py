@@ -7,6 +7,8 @@ rebuilt by the same `apply` from the committed log. Both call `rank` here, so th
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from actors import exploration, hygiene
@@ -16,7 +18,11 @@ from actors.segment_model import SegmentModels
 from actors.state import UserState
 from events.config import TuningConfig
 from events.errors import Reason, Rejected
+from events.exposure import new_rid
 from events.types import Arm, CandidateRows, Query, Ranking
+
+if TYPE_CHECKING:
+    from actors.experiments.registry import ExperimentRegistry
 
 
 class View:
@@ -36,13 +42,19 @@ class View:
         return settled
 
 
-def logs(query: Query, state: UserState, configs: ConfigRegistry) -> bool:
-    """Is this ranking to be logged as an exposure: asked for (`l`), or the user's segment
-    logs every ranking (`log_exposures`, or it explores; by the config of its last event)?"""
-    if query.log:
-        return True
-    seg = configs.get_fresh(state.config or None).segment(state.segment)
-    return seg.log_exposures or seg.explore != "none"
+def answer(state: UserState, view: View, query: Query, configs: ConfigRegistry,
+           experiments: ExperimentRegistry, models: SegmentModels) -> Ranking | Rejected:
+    """A query's answer from a user's state, wherever it is served (the user actor, a query
+    process): the config it ranks by (the user's arm's, or its last event's), whether it is
+    logged as an exposure (asked for with `l`, or the segment logs or explores every
+    ranking), and under which ranking id (the query's own, or a new one). Raises `Rejected`
+    for a config version unknown here."""
+    last = configs.get_fresh(state.config or None)
+    seg = last.segment(state.segment)
+    log = query.log or seg.log_exposures or seg.explore != "none"
+    config, arm = experiments.ranking_config(state, configs, log, last)
+    return rank(view.of(state, config), query, config, models, arm, log,
+                (query.rid or new_rid()) if log else None)
 
 
 def rank(state: UserState, query: Query, config: TuningConfig,

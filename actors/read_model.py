@@ -35,7 +35,6 @@ from actors.segment_model import SegmentModels
 from actors.state import UserState
 from events.codec import event_from_log
 from events.errors import Reason, Rejected
-from events.exposure import new_rid
 from events.types import Query, Ranking
 
 log = structlog.get_logger(__name__)
@@ -209,14 +208,11 @@ class ReadModel:
         # most recently used last: eviction takes the first
         del self._replicas[query.user]
         self._replicas[query.user] = replica
-        state = replica.state
         try:
-            log = ranking.logs(query, state, self.configs)
-            config, arm = self.experiments.ranking_config(state, self.configs, log)
+            return ranking.answer(replica.state, replica.view, query, self.configs,
+                                  self.experiments, self.models)
         except Rejected:
             return Rejected(Reason.UNKNOWN_CONFIG, "config version unknown to the query process")
-        return ranking.rank(replica.view.of(state, config), query, config, self.models, arm,
-                            log, (query.rid or new_rid()) if log else None)
 
     def _add(self, user: str, replica: Replica) -> Replica:
         replicas = self._replicas

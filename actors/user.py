@@ -38,7 +38,6 @@ from actors.state import SNAPSHOT_SCHEMA, SnapshotError, UserState, decode_state
 from actors.state import id_hash as _id_hash
 from events.codec import encode_logged_event, event_from_log
 from events.errors import Reason, Rejected
-from events.exposure import new_rid
 from events.types import EXPOSURE, Arm, Event, Query, Ranking
 from store.journal import Journal, WriteRequest
 from store.recorder import AppendConflict, Recorder, Snapshot, StoredEvent, StoreRefused
@@ -406,11 +405,9 @@ class UserActor(PooledActor):
         return self._rank(query)
 
     def _rank(self, query: Query) -> Ranking | Rejected:
-        state = self.state  # read once: the actor may replace it meanwhile
-        log = ranking.logs(query, state, self.ctx.configs)
-        config, arm = self.ctx.experiments.ranking_config(state, self.ctx.configs, log)
-        return ranking.rank(self._view.of(state, config), query, config, self.ctx.models, arm,
-                            log, (query.rid or new_rid()) if log else None)
+        ctx = self.ctx  # the state is read once: the actor may replace it meanwhile
+        return ranking.answer(self.state, self._view, query, ctx.configs, ctx.experiments,
+                              ctx.models)
 
 
 _WRITTEN_OK = Written(None)

@@ -35,7 +35,6 @@ from adapters.ops import (
     open_store,
     out,
 )
-from events.config import TuningConfig
 from events.errors import Rejected
 
 
@@ -161,11 +160,9 @@ def _change(args: argparse.Namespace, op: str, body: dict) -> Experiment:
 
     with Microtune.open(args.store) as mt:
         if op == "start":
-            dim = mt.configs.current.dim
-            arms = [(a, TuningConfig.from_map({"version": 1, "dim": dim, **c})
-                     if isinstance(c, dict) else c) for a, c in body["arms"]]
             return mt.start_experiment(
-                args.name, arms, split=body["split"], control=body["control"],
+                args.name, [tuple(a) for a in body["arms"]], split=body["split"],
+                control=body["control"],
                 traffic=body["traffic"], segment=body["segment"], primary=body["primary"],
                 guardrails=tuple(body["guardrails"]), window=body["window"], by=args.by,
                 why=args.why)

@@ -64,7 +64,6 @@ from events.codec import (
     decode_content,
     decode_event,
 )
-from events.config import TuningConfig
 from events.errors import Reason, Rejected
 from events.limits import DEFAULT_LIMITS, Limits
 from events.types import Event
@@ -588,9 +587,7 @@ class Service:
                     isinstance(a, list) and len(a) == 2 and isinstance(a[0], str) for a in arms):
                 raise Rejected(Reason.WRONG_TYPE, "'arms' is a list of [name, config] pairs",
                                "arms")
-            dim = system.configs.current.dim
-            arms = [(arm, TuningConfig.from_map({"version": 1, "dim": dim, **spec})
-                     if isinstance(spec, dict) else spec) for arm, spec in arms]
+            arms = [tuple(a) for a in arms]  # a map is a [tuning] table: the registry reads it
             metrics = body.get("guardrails", ["dwell", "feedback"])
             if not isinstance(metrics, list) or not set(metrics) <= METRICS.keys():
                 raise Rejected(Reason.WRONG_TYPE, f"'guardrails' lists metrics of "

@@ -254,16 +254,18 @@ def _timeline(experiment: Experiment, by_arm: dict[str, list[UserSums]], metrics
         np.array([last])
     sums: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = defaultdict(dict)
     for arm, group in by_arm.items():
+        num = {m: np.zeros((len(group), len(edges))) for m in metrics}
+        den = {m: np.zeros((len(group), len(edges))) for m in metrics}
+        for i, u in enumerate(group):
+            for e in u.shown:  # each exposure's bin and contributions, once for every metric
+                b = min(int(np.searchsorted(edges, e.t)), len(edges) - 1)
+                adds = _contributions(e)
+                for metric in metrics:
+                    num[metric][i, b] += adds[metric][0]
+                    den[metric][i, b] += adds[metric][1]
         for metric in metrics:
-            num = np.zeros((len(group), len(edges)))
-            den = np.zeros((len(group), len(edges)))
-            for i, u in enumerate(group):
-                for e in u.shown:
-                    b = min(int(np.searchsorted(edges, e.t)), len(edges) - 1)
-                    n, d = _contributions(e)[metric]
-                    num[i, b] += n
-                    den[i, b] += d
-            sums[arm][metric] = (np.cumsum(num, axis=1), np.cumsum(den, axis=1))
+            sums[arm][metric] = (np.cumsum(num[metric], axis=1),
+                                 np.cumsum(den[metric], axis=1))
     timeline, looks = [], defaultdict(list)
     for k, t in enumerate(edges):
         for arm in by_arm:

@@ -108,15 +108,15 @@ class ExperimentRegistry:
                     return e.config_of(new.name), new
         return None, None
 
-    def ranking_config(self, state: UserState, configs: ConfigRegistry,
-                       enrol: bool) -> tuple[TuningConfig, Arm | None]:
+    def ranking_config(self, state: UserState, configs: ConfigRegistry, enrol: bool,
+                       last: TuningConfig | None = None) -> tuple[TuningConfig, Arm | None]:
         """The config a query ranks this user by, and its arm: its arm's, or the config of
-        its last event, unless that was an arm's of an experiment that has stopped since
-        (then the current one)."""
+        its last event (`last`, if the caller has it), unless that was an arm's of an
+        experiment that has stopped since (then the current one)."""
         version, arm = self.arm_for(state.user, state.arm, state.segment, enrol)
         if version is not None:
             return configs.get_fresh(version), arm
-        config = configs.get_fresh(state.config or None)
+        config = last or configs.get_fresh(state.config or None)
         if config.label is not None:  # an arm's config, its experiment over
             config = configs.current
         return config, None
@@ -130,9 +130,9 @@ class ExperimentRegistry:
               window: float = DEFAULT_WINDOW, by: str | None = None, why: str | None = None,
               at: float | None = None) -> Experiment:
         """Record a new experiment and start it. `arms`: (name, spec) pairs, where a spec is
-        "current", "no-adjust", a config version (int) or a `TuningConfig` (recorded as a
-        labelled version). The first arm is the control unless `control` names another;
-        `split` defaults to equal shares."""
+        "current", "no-adjust", a config version (int), a `TuningConfig` or a [tuning] table
+        as a map (recorded as a labelled version). The first arm is the control unless
+        `control` names another; `split` defaults to equal shares."""
         at = time.time() if at is None else at
         with self._lock:
             if name in self._latest:
@@ -200,6 +200,8 @@ def _config_version(configs: ConfigRegistry, experiment: str, arm: str, spec: An
         current = configs.current
         segments = {k: replace(v, personal=False) for k, v in current.segments.items()}
         return configs.register(replace(current, segments=segments), label).version
+    if isinstance(spec, dict):  # a [tuning] table, from a file or an admin request
+        spec = TuningConfig.from_map({"version": 1, "dim": configs.current.dim, **spec})
     if isinstance(spec, TuningConfig):
         return configs.register(spec, label).version
     if isinstance(spec, int) and not isinstance(spec, bool):
