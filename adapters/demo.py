@@ -2,8 +2,17 @@
 
 Each round, every simulated user asks for weights over a random slate of items, "sees" the
 top items, clicks according to its hidden preference, and the events go back to microtune.
-The live table shows how well each user's served ranking agrees with its true taste
-(Spearman correlation on the slate) as the weights adjust.
+The view shows each user's "agreement" (`AGREEMENT`: the Spearman rank correlation between
+the weights served and the user's true taste on the slate) as the weights adjust, and a
+summary of all users. On a terminal it is a live table; piped or redirected, one plain line
+per round and the final tables.
+
+Where it writes (`Namespace`, said in the banner): users `demo-<run>-<n>`, new on every run;
+catalog items `demo-item-<i>` only; against a running service (`--nats-url`) a segment of
+the run's own, `demo-<run>`, so that the demo trains neither the `default` segment model
+nor any real user's state, and a rerun starts clean. The demo's own service (no
+`--nats-url`) has a new store of its own, and there the users stay in segment `default`
+(so that `microtune calibrate` and `evaluate` on that store read them as they are).
 
 With `--experiment` the demo runs an experiment `demo-adjustment-<timestamp>`: half the users
 (by user) rank without micro-adjustment (arm "control": segment model and prior only), half
@@ -11,7 +20,7 @@ by the current config (arm "adjusted"). Every ranking is logged as an exposure a
 click names the exposure it answers (`rid`); the live view adds, per arm, the mean agreement
 and the click-through per exposure so far, round by round. At the end the experiment stops;
 with the demo's own service the report is printed (`microtune experiment report` prints the
-same from any store).
+same from any store). The experiment enrols only the demo's segment.
 
 Pace: data hygiene marks machine-paced clicking as a bot, so the users act at a human pace.
 By default the demo pauses 0.8-2.0 s between rounds and the events carry the wall clock, as
@@ -24,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -32,9 +42,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rich.console import Console, Group
+from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from adapters.client import rank, track, upsert_items
 from adapters.population import spearman
@@ -43,6 +54,11 @@ from events.errors import Reason, Rejected
 from events.types import Ranking
 
 BARS = "▁▂▃▄▅▆▇█"
+ITEMS, SLATE, SEEN = 200, 20, 5  # catalog items; a round's slate; the top items a user sees
+AGREEMENT = (
+    f"agreement: Spearman rank correlation, over the round's slate of {SLATE} items, between "
+    "the weights served to the user and its true (hidden) taste; from -1 (served in reverse "
+    "order of taste) through 0 (no relation) to +1 (served exactly in the order of taste)")
 HUMAN_PAUSE = (0.8, 2.0)  # seconds between rounds (wall clock) at the default pace
 # the simulated clock (`--pace`): seconds between a user's actions on one page, and from its
 # last action to its next page
@@ -61,12 +77,42 @@ def stamp(now: float | None = None) -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime(time.time() if now is None else now))
 
 
-def user_ids(users: int, run: str | None = None) -> list[str]:
-    """`demo-user-<n>`, as the demo always had; with a run tag, `demo-<run>-<n>`: users of
-    their own, so that an experiment's users start with no history (none carries weights
-    learned in an earlier run into an arm), and a simulated clock never runs behind the
-    events an earlier run left on the same service."""
-    return [f"demo-user-{u}" if run is None else f"demo-{run}-{u}" for u in range(users)]
+class DemoError(Exception):
+    """The demo refuses to run (said in one line, exit 2)."""
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """Where one run of the demo writes, and nowhere else.
+
+    Users `demo-<run>-<n>`, new on every run: none carries weights (or an experiment arm)
+    learned in an earlier run, and a simulated clock never runs behind the events an earlier
+    run left. Items `demo-item-<i>`: the same features on every run (the seed's), so a rerun
+    rewrites them with what they already hold and no real item is touched. `segment`: every
+    demo user's (a `segment` event before its first action): its own segment model and
+    statistics, so that the demo never trains the `default` one that real users are ranked
+    by; "default" only in the demo's own store, which holds nothing else."""
+
+    run: str
+    segment: str
+
+    @property
+    def user_prefix(self) -> str:
+        return f"demo-{self.run}-"
+
+    def users(self, count: int) -> list[str]:
+        return [f"{self.user_prefix}{u}" for u in range(count)]
+
+    @staticmethod
+    def items(count: int = ITEMS) -> list[str]:
+        return [f"demo-item-{i}" for i in range(count)]
+
+
+def namespace(run: str | None = None, *, own_store: bool = False) -> Namespace:
+    """The namespace of a run (`run`: default, the time): segment `demo-<run>` on a service
+    that may hold real users, `default` in the demo's own new store."""
+    run = run or stamp()
+    return Namespace(run, "default" if own_store else f"demo-{run}")
 
 
 class EventClock:
@@ -86,9 +132,9 @@ class EventClock:
     the simulated clock starts more than `max_skew` behind the wall clock, and stays there
     for the whole run: hygiene takes such an offset for delayed delivery and trusts the
     event's own time. The demo's events are then dated a day or so in the past; exposures
-    (`rank(..., t=)`) are dated the same way. Such a run starts users of its own
-    (`user_ids`): on a service where these users acted at the wall clock before, its events
-    would all be older than their history.
+    (`rank(..., t=)`) are dated the same way. That is safe because every run has users of
+    its own (`Namespace`): on a service where these users acted at the wall clock before,
+    its events would all be older than their history.
     """
 
     def __init__(self, users: list[str], pace: float | None, rounds: int, seed: int,
@@ -144,92 +190,222 @@ class DemoResult:
     rankings: list[Ranking] = field(default_factory=list)  # every ranking served
     settled: bool = True  # every user's log held all its events at the end
     report: dict | None = None  # the experiment's report (the embedded path)
+    history: dict[str, list[float]] = field(default_factory=dict)  # user -> agreement/round
+    ns: Namespace | None = None  # where the run wrote
+
+    def improved(self) -> int:
+        """Users whose agreement in the last round is above their first round's."""
+        return sum(v[-1] > v[0] for v in self.history.values() if v)
 
 
 def _spark(values: list[float], lo: float = -1.0, hi: float = 1.0) -> str:
     return "".join(BARS[min(7, max(0, int((v - lo) / (hi - lo) * 8)))] for v in values[-30:])
 
 
+def banner(ns: Namespace, *, url: str, prefix: str, users: int, rounds: int,
+           store: str | None = None) -> str:
+    """Where the run writes, said before it writes anything. `store`: the path of the
+    demo's own store; None: a running service's, which the demo cannot name."""
+    names, items = ns.users(users), ns.items()
+    if store is None:
+        where = f"the service at {url} (subjects {prefix}.*), into that service's store"
+        segment = (f"{ns.segment}: this run's own segment model; the `default` segment "
+                   "model and every other user are left alone")
+        rerun = "new users and a new segment"
+    else:
+        where = f"its own service at {url}, into its own new store {store}"
+        segment = f"{ns.segment} (the store holds nothing but this demo)"
+        rerun = "a new service and store"
+    return "\n".join([
+        f"microtune demo: {users} simulated users, {rounds} rounds, against {where}",
+        f"  users    {_span(names)}  (prefix {ns.user_prefix}, new for this run)",
+        f"  segment  {segment}",
+        f"  items    {_span(items)} in the catalog ({len(items)} items, the same features "
+        "on every run; no other item is written)",
+        f"  a rerun starts clean ({rerun}); this run's users stay in the store"])
+
+
+def _span(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{names[0]} … {names[-1]}"
+
+
+def _spread(values: list[float]) -> tuple[float, float, float, float, float, float]:
+    """Mean, min, lower quartile, median, upper quartile, max."""
+    lo, q1, med, q3, hi = (float(q) for q in np.quantile(values, [0, 0.25, 0.5, 0.75, 1]))
+    return float(np.mean(values)), lo, q1, med, q3, hi
+
+
+def users_table(result: DemoResult, round_no: int, rounds: int,
+                rows: int | None = None) -> Table:
+    """One row per user (the first `rows` of them; None: all)."""
+    title = f"microtune demo: round {round_no}/{rounds}, agreement per user"
+    if result.experiment:
+        title = f"experiment {result.experiment}: round {round_no}/{rounds}, agreement per user"
+    tab = Table(title=title, min_width=len(title))  # the title on one line
+    tab.add_column("user")
+    if result.experiment:
+        tab.add_column("arm")
+    tab.add_column("first", justify="right")
+    tab.add_column("now", justify="right")
+    tab.add_column("trend")
+    shown = [(user, values) for user, values in result.history.items() if values]
+    for user, values in shown[:rows]:
+        arm = (result.arm_of.get(user, "-"),) if result.experiment else ()
+        tab.add_row(user, *arm, f"{values[0]:+.2f}", f"{values[-1]:+.2f}", _spark(values))
+    if rows is not None and len(shown) > rows:
+        tab.caption = f"{len(shown) - rows} more users not shown; all users below"
+    return tab
+
+
+def summary_table(result: DemoResult) -> Table:
+    """All users: the spread of their agreement in the first round and now, and how many
+    improved."""
+    values = [v for v in result.history.values() if v]
+    tab = Table(title=f"all {len(values)} users: agreement")
+    for column in ("round", "mean", "min", "25%", "median", "75%", "max"):
+        tab.add_column(column, justify="left" if column == "round" else "right")
+    last = len(values[0])
+    rows = (("1 (first)", 0), (f"{last} (now)", -1)) if last > 1 else (("1 (first, now)", 0),)
+    for label, at in rows:
+        tab.add_row(label, *(f"{v:+.2f}" for v in _spread([v[at] for v in values])))
+    if last > 1:
+        tab.caption = f"improved since round 1 (now above first): {result.improved()} of " \
+                      f"{len(values)} users"
+    return tab
+
+
+def view(result: DemoResult, round_no: int, rounds: int, rows: int | None = None, *,
+         define: bool = True) -> Group:
+    """What the demo shows: the definition of agreement (unless `define` is false), the
+    users, all users' summary and, with an experiment, the arms."""
+    parts: list[RenderableType] = [Text(AGREEMENT, style="dim")] if define else []
+    parts.append(users_table(result, round_no, rounds, rows))
+    if any(result.history.values()):
+        parts.append(summary_table(result))
+    if result.experiment:
+        parts.append(arms_table(result))
+    return Group(*parts)
+
+
+def round_line(result: DemoResult, round_no: int, rounds: int) -> str:
+    """A round in one plain line (output that is not a terminal)."""
+    now = [v[-1] for v in result.history.values() if v]
+    mean, lo, q1, med, q3, hi = _spread(now)
+    line = (f"round {round_no}/{rounds}: agreement of all {len(now)} users: mean {mean:+.2f}, "
+            f"quartiles {q1:+.2f} / {med:+.2f} / {q3:+.2f}, min {lo:+.2f}, max {hi:+.2f}")
+    if round_no > 1:
+        line += f"; improved since round 1: {result.improved()} of {len(now)}"
+    for arm, trace in result.arms.items():
+        if trace.agreement:
+            ctr = f", CTR {trace.ctr[-1]:.1%}" if trace.ctr else ""
+            line += f"; {arm}: mean {trace.agreement[-1]:+.2f}{ctr}"
+    return line
+
+
 async def run_demo(url: str, *, users: int, rounds: int, dim: int, prefix: str,
                    console: Console, experiment: str | None = None,
-                   pace: float | None = None, run: str | None = None,
-                   seed: int = 7) -> DemoResult:
+                   pace: float | None = None, ns: Namespace | None = None,
+                   store: str | None = None, seed: int = 7) -> DemoResult:
     """Run the simulated users against the service at `url`. `experiment`: the name of a
     running experiment (started by the caller): every ranking is logged, clicks name their
-    exposure, and the view follows the arms. `pace`: see `EventClock`. `run`: see
-    `user_ids`."""
+    exposure, and the view follows the arms. `pace`: see `EventClock`. `ns`: where the run
+    writes (default: a new run in a segment of its own). `store`: the path of the demo's own
+    store, for the banner. Raises `DemoError` if the run's users already have events."""
     import nats
 
     from adapters.auth import client_options
 
+    ns = ns or namespace()
     rng = np.random.default_rng(seed)
-    nc = await nats.connect(url, **client_options())  # MICROTUNE_NATS_USER/PASSWORD
-    js = nc.jetstream()
-    items = {f"item{i}": rng.normal(size=dim) for i in range(200)}
-    await upsert_items(js, items, prefix=prefix)
-    await asyncio.sleep(0.3)
+    items = {name: rng.normal(size=dim) for name in ns.items()}
     names = list(items)
-    tastes = {user: rng.normal(size=dim) * 1.5 for user in user_ids(users, run)}
-    history: dict[str, list[float]] = {u: [] for u in tastes}
-    result = DemoResult([], experiment)
+    tastes = {user: rng.normal(size=dim) * 1.5 for user in ns.users(users)}
+    result = DemoResult([], ns=ns, experiment=experiment, history={u: [] for u in tastes})
     if experiment:
         result.arms = {arm: ArmTrace() for arm, _spec in ARMS}
     clock = EventClock(list(tastes), pace, rounds, seed)
     # read your own writes (the seq each user's log reaches with what it sent): not on the
     # default run, which stays as it always was
     expect: dict[str, int] | None = {} if experiment or pace is not None else None
-    n = 0
+    console.print(banner(ns, url=url, prefix=prefix, users=users, rounds=rounds, store=store),
+                  highlight=False, soft_wrap=True)
+    nc = await nats.connect(url, **client_options())  # MICROTUNE_NATS_USER/PASSWORD
+    try:
+        js = nc.jetstream()
+        probe = [(names[0], items[names[0]])]  # features given: no wait for the catalog
+        await _check_clean(nc, next(iter(tastes)), probe, prefix, dim)
+        await upsert_items(js, items, prefix=prefix)
+        await asyncio.sleep(0.3)
+        if ns.segment != "default":
+            # each user joins the run's segment before anything else: its events then train
+            # that segment's model, and its first query already ranks (and enrols) there
+            for user in tastes:
+                await track(js, user, prefix=prefix, id=f"demo-segment-{ns.run}",
+                            t=clock.now(user), kind="segment", segment=ns.segment)
+            for user in tastes:
+                await rank(nc, user, probe, prefix=prefix, min_seq=1, timeout=5.0)
+            if expect is not None:
+                expect.update(dict.fromkeys(tastes, 1))
+        await _rounds(nc, js, result, tastes=tastes, items=items, rounds=rounds,
+                      prefix=prefix, console=console, clock=clock, expect=expect, rng=rng)
+        if expect is not None:  # wait until every user's log holds what it sent
+            result.settled = await _settle(nc, expect, names[0], prefix)
+    finally:
+        await nc.close()
+    return result
 
-    def table(round_no: int) -> Table:
-        title = f"microtune demo: round {round_no}/{rounds} " \
-                "(agreement of served ranking with true taste)"
-        if experiment:
-            title = f"experiment {experiment}: round {round_no}/{rounds}\n" \
-                    "(agreement of served ranking with true taste)"
-        tab = Table(title=title)
-        tab.add_column("user")
-        if experiment:
-            tab.add_column("arm")
-        tab.add_column("first", justify="right")
-        tab.add_column("now", justify="right")
-        tab.add_column("trend")
-        for user, values in list(history.items())[:12]:
-            if values:
-                arm = (result.arm_of.get(user, "-"),) if experiment else ()
-                tab.add_row(user, *arm, f"{values[0]:+.2f}", f"{values[-1]:+.2f}",
-                            _spark(values))
-        if result.means:
-            tab.caption = (f"mean over {users} users: first round {result.means[0]:+.2f}, "
-                           f"now {result.means[-1]:+.2f}")
-        return tab
 
-    def view(round_no: int) -> Table | Group:
-        if not experiment:
-            return table(round_no)
-        return Group(table(round_no), arms_table(result))
+async def _check_clean(nc, user: str, probe: list[tuple[str, np.ndarray]], prefix: str,
+                       dim: int) -> None:
+    """Refuse a run whose users already have events (two runs in the same second), and say
+    so in one line when the service refuses the demo's queries (a wrong --dim)."""
+    try:
+        first = await rank(nc, user, probe, prefix=prefix)
+    except Rejected as exc:
+        hint = f" (--dim {dim}: is it the service's?)" if exc.reason == Reason.DIMENSION else ""
+        raise DemoError(f"the service refused the demo's first query: {exc}{hint}") from exc
+    if first.seq > 0:
+        raise DemoError(f"user {user} already has {first.seq} events in this store: another "
+                        "run in the same second? Run the demo again")
 
+
+async def _rounds(nc, js, result: DemoResult, *, tastes: dict[str, np.ndarray],
+                  items: dict[str, np.ndarray], rounds: int, prefix: str, console: Console,
+                  clock: EventClock, expect: dict[str, int] | None,
+                  rng: np.random.Generator) -> None:
+    """The rounds: rank, see, click, track; the live view on a terminal, else a line each."""
+    experiment, history, names = result.experiment, result.history, list(items)
+    # a live view needs a terminal; piped or redirected, Live would print only its last frame
+    interactive = console.is_terminal and not console.is_dumb_terminal
+    rows = max(5, console.size.height - (30 if experiment else 20)) if interactive else None
+    if not interactive:  # plain lines, whole (soft_wrap: rich would break them at 80)
+        console.print(AGREEMENT, highlight=False, soft_wrap=True)
     # with an experiment, users click only what they clearly like: otherwise some item of the
     # top five is clicked nearly always, whatever the ranking, and click-through cannot
     # tell the arms apart (measured: 96-99% in both)
     click_bar = 6.0 if experiment else 0.0
-    with Live(view(0), console=console, refresh_per_second=4) as live:
+    n = 0
+    live_view = Live(view(result, 0, rounds, rows), console=console, refresh_per_second=4) \
+        if interactive else contextlib.nullcontext()
+    with live_view as live:
         for round_no in range(1, rounds + 1):
             scores = []
             round_scores: dict[str, list[float]] = {}
             for user, taste in tastes.items():
-                slate = list(rng.choice(names, size=20, replace=False))
+                slate = list(rng.choice(names, size=SLATE, replace=False))
                 ranking = await _rank(nc, user, slate, prefix=prefix, log=bool(experiment),
                                       t=clock.now(user) if clock.simulated else None,
                                       min_seq=None if expect is None else expect.get(user))
                 result.rankings.append(ranking)
                 served = np.array([ranking.weights[ranking.items.index(i)] for i in slate])
                 truth = np.array([items[i] @ taste for i in slate])
+                # round 1: a new user's weights are all equal; a tiny noise breaks the ties
                 agreement = spearman(served, truth) if round_no > 1 else spearman(
                     served + rng.normal(size=len(served)) * 1e-9, truth)
                 history[user].append(agreement)
                 scores.append(agreement)
                 any_click = False
-                for item in ranking.items[:5]:  # the user sees the top five
+                for item in ranking.items[:SEEN]:  # the user sees the top five
                     n += 1
                     clicked = bool(rng.random() < 1 / (1 + np.exp(click_bar - items[item] @ taste)))
                     any_click = any_click or clicked
@@ -238,7 +414,7 @@ async def run_demo(url: str, *, users: int, rounds: int, dim: int, prefix: str,
                                 t=clock.action(user), kind="click" if clicked else "impression",
                                 item=item, **extra)
                 if expect is not None:  # the exposure, then the five events
-                    expect[user] = ranking.seq + (ranking.rid is not None) + 5
+                    expect[user] = ranking.seq + (ranking.rid is not None) + SEEN
                 if experiment:
                     arm = ranking.arm.name if ranking.arm is not None else "not enrolled"
                     result.arm_of[user] = arm
@@ -254,13 +430,15 @@ async def run_demo(url: str, *, users: int, rounds: int, dim: int, prefix: str,
                     trace.agreement.append(float(np.mean(round_scores[arm])))
                 if trace.exposures:
                     trace.ctr.append(trace.clicked / trace.exposures)
-            live.update(view(round_no))
+            if live is not None:
+                live.update(view(result, round_no, rounds, rows))
+            else:
+                console.print(round_line(result, round_no, rounds), highlight=False,
+                              soft_wrap=True)
             if round_no < rounds or expect is None:
                 await clock.between_rounds(rng)
-    if expect is not None:  # wait until every user's log holds what it sent
-        result.settled = await _settle(nc, expect, names[0], prefix)
-    await nc.close()
-    return result
+    if not interactive:  # the final tables, every user (agreement is defined above)
+        console.print(view(result, rounds, rounds, define=False))
 
 
 async def _rank(nc, user: str, slate: list[str], *, prefix: str, log: bool,
@@ -308,20 +486,23 @@ def arms_table(result: DemoResult) -> Table:
 
 async def run_experiment(system, url: str, *, users: int, rounds: int, dim: int,
                          prefix: str, console: Console, pace: float | None = None,
-                         run: str | None = None, seed: int = 7) -> DemoResult:
+                         run: str | None = None, ns: Namespace | None = None,
+                         store: str | None = None, seed: int = 7) -> DemoResult:
     """`--experiment` with the service of this process (`system` is its `Microtune`): start
-    the experiment `demo-adjustment-<run>` (`run`: default, the time), run the demo with the
-    users `demo-<run>-<n>`, stop it once every event is in the log, print the report."""
+    the experiment `demo-adjustment-<run>` on the run's segment (`ns`; default: the run's
+    namespace in the demo's own store, `run` default the time), run the demo with the users
+    `demo-<run>-<n>`, stop it once every event is in the log, print the report."""
     from actors.experiments import analysis
     from adapters.experiment_report import print_report
 
-    run = run or stamp()
-    name = f"demo-adjustment-{run}"
-    await asyncio.to_thread(system.start_experiment, name, ARMS, by="microtune demo", why=WHY)
+    ns = ns or namespace(run, own_store=True)
+    name = f"demo-adjustment-{ns.run}"
+    await asyncio.to_thread(system.start_experiment, name, ARMS, segment=ns.segment,
+                            by="microtune demo", why=WHY)
     try:
         result = await run_demo(url, users=users, rounds=rounds, dim=dim, prefix=prefix,
-                                console=console, experiment=name, pace=pace, run=run,
-                                seed=seed)
+                                console=console, experiment=name, pace=pace, ns=ns,
+                                store=store, seed=seed)
     finally:
         experiment = await asyncio.to_thread(system.stop_experiment, name, by="microtune demo",
                                              why="the demo is over")
@@ -336,21 +517,23 @@ async def run_experiment(system, url: str, *, users: int, rounds: int, dim: int,
 
 async def run_experiment_remote(url: str, *, users: int, rounds: int, dim: int, prefix: str,
                                 console: Console, pace: float | None = None,
-                                seed: int = 7) -> DemoResult:
+                                ns: Namespace | None = None, seed: int = 7) -> DemoResult:
     """`--experiment` against a running service: start and stop it through
-    `<prefix>.admin.experiment` (needs the admin token, MICROTUNE_ADMIN_TOKEN)."""
+    `<prefix>.admin.experiment` (needs the admin token, MICROTUNE_ADMIN_TOKEN). It enrols
+    only the run's segment: the service's real users are never assigned an arm."""
     from adapters.ops import _admin
 
-    run = stamp()
-    name = f"demo-adjustment-{run}"
+    ns = ns or namespace()
+    name = f"demo-adjustment-{ns.run}"
     await _admin(url, prefix, "experiment", {"op": "start", "name": name,
                                              "arms": [list(a) for a in ARMS],
+                                             "segment": ns.segment,
                                              "by": "microtune demo", "why": WHY})
     try:
         result = await run_demo(url, users=users, rounds=rounds, dim=dim, prefix=prefix,
-                                console=console, experiment=name, pace=pace, run=run,
+                                console=console, experiment=name, pace=pace, ns=ns,
                                 seed=seed)
-    finally:  # an experiment on every user must not outlive the demo
+    finally:  # an experiment must not outlive the demo
         await _admin(url, prefix, "experiment", {"op": "stop", "name": name,
                                                  "by": "microtune demo",
                                                  "why": "the demo is over"})
@@ -384,7 +567,9 @@ def print_summary(result: DemoResult, console: Console) -> None:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="microtune demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--nats-url", help="a running `microtune serve`; default: start one")
+    parser.add_argument("--nats-url", help="a running `microtune serve`: the demo writes into "
+                                           "its store, in a segment of its own (see the "
+                                           "banner); default: start a service of its own")
     parser.add_argument("--users", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--dim", type=int, default=16, help="the service's feature dimension")
@@ -407,12 +592,17 @@ def main(argv: list[str]) -> int:
                      "as its [tuning] table says")
     if args.pace is not None and args.pace < 0:
         parser.error("--pace must be >= 0")
+    if args.users < 1 or args.rounds < 1:
+        parser.error("--users and --rounds must be at least 1")
     console = Console()
     try:
         return _run(args, console)
     except KeyboardInterrupt:  # Ctrl-C ends the demo with a line, not a traceback
         console.print("microtune demo: interrupted")
         return 130
+    except (DemoError, Rejected) as exc:  # refused: one line, not a traceback
+        console.print(f"[red]microtune demo:[/red] {exc}", highlight=False)
+        return 2
 
 
 def _run(args: argparse.Namespace, console: Console) -> int:
@@ -430,12 +620,13 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         else:
             result = asyncio.run(run_demo(args.nats_url, users=args.users, rounds=args.rounds,
                                           dim=args.dim, prefix=args.prefix, console=console,
-                                          pace=args.pace,
-                                          run=None if args.pace is None else stamp()))
+                                          pace=args.pace))
     else:
         result = asyncio.run(_with_own_service(args, console))
     means = result.means
-    console.print(f"mean agreement: first round {means[0]:+.2f}, last round {means[-1]:+.2f}")
+    console.print(f"mean agreement: first round {means[0]:+.2f}, last round {means[-1]:+.2f}; "
+                  f"improved since round 1: {result.improved()} of {len(result.history)} "
+                  "users", highlight=False, soft_wrap=True)
     return 0
 
 
@@ -459,7 +650,10 @@ async def _with_own_service(args: argparse.Namespace, console: Console) -> DemoR
     service = Service(system, ServiceConfig(prefix=args.prefix))
     await service.start(server.url)
     run: Callable[..., Awaitable[Any]] = run_demo
-    kw: dict[str, Any] = {"pace": args.pace, "run": None if args.pace is None else stamp()}
+    # a new store of the demo's own: its users stay in segment default, so `microtune
+    # calibrate` (segment default) and `evaluate` read them without naming a segment
+    kw: dict[str, Any] = {"pace": args.pace, "ns": namespace(own_store=True),
+                          "store": str(tmp / "demo.db")}
     if args.experiment:
         run, kw = run_experiment, {**kw, "system": system}
     try:
