@@ -57,10 +57,12 @@ def model_config(config: TuningConfig, segment: str) -> TuningConfig:
     """The segment model's own learning settings, from the segment's config: Adagrad (its
     rates fall as the population's evidence grows, and never exceed `segment_lr`), a light L2
     (the users' shrinkage is for their own parts), no movement budget (thousands of users move
-    it), no hygiene (its input has been through the users' own)."""
+    it), no hygiene (its input has been through the users' own). Its rate falls with the
+    evidence down to `segment_lr_min`: a floor, so that it still follows a change after
+    millions of events."""
     seg = config.segment(segment)
     own = SegmentConfig(optimizer="adagrad", lr=seg.segment_lr,
-                        lr_min=min(1e-4, seg.segment_lr),
+                        lr_min=min(seg.segment_lr_min, seg.segment_lr),
                         lr_max=seg.segment_lr,  # a careful start: never above the base rate
                         half_life=seg.segment_half_life, l2=1e-4, window_budget=1e9,
                         hygiene=False, segment_model=False)

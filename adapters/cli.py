@@ -283,7 +283,8 @@ def auth_config(argv: list[str]) -> int:
     return 0
 
 
-BENCHMARKS = ("core", "nats", "ceiling", "ops", "hygiene", "quality", "readme", "calibrate")
+BENCHMARKS = ("core", "nats", "ceiling", "ops", "hygiene", "quality", "readme", "calibrate",
+              "drift")
 
 
 def bench(argv: list[str]) -> int:
@@ -313,8 +314,8 @@ USAGE = """usage: microtune <command> [--help]
 
   serve     run the service (embedded NATS + SQLite by default)
   demo      simulated users against a running service, with a live view
-  bench     core | nats | ceiling | ops | hygiene | quality: the benchmarks (bench-results/);
-            bench readme writes the README's table from their JSON
+  bench     core | nats | ceiling | ops | hygiene | quality | calibrate | drift: the
+            benchmarks (bench-results/); bench readme writes the README's tables from their JSON
   auth-config  users per role and admin tokens for an external NATS (serve makes its own)
 
 operators' tools (offline against the store; rollback, forget, stats also --nats-url):

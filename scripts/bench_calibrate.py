@@ -26,10 +26,11 @@ from rich.console import Console
 from actors import Microtune
 from actors.calibration import calibrate, points
 from adapters import quality as q
-from events.config import TuningConfig
+from events.config import CENTURY, TuningConfig
 from events.types import Event
 
-GRID = {"half_life": [86400.0, 14 * 86400.0, 60 * 86400.0, 365 * 86400.0, 3650 * 86400.0],
+GRID = {"half_life": [86400.0, 14 * 86400.0, 60 * 86400.0, 365 * 86400.0, 3650 * 86400.0,
+                      CENTURY],  # the default: no fading with time
         "lr": [0.02, 0.05, 0.1]}
 
 

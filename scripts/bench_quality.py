@@ -23,6 +23,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from adapters import quality as q
+from events.config import SEGMENT_DEFAULTS
 
 console = Console()
 WINDOW = 5000  # ratings per point of the rolling AUC
@@ -53,15 +54,23 @@ def runs(stream: q.Stream, quick: bool) -> list:
          {"optimizer": "adagrad", "lr": 0.3, "lr_min": 0.01, "lr_max": 1.0}),
         # what schema 2 changed (chosen on the first half: see its log loss column)
         ("defaults without item effects", {"item_effects": False}),
-        ("schema-1 defaults (no item effects, segment_half_life 60 d)",
-         {"item_effects": False, "segment_half_life": 60 * 86400.0}),
-        ("defaults, segment_half_life 60 d", {"segment_half_life": 60 * 86400.0}),
-        ("defaults, segment_half_life 3650 d", {"segment_half_life": 3650 * 86400.0}),
         ("defaults, item_lr 0.2", {"item_lr": 0.2}),
         ("defaults, item_lr 0.8", {"item_lr": 0.8}),
+        # what schema 3 changed: no fading with time, a floor under the segment model's rate
+        ("schema-2 defaults (half_life 14 d, segment_half_life 365 d)", SEGMENT_DEFAULTS[2]),
+        ("defaults, half_life 14 d", {"half_life": 14 * 86400.0}),
+        ("defaults, segment_lr_min 1e-4", {"segment_lr_min": 1e-4}),
     ):
         out.append(("microtune", lambda seg=seg, label=label: q.microtune(
             stream, q.microtune_config(dim, **seg), label)))
+    # the same ratings 10 times as far apart (a 6-year stream): defaults that hold on any
+    # stream learn the same from it
+    slow = q.stretched(stream, 10.0)
+    for label, seg in (("defaults, the stream stretched 10x in time", {}),
+                       ("schema-2 defaults, the stream stretched 10x in time",
+                        SEGMENT_DEFAULTS[2])):
+        out.append(("microtune", lambda seg=seg, label=label: q.microtune(
+            slow, q.microtune_config(dim, **seg), label)))
     out += [("vw", lambda a=a: q.vw(stream, a)) for a in vw_grid]
     # VW with an item namespace: its own item effects, the strongest peer here
     out += [("vw", lambda a=a: q.vw(stream, a, items=True))

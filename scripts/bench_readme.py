@@ -8,6 +8,9 @@
   replaces the `<!-- bench:quality -->` block with each learner's best configuration and what
   each part of microtune's defaults buys.
 
+- Drift: reads `bench-results/drift.json` (`microtune bench drift`) and replaces the
+  `<!-- bench:drift -->` block with its table.
+
 A block whose JSON is missing is left as it is.
 
     microtune bench readme [--nats bench-results/nats.json] [--readme README.md]
@@ -111,6 +114,31 @@ def quality_table(results: list[dict], measured: str) -> str:
     return "\n".join(lines)
 
 
+DBEGIN, DEND = "<!-- bench:drift -->", "<!-- /bench:drift -->"
+
+
+def drift_table(drift: dict) -> str:
+    """Per scenario, time scale and config: excess log loss, delays and wander."""
+    rows = drift["rows"]
+    lines = [f"Measured {drift['machine']['date'][:10]}, {drift['users']} users x "
+             f"{drift['events_per_user']} events per stream.", "",
+             "| scenario | a user's events apart | config | excess log loss, first half | "
+             "excess log loss, second half | delay, events | cold-start delay | wander |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["cold"]:
+            continue
+        cold = next((c["delay"] for c in rows if c["cold"] and c["scenario"] == r["scenario"]
+                     and c["gap"] == r["gap"] and c["config"] == r["config"]), None)
+        cells = [r["scenario"], r["gap"], r["config"], f"{r['excess_before']:.4f}",
+                 f"{r['excess_after']:.4f}", "-" if r["delay"] is None else f"{r['delay']:g}",
+                 "-" if cold is None else f"{cold:g}", f"{r['wander']:.3f}"]
+        if r["config"] == "defaults":
+            cells = [f"**{c}**" for c in cells]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _per_event(seconds, rows):
     return None if not seconds or not rows else round(seconds / rows * 1e6, 1)
 
@@ -121,6 +149,7 @@ def main() -> None:
     parser.add_argument("--ceiling", default="bench-results/ceiling.json", type=Path)
     parser.add_argument("--readme", default="README.md", type=Path)
     parser.add_argument("--quality", default="bench-results/quality.json", type=Path)
+    parser.add_argument("--drift", default="bench-results/drift.json", type=Path)
     args = parser.parse_args()
     text = args.readme.read_text()
     if args.nats.exists() and args.ceiling.exists():
@@ -133,6 +162,10 @@ def main() -> None:
             if args.quality.with_suffix(".md").exists() else "?"
         text = _replace(text, QBEGIN, QEND, quality_table(results, measured), args.readme)
         print(f"{args.readme}: learning-quality tables written from {args.quality}")
+    if args.drift.exists():
+        text = _replace(text, DBEGIN, DEND, drift_table(json.loads(args.drift.read_text())),
+                        args.readme)
+        print(f"{args.readme}: drift table written from {args.drift}")
     args.readme.write_text(text)
 
 
