@@ -41,6 +41,7 @@ from actors.replay import (
     verify_snapshots,
 )
 from actors.segment_model import SegmentModels
+from adapters import debug_plot
 from adapters.logs import configure_logging
 from events.config import TuningConfig
 from events.errors import Rejected
@@ -334,8 +335,11 @@ def debug(argv: list[str]) -> int:
         raise OperatorError(f"user {args.user!r} has no events")
     summary = debugging.summary(tl, configs)
     if args.plot:
-        debugging.plot(tl, configs.current.dim, args.plot)
-        console.print(f"plot: {args.plot}")
+        drawn = debugging.plot_data(tl)
+        debug_plot.write(drawn, args.plot)
+        console.print(f"plot: {args.plot}: {drawn.title}", highlight=False)
+        for d in drawn.highlighted:  # what the coloured lines are, in words
+            console.print(f"  {d.name}: {d.why}", style="dim", highlight=False)
     if args.json:
         _json({"summary": summary, "rows": [r.to_map() for r in tl.rows]})
         return 0

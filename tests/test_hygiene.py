@@ -332,7 +332,8 @@ def test_a_bots_debug_plot_says_why_it_is_empty_and_warns_nothing(tmp_path):
     import numpy as np
 
     from actors import Microtune
-    from actors.debug import plot, timeline
+    from actors.debug import plot_data, timeline
+    from adapters.debug_plot import write
     from events import Event, TuningConfig
 
     with Microtune.open(tmp_path / "mt.db", TuningConfig(version=1, dim=2)) as mt:
@@ -341,7 +342,7 @@ def test_a_bots_debug_plot_says_why_it_is_empty_and_warns_nothing(tmp_path):
         tl = timeline(mt.recorder, mt.configs, "crawler")
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # matplotlib's "no artists with labels" included
-            plot(tl, 2, str(tmp_path / "crawler.png"))
+            write(plot_data(tl), str(tmp_path / "crawler.png"))
     assert (tmp_path / "crawler.png").stat().st_size > 5000
     from actors.debug import _why_still
 

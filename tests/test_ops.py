@@ -18,6 +18,7 @@ import pytest
 from helpers import canonical
 
 from actors import Microtune, encode_state
+from actors import debug as debugging
 from actors.configs import ConfigRegistry
 from actors.learning import settle
 from actors.replay import current_states, replay_user
@@ -200,6 +201,32 @@ def test_debug_timeline_json_table_and_plot(built, capsys, tmp_path):
 
     code, out, _ = run(capsys, "debug", "--store", path, "--user", "bot0", "--last", 5)
     assert code == 0 and "bot" in out and "timeline (last 5 of" in out
+
+
+def test_debug_plot_of_a_human_and_a_bot_names_what_moved_and_warns_nothing(built, capsys,
+                                                                            tmp_path, recwarn):
+    path, _ = built
+    recorder, configs = opened(path)
+    try:
+        human = debugging.plot_data(debugging.timeline(recorder, configs, "human1"))
+        tl = debugging.timeline(recorder, configs, "bot0")
+        bot = debugging.plot_data(tl)
+    finally:
+        recorder.close()
+    for user, drawn in (("human1", human), ("bot0", bot)):
+        png = tmp_path / f"{user}.png"
+        code, _, err = run(capsys, "debug", "--store", path, "--user", user, "--plot", png)
+        assert code == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert png.stat().st_size > 30_000
+        said = " ".join(err.split())  # the console wraps long lines
+        assert drawn.title in said
+        assert all(f"{d.name}: {d.why}" in said for d in drawn.highlighted)
+    assert human.highlighted and human.empty is None
+    assert {"impression", "click"} <= {s.label for s in human.events}
+    # the fast clicker: its plot says since when and why it is a bot, and marks its events
+    assert "marked a bot since" in bot.subtitle and tl.settled.hyg.bot in bot.subtitle
+    assert "bot" in {s.label for s in bot.verdicts} and any(m.kind == "bot" for m in bot.marks)
+    assert not recwarn.list, [str(w.message) for w in recwarn.list]
 
 
 # ---------------------------------------------------------------- rollback
