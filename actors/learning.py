@@ -17,7 +17,9 @@ is prepended here), engagement target y in [0, 1] and importance a:
                      direction = m / (1 - b1^n);  v_hat = v / (1 - b2^n)
             rmsprop: v = b2 v + (1 - b2) g^2;  direction = g;  v_hat = v / (1 - b2^n)
             adagrad: v = v + g^2;  direction = g;  v_hat = v
-  rate      r = clip(lr / (sqrt(v_hat) + eps), lr_min, lr_max)   per coordinate (AdaBound)
+  rate      r = clip(k lr / (sqrt(v_hat) + eps), lr_min, k lr_max)  per coordinate (AdaBound)
+            k = 1 + warmup / (1 + n / warmup_events), n the user's learning steps so far:
+            a new user's rates start higher and settle as its evidence grows
   step      s = r * direction
   bounds    |s|_2 <= max_step;  then a leaky bucket that drains window_budget per window
             seconds caps the movement: |s|_2 <= window_budget - level (level += |s|_2)
@@ -177,6 +179,25 @@ def settle(state: UserState, config: TuningConfig,
                     h.t_max - config.segment(state.segment).lateness, trace)
 
 
+def settle_after(settled: UserState, state: UserState, event: Event, new: UserState,
+                 config: TuningConfig) -> UserState:
+    """`settle(new, config)`, where `new = apply(state, event, config)` and `settled =
+    settle(state, config)`: what a query sees after one more event, computed from what it saw
+    before. The buffered events were learned when `settled` was made; an interaction that
+    arrives in order (after everything buffered, not late, no impression waiting) learns on
+    top of it, one step instead of the whole reorder buffer again. Any other event settles
+    from scratch. Bit-identical either way (tests/test_settle.py)."""
+    h, before = new.hyg, state.hyg
+    if (before is not None and h is not None and settled.hyg is not None
+            and event.kind in INTERACTION_KINDS and event.kind != "impression"
+            and not event.backfill and settled.seq == state.seq
+            and new.segment == state.segment and config.segment(new.segment).hygiene
+            and not settled.hyg.impressions and h.late == before.late
+            and h.pending and h.pending[-1][2] is event):
+        return settle(apply(settled, event, config), config)
+    return settle(new, config)
+
+
 def _release(state: UserState, h: hygiene.Hygiene, config: TuningConfig, events_until: float,
              due_until: float, trace: list[Step] | None) -> UserState:
     """Release buffered events and due impressions in event-time order (events first);
@@ -272,6 +293,10 @@ def _learn(state: UserState, event_id: str, kind: str, x_item: np.ndarray, y: fl
     dt = t - t_last  # the decay, for the kernel to apply when dt > 0 (and not a first event)
     f = math.pow(0.5, dt / seg.half_life) if dt > 0.0 else 1.0
     max_step, budget = seg.max_step, seg.window_budget
+    lr, lr_max = seg.lr, seg.lr_max
+    if seg.warmup:  # a newcomer's first events count for more (module docstring, "rate")
+        k = 1.0 + seg.warmup / (1.0 + state.steps / seg.warmup_events)
+        lr, lr_max = lr * k, lr_max * k
     adaptive = seg.adaptive_bounds
     if adaptive:
         scale = bound_scale(state.stability)
@@ -281,7 +306,7 @@ def _learn(state: UserState, event_id: str, kind: str, x_item: np.ndarray, y: fl
         state.w, state.m, state.v, config.prior(segment), x_item, t, t_last, f, y,
         importance, offset, state.bucket, state.b1p, state.b2p,
         OPTIMIZER_CODES.get(seg.optimizer, ADAGRAD), seg.beta1, seg.beta2, seg.l2, seg.eps,
-        seg.lr, seg.lr_min, seg.lr_max, max_step, budget, seg.window)
+        lr, seg.lr_min, lr_max, max_step, budget, seg.window)
     stability = steadiness(state.stability, step) if adaptive else state.stability
     if trace is not None:
         trace.append(Step(event_id, kind, t, verdict, y, importance, p, rate, step, observed,

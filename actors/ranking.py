@@ -13,13 +13,13 @@ import numpy as np
 
 from actors import exploration, hygiene
 from actors.configs import ConfigRegistry
-from actors.learning import settle
+from actors.learning import settle, settle_after
 from actors.segment_model import SegmentModels
 from actors.state import UserState
 from events.config import TuningConfig
 from events.errors import Reason, Rejected
 from events.exposure import new_rid
-from events.types import Arm, CandidateRows, Query, Ranking
+from events.types import Arm, CandidateRows, Event, Query, Ranking
 
 if TYPE_CHECKING:
     from actors.experiments.registry import ExperimentRegistry
@@ -28,18 +28,57 @@ if TYPE_CHECKING:
 class View:
     """A user's state as queries see it: with its reorder buffer released (`settle`), so an
     answer reflects every event the user has sent. Not logged; cached by seq, since settling
-    re-runs the learning of the buffered events."""
+    re-runs the learning of the buffered events. The events applied since the last answer
+    (`advance`, at most `FOLLOW` of them) bring the cached state forward one learning step
+    each (`settle_after`) instead of settling the whole buffer again.
 
-    __slots__ = ("_settled",)
+    Queries may read it from other threads than the one that applies: each attribute is
+    replaced in one assignment, and a chain of events that a race broke (one missing, one
+    twice) is simply not followed: the state is settled from scratch."""
+
+    FOLLOW = 16
+    __slots__ = ("_cache", "_since")
 
     def __init__(self) -> None:
-        self._settled: UserState | None = None
+        # (the settled state, the config it was settled under)
+        self._cache: tuple[UserState, TuningConfig] | None = None
+        self._since: tuple[tuple[UserState, Event, UserState, TuningConfig], ...] = ()
+
+    def advance(self, before: UserState, event: Event, after: UserState,
+                config: TuningConfig) -> None:
+        """`after = apply(before, event, config)` happened (cheap: only remembered)."""
+        since = self._since
+        if self._cache is not None and len(since) < self.FOLLOW:
+            self._since = (*since, (before, event, after, config))
 
     def of(self, state: UserState, config: TuningConfig) -> UserState:
-        settled = self._settled
-        if settled is None or settled.seq != state.seq:
-            settled = self._settled = settle(state, config)
+        cache = self._cache
+        if cache is not None and cache[0].seq == state.seq and cache[1] is config:
+            return cache[0]
+        since, self._since = self._since, ()
+        if cache is not None and cache[1] is config and _follows(cache[0], since, state,
+                                                                  config):
+            settled = cache[0]
+            for before, event, after, _config in since:
+                settled = settle_after(settled, before, event, after, config)
+        else:
+            settled = settle(state, config)
+        self._cache = (settled, config)
         return settled
+
+
+def _follows(settled: UserState, since: tuple, state: UserState,
+             config: TuningConfig) -> bool:
+    """Whether `since` leads, event by event under `config`, from the state `settled` was
+    settled from to `state`."""
+    if not since or since[0][0].seq != settled.seq or since[-1][2] is not state:
+        return False
+    previous = since[0][0]
+    for before, _event, after, used in since:
+        if before is not previous or used is not config:
+            return False
+        previous = after
+    return True
 
 
 def answer(state: UserState, view: View, query: Query, configs: ConfigRegistry,

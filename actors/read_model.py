@@ -157,7 +157,9 @@ class ReadModel:
                 return len(rows)
             try:
                 event = event_from_log(body)
-                state = apply(state, event, configs.get_fresh(event.config))
+                config = configs.get_fresh(event.config)
+                before, state = state, apply(state, event, config)
+                replica.view.advance(before, event, state, config)
             except Exception as exc:  # never the loop's end: the store rebuilds it on demand
                 log.error("read_model.apply_failed", user_id=state.user, seq=seq,
                           error=repr(exc))

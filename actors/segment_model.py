@@ -64,7 +64,7 @@ def model_config(config: TuningConfig, segment: str) -> TuningConfig:
     own = SegmentConfig(optimizer="adagrad", lr=seg.segment_lr,
                         lr_min=min(seg.segment_lr_min, seg.segment_lr),
                         lr_max=seg.segment_lr,  # a careful start: never above the base rate
-                        half_life=seg.segment_half_life, l2=1e-4, window_budget=1e9,
+                        half_life=seg.segment_half_life, l2=1e-4, window_budget=1e9, warmup=0.0,
                         hygiene=False, segment_model=False)
     return TuningConfig(version=config.version, dim=config.dim, segments={"default": own})
 

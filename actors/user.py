@@ -304,7 +304,8 @@ class UserActor(PooledActor):
             steps: list = []  # what apply learned: the segment model takes its side of it
             for event, done in batch:
                 config = configs.get(event.config)
-                self.state = apply(self.state, event, config, steps)
+                before, self.state = self.state, apply(self.state, event, config, steps)
+                self._view.advance(before, event, self.state, config)
                 if steps:
                     models.learn(self.state.segment or "default", steps, config)
                     steps.clear()

@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from actors.learning import apply, predict
+from actors.learning import apply, predict, settle_after
 from actors.segment_model import SegmentModels
 from actors.state import UserState
 from events.config import SegmentConfig, TuningConfig
@@ -191,9 +191,11 @@ def microtune(stream: Stream, config: TuningConfig | None = None,
               label: str = "defaults") -> Result:
     """microtune's real path, as a user actor runs it: the segment model's score stamped on
     each `feedback` event, `apply` with a trace, the segment model learning from that trace;
-    `predict` (what a query sees) before each."""
+    `predict` (what a query sees: the settled state, kept up by `settle_after` as the user
+    actor's view is) before each."""
     config = config or TuningConfig(version=1, dim=len(stream.genres))
     states: dict[str, UserState] = {}
+    settled: dict[str, UserState] = {}  # what a query sees, kept as a user actor's view does
     models = SegmentModels()
     steps: list = []
     n = 0
@@ -202,12 +204,14 @@ def microtune(stream: Stream, config: TuningConfig | None = None,
         nonlocal n
         n += 1
         state = states.get(r.user) or UserState(r.user)
+        view = settled.get(r.user) or state
         segment = state.segment or "default"
         base = models.stamp(segment, r.x, config, r.item)
-        p = predict(state, r.x, config, base or 0.0)
+        p = predict(view, r.x, config, base or 0.0)
         event = Event(id=str(n), user=r.user, t=r.t, kind="feedback", item=r.item, x=r.x,
                       target=r.y, config=config.version, base=base)
-        states[r.user] = apply(state, event, config, steps)
+        new = states[r.user] = apply(state, event, config, steps)
+        settled[r.user] = settle_after(view, state, event, new, config)
         models.learn(segment, steps, config)
         steps.clear()
         return p

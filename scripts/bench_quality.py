@@ -56,10 +56,14 @@ def runs(stream: q.Stream, quick: bool) -> list:
         ("defaults without item effects", {"item_effects": False}),
         ("defaults, item_lr 0.2", {"item_lr": 0.2}),
         ("defaults, item_lr 0.8", {"item_lr": 0.8}),
-        # what schema 3 changed: no fading with time, a floor under the segment model's rate
+        # what schema 3 changed: no fading with time, a floor under the segment model's rate,
+        # a new user's warm-up
         ("schema-2 defaults (half_life 14 d, segment_half_life 365 d)", SEGMENT_DEFAULTS[2]),
         ("defaults, half_life 14 d", {"half_life": 14 * 86400.0}),
         ("defaults, segment_lr_min 1e-4", {"segment_lr_min": 1e-4}),
+        ("defaults without the warm-up", {"warmup": 0.0}),
+        ("defaults, warmup 2", {"warmup": 2.0}),
+        ("defaults, warmup_events 30", {"warmup_events": 30.0}),
     ):
         out.append(("microtune", lambda seg=seg, label=label: q.microtune(
             stream, q.microtune_config(dim, **seg), label)))

@@ -28,7 +28,7 @@ def _reference_learn(state: UserState, event_id: str, kind: str, x_item: np.ndar
                      importance: float, t: float, config: TuningConfig,
                      trace: list[Step] | None, verdict: str = "applied", observed: tuple = (),
                      offset: float = 0.0) -> UserState:
-    """actors.learning._learn before the kernel (numpy), verbatim."""
+    """actors.learning._learn before the kernel (numpy), verbatim (and the warm-up since)."""
     segment = state.segment
     seg = config.segment(segment)
     c = config.constants(segment)
@@ -80,9 +80,13 @@ def _reference_learn(state: UserState, event_id: str, kind: str, x_item: np.ndar
         direction = g
         denom = np.sqrt(v)
     denom += c.eps
-    rate = np.divide(c.lr, denom, out=denom)  # per-coordinate rate lr / (sqrt(v_hat) + eps)
+    lr, lr_max = c.lr, c.lr_max
+    if seg.warmup:  # a new user's rates, k times higher (learning.py, "rate")
+        k = 1.0 + seg.warmup / (1.0 + state.steps / seg.warmup_events)
+        lr, lr_max = np.array(seg.lr * k), np.array(seg.lr_max * k)
+    rate = np.divide(lr, denom, out=denom)  # per-coordinate rate lr / (sqrt(v_hat) + eps)
     np.maximum(rate, c.lr_min, out=rate)  # AdaBound-style bounds
-    np.minimum(rate, c.lr_max, out=rate)
+    np.minimum(rate, lr_max, out=rate)
     step = rate * direction
 
     # per-event step bound, then the moving-window movement budget (leaky bucket)
@@ -174,7 +178,8 @@ def test_kernel_agrees_with_the_numpy_update():
                 hits["bucket"] += step_norm < seg.max_step * (1 - 1e-9) and math.isclose(
                     old.bucket, seg.window_budget)
                 hits["lr_min"] += math.isclose(os_.rate, seg.lr_min)
-                hits["lr_max"] += math.isclose(os_.rate, seg.lr_max)
+                warm = 1.0 + seg.warmup / (1.0 + state.steps / seg.warmup_events)
+                hits["lr_max"] += math.isclose(os_.rate, seg.lr_max * warm)
                 state = new
     assert all(hits.values()), hits  # every branch was exercised
 

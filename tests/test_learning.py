@@ -126,12 +126,31 @@ def test_rate_bounds_clip_the_adaptive_rate():
     r = 0.01
     cfg = TuningConfig(version=1, dim=D, segments={"default": SegmentConfig(
         optimizer="adagrad", lr_min=r, lr_max=r, l2=0.0, max_step=100.0, window_budget=1e9,
-        **RAW)})
+        warmup=0.0, **RAW)})
     x = np.arange(D, dtype=float) / D
     s = apply(UserState("u"), Event(id="a", user="u", t=1.0, kind="click", item="i", x=x), cfg)
     full_x = np.concatenate(([1.0], x))
     expected = -r * (sigmoid(0.0) - 1.0) * full_x  # plain SGD at rate r from w0 = 0
     assert np.allclose(s.w, expected, rtol=0, atol=1e-15)
+
+
+def test_a_new_users_rates_warm_up_and_settle():
+    """The warm-up multiplies the rate (and its upper bound) by 1 + warmup / (1 + n /
+    warmup_events) at a user's n-th learning step: twice the bound at first, 1.5 times at the
+    tenth step, the bound itself in the long run."""
+    r = 0.01
+    cfg = TuningConfig(version=1, dim=D, segments={"default": SegmentConfig(
+        optimizer="adagrad", lr=100.0, lr_min=1e-6, lr_max=r, l2=0.0, max_step=100.0,
+        window_budget=1e9, warmup=1.0, warmup_events=10.0, **RAW)})
+    state, trace = UserState("u"), []
+    for n in range(200):
+        state = apply(state, Event(id=str(n), user="u", t=float(n), kind="click", item="i",
+                                   x=np.ones(D)), cfg, trace)
+    rates = [step.rate for step in trace if step.rate is not None]
+    assert rates[0] == pytest.approx(2 * r)
+    assert rates[10] == pytest.approx(1.5 * r)
+    assert rates[199] == pytest.approx(r * (1 + 1 / (1 + 199 / 10)))
+    assert all(a > b for a, b in itertools.pairwise(rates))
 
 
 def test_engagement_targets():
