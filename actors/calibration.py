@@ -157,7 +157,7 @@ def _score_range(store: str, encoded: list[bytes], segment: str, lo: str | None,
     """A worker: the users in [lo, hi) under every config."""
     configs = [TuningConfig.decode(raw) for raw in encoded]
     totals = [Score() for _ in configs]
-    recorder = open_recorder(store)
+    recorder = open_recorder(store, upgrade=False)
     try:
         for rows in by_user(recorder.read_all(from_user=lo, to_user=hi)):
             for total, score in zip(totals, score_user(rows, configs, segment, since),
@@ -206,7 +206,7 @@ def calibrate(store: str, users: list[str], configs: list[TuningConfig], segment
     """Every config's totals over the users (sorted), in `processes` ranges of users; with
     `joint`, by one joint replay of every user (see `score_joint`)."""
     if joint:
-        recorder = open_recorder(store)
+        recorder = open_recorder(store, upgrade=False)
         try:
             return score_joint(recorder.read_all(), configs, segment, since)
         finally:

@@ -196,7 +196,7 @@ class ReplaySummary(NamedTuple):
 
 def _replay_range(store: str, from_user: str | None, to_user: str | None,
                   config: bytes | None) -> tuple[int, int, list[bytes]]:
-    recorder = open_recorder(store)
+    recorder = open_recorder(store, upgrade=False)
     try:
         configs = ConfigRegistry(recorder, TuningConfig(version=1, dim=1))
         override = None if config is None else TuningConfig.decode(config)
@@ -219,7 +219,7 @@ def replay_parallel(store: str, *, workers: int = 2,
     The same `apply` runs in each process; states are summarised by a digest, which equals
     the digest of a sequential replay (`summarize(replay_all(...))`).
     """
-    recorder = open_recorder(store)
+    recorder = open_recorder(store, upgrade=False)
     try:
         users = list(recorder.users())
     finally:

@@ -92,10 +92,12 @@ def serve(argv: list[str]) -> int:
     args = _settings_parser("serve", SERVE_SETTINGS, file_values).parse_args(argv)
     configure_logging(args.log_level, json=args.log_format == "json")
     from store.lease import LeaseHeld
+    from store.migrate import SchemaMismatch
 
     try:
         return asyncio.run(_serve(args, _tuning(file_values, args.dim)))
-    except LeaseHeld as exc:  # another writer won the race since _serve's check
+    except (LeaseHeld, SchemaMismatch) as exc:  # another writer won the race since _serve's
+        # check; or the store's schema is newer than this version, or cannot be upgraded
         print(f"microtune serve: {exc}", file=sys.stderr)
         return 2
 
@@ -317,6 +319,7 @@ USAGE = """usage: microtune <command> [--help]
   bench     core | nats | ceiling | ops | hygiene | quality | calibrate | drift: the
             benchmarks (bench-results/); bench readme writes the README's tables from their JSON
   auth-config  users per role and admin tokens for an external NATS (serve makes its own)
+  migrate   create or upgrade the store's tables (schema revisions); --check, --history
 
 operators' tools (offline against the store; rollback, forget, stats also --nats-url):
   replay    rebuild state from the log: --user U | --all, --until-seq/--until-time,

@@ -28,6 +28,7 @@ import structlog
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from sqlalchemy import create_engine
 
 from actors import debug as debugging
 from actors.configs import ConfigRegistry
@@ -46,7 +47,8 @@ from adapters.logs import configure_logging
 from events.config import TuningConfig
 from events.errors import Rejected
 from store import lease
-from store.recorder import Recorder, open_recorder
+from store import migrate as schema
+from store.recorder import Recorder, open_recorder, store_url
 
 DEFAULT_STORE = "microtune-data/microtune.db"
 console = Console(stderr=True)  # progress and messages; stdout is for tables and --json
@@ -79,7 +81,7 @@ def open_store(url: str, *, create: bool = False) -> tuple[Recorder, ConfigRegis
     """The recorder and config history of an existing store (an error if there is none)."""
     if "://" not in url and not create and not Path(url).exists():
         raise OperatorError(f"no store at {url} (give --store)")
-    recorder = open_recorder(url)
+    recorder = open_recorder(url, upgrade=create)
     if not recorder.configs() and not create:
         recorder.close()
         raise OperatorError(f"{url} holds no microtune data")
@@ -498,6 +500,44 @@ def import_(argv: list[str]) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- migrate
+
+
+def migrate(argv: list[str]) -> int:
+    """`microtune migrate`: bring the store's tables to this version's schema revision."""
+    parser = _parser("migrate", "Create or upgrade the store's tables (schema revisions; on "
+                     "PostgreSQL run it as the store's owner). Exit 0: at this version's "
+                     "revision; with --check, 1: behind it.")
+    parser.add_argument("--check", action="store_true",
+                        help="only say where the store is; change nothing")
+    parser.add_argument("--history", action="store_true", help="list the revisions")
+    args = parser.parse_args(argv)
+    if args.history:
+        for revision, doc in schema.revisions():
+            console.print(f"{revision}{' (newest)' if revision == schema.HEAD else ''}  {doc}")
+        return 0
+    if args.check and "://" not in args.store and not Path(args.store).exists():
+        raise OperatorError(f"no store at {args.store} (give --store)")
+    engine = create_engine(store_url(args.store))
+    try:
+        if args.check:
+            revision = schema.current(engine)
+            if revision is not None and revision not in dict(schema.revisions()):
+                raise schema.StoreTooNew(revision)
+            behind = revision != schema.HEAD
+            console.print(f"{args.store}: schema revision {revision or 'none (no tables)'}; "
+                          f"this microtune's is {schema.HEAD}"
+                          + ("; run `microtune migrate` to upgrade" if behind else ""))
+            return 1 if behind else 0
+        with lease.acquire(args.store):  # not beside a running service, which reads them
+            before, after = schema.migrate(engine)
+    finally:
+        engine.dispose()
+    console.print(f"{args.store}: schema revision {before or 'none'} -> {after}"
+                  if before != after else f"{args.store}: already at revision {after}")
+    return 0
+
+
 # ---------------------------------------------------------------- stats
 
 
@@ -665,7 +705,7 @@ def calibrate(argv: list[str]) -> int:
 COMMANDS = {"replay": replay, "debug": debug, "rollback": rollback, "export": export,
             "import": import_, "forget": forget, "stats": stats,
             "import-events": import_events, "experiment": experiment, "evaluate": evaluate,
-            "calibrate": calibrate}
+            "calibrate": calibrate, "migrate": migrate}
 
 
 def run(name: str, argv: list[str]) -> int:
@@ -674,7 +714,8 @@ def run(name: str, argv: list[str]) -> int:
         configure_logging(os.environ.get("MICROTUNE_LOG_LEVEL", "warning"), json=False)
     try:
         return COMMANDS[name](argv)
-    except (OperatorError, lease.LeaseHeld) as exc:  # a writer refused: the service runs
+    except (OperatorError, lease.LeaseHeld, schema.SchemaMismatch) as exc:  # a writer
+        # refused (the service runs), or the store's schema is not this version's
         console.print(f"[red]microtune {name}:[/red] {exc}")
         return 2
     except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback

@@ -251,7 +251,7 @@ class QueryServer:
         loop.set_exception_handler(self._on_loop_error)
         self._stopped = asyncio.Event()
         self._send({"stage": "opening the store"})
-        self.recorder = open_recorder(s.store)
+        self.recorder = open_recorder(s.store, upgrade=False)
         configs = ConfigRegistry(self.recorder, s.config)
         models = SegmentModels()
         models.load(self.recorder.segment_models())

@@ -24,13 +24,13 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 
+from store import migrate
 from store.schema import (
     audit_log,
     configs,
     events,
     experiments,
     imported_ids,
-    metadata,
     segment_models,
     snapshots,
 )
@@ -97,9 +97,11 @@ class Recorder:
     placeholder = "?"  # the driver's parameter style
     insert_snapshot_sql = ""  # an insert that ignores an existing (user, seq)
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, upgrade: bool = True) -> None:
         self.engine = engine
-        metadata.create_all(engine)
+        # create or upgrade the tables (store/migrate.py); a reader (upgrade=False) never
+        # changes them: it refuses a store that is behind, with what to run
+        migrate.ensure(engine, upgrade=upgrade)
         p = self.placeholder
         self._sql_insert = (
             f"INSERT INTO mt_events (user_id, seq, event_id, body) VALUES ({p}, {p}, {p}, {p})"
@@ -572,7 +574,7 @@ class SQLiteRecorder(Recorder):
     group commit makes that one fsync per batch, not per event.
     """
 
-    def __init__(self, url: str, *, synchronous: str = "FULL") -> None:
+    def __init__(self, url: str, *, synchronous: str = "FULL", upgrade: bool = True) -> None:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
         @event.listens_for(engine, "connect")
@@ -584,7 +586,7 @@ class SQLiteRecorder(Recorder):
             cur.execute("PRAGMA cache_size=-65536")  # 64 MiB: the log's indexes outgrow 2 MiB
             cur.close()
 
-        super().__init__(engine)
+        super().__init__(engine, upgrade=upgrade)
 
     def _insert_ignore(self, table):
         return sqlite_insert(table).on_conflict_do_nothing()
@@ -639,38 +641,13 @@ class PostgresRecorder(Recorder):
         "ON CONFLICT DO NOTHING"
     )
 
-    def __init__(self, url: str) -> None:
-        super().__init__(create_engine(url, pool_size=8, max_overflow=8, pool_pre_ping=True))
-        self._create_forget_function()
+    def __init__(self, url: str, *, upgrade: bool = True) -> None:
+        super().__init__(create_engine(url, pool_size=8, max_overflow=8, pool_pre_ping=True),
+                         upgrade=upgrade)
 
-    # The audited erasure as a SECURITY DEFINER function: the service's role needs no UPDATE
-    # or DELETE on the log (README "PostgreSQL roles"), only EXECUTE on this. It runs as its
-    # owner, with the search_path it was created under.
-    _FORGET_FUNCTION = """
-        CREATE FUNCTION mt_forget(target text, audit bytea,
-                                  OUT n_events bigint, OUT n_snapshots bigint,
-                                  OUT audit_id integer)
-        LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
-        BEGIN
-            DELETE FROM mt_events WHERE user_id = target;
-            GET DIAGNOSTICS n_events = ROW_COUNT;
-            DELETE FROM mt_snapshots WHERE user_id = target;
-            GET DIAGNOSTICS n_snapshots = ROW_COUNT;
-            DELETE FROM mt_imported_ids WHERE user_id = target;
-            INSERT INTO mt_audit (body) VALUES (audit) RETURNING id INTO audit_id;
-        END $$
-    """
-
-    def _create_forget_function(self) -> None:
-        with self.engine.begin() as conn:
-            exists = conn.exec_driver_sql(
-                "SELECT to_regprocedure('mt_forget(text, bytea)') IS NOT NULL").scalar()
-            if not exists:  # created by the store's owner, once; a service role cannot
-                conn.exec_driver_sql(self._FORGET_FUNCTION)
-                # PostgreSQL lets every role execute a new function: only grantees may erase
-                conn.exec_driver_sql("REVOKE EXECUTE ON FUNCTION mt_forget(text, bytea) "
-                                     "FROM PUBLIC")
-
+    # The audited erasure is the SECURITY DEFINER function mt_forget (revision 0001,
+    # store/migrations): the service's role needs no UPDATE or DELETE on the log (README
+    # "PostgreSQL roles"), only EXECUTE on it.
     def forget(self, user: str, audit: bytes) -> tuple[int, int, int]:
         with self.engine.begin() as conn:
             row = conn.exec_driver_sql(
@@ -722,18 +699,27 @@ class PostgresRecorder(Recorder):
         conn.begin()
 
 
-def open_recorder(url_or_path: str | Path) -> Recorder:
-    """A recorder for a SQLAlchemy URL, or a SQLite file for a plain path."""
+def store_url(url_or_path: str | Path) -> str:
+    """The SQLAlchemy URL of a store: a plain path is a SQLite file (its folder is created),
+    postgresql:// goes through psycopg 3 (the driver we ship)."""
     url = str(url_or_path)
     if "://" not in url:
         Path(url).parent.mkdir(parents=True, exist_ok=True)
-        url = f"sqlite:///{url}"
+        return f"sqlite:///{url}"
+    if url.startswith("postgresql://"):
+        return "postgresql+psycopg://" + url[len("postgresql://"):]
+    return url
+
+
+def open_recorder(url_or_path: str | Path, *, upgrade: bool = True) -> Recorder:
+    """A recorder for a SQLAlchemy URL, or a SQLite file for a plain path. `upgrade`: run the
+    schema revisions the store lacks (a writer); a reader passes False and gets
+    `migrate.StoreBehind` instead (store/migrate.py)."""
+    url = store_url(url_or_path)
     if url.startswith("sqlite"):
-        return SQLiteRecorder(url)
+        return SQLiteRecorder(url, upgrade=upgrade)
     if url.startswith("postgresql"):
-        if url.startswith("postgresql://"):  # psycopg 3 is the driver we ship
-            url = "postgresql+psycopg://" + url[len("postgresql://"):]
-        return PostgresRecorder(url)
+        return PostgresRecorder(url, upgrade=upgrade)
     raise ValueError(f"unsupported store URL {url!r} (sqlite:/// or postgresql://)")
 
 
