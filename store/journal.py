@@ -9,7 +9,9 @@ split: the requests that collide are told so, the others are committed again. A 
 value the database refuses for good (`StoreRefused`: NUL in PostgreSQL text, say) is bisected
 until the refused requests are found; they are told so, the rest is committed. A database that
 is unreachable (`StoreUnavailable`) is retried with backoff; nothing is dropped and nothing is
-reported as written before it is.
+reported as written before it is. A fenced journal (a fleet's worker, store/fencing.py) whose
+batch touches a partition claimed since by another worker tells the requests of that partition
+`Fenced` (their actors stop), drops the partition from its fence, and commits the rest.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from store.fencing import Fence, Fenced
 from store.recorder import (
     AppendConflict,
     Recorder,
@@ -60,6 +63,7 @@ class JournalStats:
     conflicts: int = 0
     refused: int = 0  # requests the database refused for good
     retries: int = 0
+    fenced: int = 0  # requests refused because their partition moved to another writer
 
 
 _STOP = object()
@@ -75,8 +79,10 @@ class Journal:
         max_batch_rows: int = 5000,
         linger: float = 0.001,
         max_backoff: float = 5.0,
+        fence: Fence | None = None,
     ) -> None:
         self.recorder = recorder
+        self.fence = fence  # a fleet's worker: the partitions it holds, checked per batch
         self.max_batch_rows = max_batch_rows
         # After the first request of a batch, wait this long for more (as Kafka's linger.ms):
         # fewer, larger commits and fewer thread wake-ups; it adds at most this to latency.
@@ -146,9 +152,12 @@ class Journal:
             rows = [e for r in batch for e in r.events]
             snaps = [s for r in batch for s in r.snapshots]
             try:
-                self.recorder.append(rows, snaps)
+                self.recorder.append(rows, snaps, self.fence)
             except AppendConflict as conflict:
                 batch = self._split(batch, conflict)
+                continue
+            except Fenced as fenced:
+                batch = self._fenced(batch, fenced)
                 continue
             except StoreRefused as refused:
                 if len(batch) == 1:
@@ -198,6 +207,23 @@ class Journal:
             first, keep = keep[0], keep[1:]
             self._carry.extend(keep)
             return [first]
+        return keep
+
+    def _fenced(self, batch: list[WriteRequest], fenced: Fenced) -> list[WriteRequest]:
+        """Report the requests of the lost partitions; return the others to commit again."""
+        fence = self.fence
+        assert fence is not None
+        for partition in fenced.lost:
+            fence.epochs.pop(partition, None)
+        log.error("journal.fenced", partitions=sorted(fenced.lost), error=str(fenced))
+        keep = []
+        for request in batch:
+            users = {e.user for e in request.events} | {s.user for s in request.snapshots}
+            if fence.partitions_of(users) & fenced.lost.keys():
+                self.stats.fenced += 1
+                self._report(request, fenced)
+            else:
+                keep.append(request)
         return keep
 
     @staticmethod

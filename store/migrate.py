@@ -23,7 +23,7 @@ from sqlalchemy.engine import Connection, Engine
 log = structlog.get_logger(__name__)
 
 VERSION_TABLE = "mt_schema_version"
-HEAD = "0001"  # the newest revision in versions/ (tests/test_migrations.py checks it)
+HEAD = "0002"  # the newest revision in versions/ (tests/test_migrations.py checks it)
 BASELINE = "0001"  # the tables a store had before revisions existed
 _SCRIPTS = Path(__file__).parent / "migrations"
 

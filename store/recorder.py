@@ -25,6 +25,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 
 from store import migrate
+from store.fencing import Fence, Fenced
 from store.schema import (
     audit_log,
     configs,
@@ -32,8 +33,10 @@ from store.schema import (
     experiments,
     imported_ids,
     segment_models,
+    settings,
     snapshots,
 )
+from store.schema import partitions as partitions_table
 
 log = structlog.get_logger(__name__)
 
@@ -130,12 +133,15 @@ class Recorder:
     # ------------------------------------------------------------ writes
 
     def append(
-        self, rows: Sequence[StoredEvent], snaps: Sequence[Snapshot] = ()
+        self, rows: Sequence[StoredEvent], snaps: Sequence[Snapshot] = (),
+        fence: Fence | None = None,
     ) -> None:
         """Append events (and snapshots) in one transaction.
 
         Raises `AppendConflict` if a row collides with the log (nothing is written), and
-        `StoreUnavailable` if the database failed (nothing is written; retry).
+        `StoreUnavailable` if the database failed (nothing is written; retry). With a `fence`
+        (a fleet's worker), `Fenced` if a row's partition is not the fence's at the store's
+        epoch (nothing is written: store/fencing.py).
         """
         with self._writer_lock:
             if self._writer is None:
@@ -143,6 +149,8 @@ class Recorder:
             conn = self._writer
             try:
                 cur = conn.cursor()
+                if fence is not None:
+                    self._check_fence(cur, rows, snaps, fence)
                 if rows:
                     self._insert_events(cur, rows)
                 if snaps:
@@ -150,6 +158,10 @@ class Recorder:
                 self._after_insert(conn, cur, rows, snaps)
                 cur.close()
                 conn.commit()
+            except Fenced:
+                with contextlib.suppress(Exception):
+                    conn.rollback()
+                raise
             except self._dbapi.IntegrityError as exc:
                 with contextlib.suppress(Exception):
                     conn.rollback()
@@ -166,6 +178,57 @@ class Recorder:
             else:
                 return
         raise self._conflicts(rows)
+
+    # the partitions' epochs, read in the batch's transaction (PostgreSQL: FOR SHARE, so that
+    # a claim waits for the batch, and the batch after the claim sees the new epoch; SQLite:
+    # a claim committed after this read fails this transaction's write, which is retried)
+    _sql_epochs = "SELECT part, epoch FROM mt_partitions WHERE part IN ({})"
+
+    def _check_fence(self, cur, rows: Sequence[StoredEvent], snaps: Sequence[Snapshot],
+                     fence: Fence) -> None:
+        needed = fence.partitions_of({r.user for r in rows} | {s.user for s in snaps})
+        if not needed:
+            return
+        marks = ", ".join([self.placeholder] * len(needed))
+        cur.execute(self._sql_epochs.format(marks), tuple(sorted(needed)))
+        stored = dict(cur.fetchall())
+        lost = {p: stored.get(p) for p in needed if stored.get(p) is None
+                or stored[p] != fence.epochs.get(p)}
+        if lost:
+            raise Fenced(lost, fence.epochs)
+
+    def claim(self, partition: int, owner: str, partitions: int, now: float) -> int:
+        """Claim a partition for `owner`: its epoch goes up by one (1 for a first claim) and
+        is returned; batches fenced with an older epoch are refused from now on. The number of
+        partitions is recorded with the first claim and never changes (ValueError)."""
+        if not 0 <= partition < partitions:
+            raise ValueError(f"partition {partition} is not in [0, {partitions})")
+        with self.engine.begin() as conn:
+            recorded = conn.execute(select(settings.c.value).where(
+                settings.c.name == "partitions")).scalar()
+            if recorded is None:
+                conn.execute(self._insert_ignore(settings).values(
+                    name="partitions", value=str(partitions)))
+                recorded = conn.execute(select(settings.c.value).where(
+                    settings.c.name == "partitions")).scalar()
+            if int(recorded) != partitions:
+                raise ValueError(f"the store's users are split into {recorded} partitions, "
+                                 f"not {partitions}: it is fixed per deployment")
+            claim = self._insert(partitions_table).values(
+                part=partition, epoch=1, owner=owner, since=now)
+            claim = claim.on_conflict_do_update(
+                index_elements=["part"],
+                set_={"epoch": partitions_table.c.epoch + 1, "owner": claim.excluded.owner,
+                      "since": claim.excluded.since},
+            ).returning(partitions_table.c.epoch)
+            return int(conn.execute(claim).scalar_one())
+
+    def partition_leases(self) -> dict[int, tuple[int, str, float]]:
+        """partition -> (epoch, owner, since) of its last claim."""
+        with self.engine.connect() as conn:
+            return {p: (int(e), o, float(s)) for p, e, o, s in conn.execute(
+                select(partitions_table.c.part, partitions_table.c.epoch,
+                       partitions_table.c.owner, partitions_table.c.since))}
 
     def _unique_violation(self, exc: BaseException) -> bool:
         return "UNIQUE" in str(exc).upper() or getattr(exc, "sqlstate", None) == "23505"
@@ -636,6 +699,7 @@ class SQLiteRecorder(Recorder):
 
 class PostgresRecorder(Recorder):
     placeholder = "%s"
+    _sql_epochs = "SELECT part, epoch FROM mt_partitions WHERE part IN ({}) FOR SHARE"
     insert_snapshot_sql = (
         "INSERT INTO mt_snapshots (user_id, seq, schema, state) VALUES (%s, %s, %s, %s) "
         "ON CONFLICT DO NOTHING"

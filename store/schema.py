@@ -5,6 +5,7 @@ from __future__ import annotations
 from sqlalchemy import (
     BigInteger,
     Column,
+    Float,
     Integer,
     LargeBinary,
     MetaData,
@@ -91,4 +92,23 @@ experiments = Table(
     Column("version", Integer, nullable=False),
     Column("body", LargeBinary, nullable=False),
     PrimaryKeyConstraint("name", "version", name="mt_experiments_pk"),
+)
+
+# A fleet's partitions (events/partitions.py; revision 0002): the lease epoch of each, which
+# every fenced journal batch must match (store/fencing.py), and who took it last
+partitions = Table(
+    "mt_partitions",
+    metadata,
+    Column("part", Integer, primary_key=True, autoincrement=False),
+    Column("epoch", BigInteger, nullable=False),
+    Column("owner", String(256), nullable=False),
+    Column("since", Float, nullable=False),  # wall-clock seconds of the claim
+)
+
+# deployment settings that must never change under the data: the number of partitions
+settings = Table(
+    "mt_settings",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", String(256), nullable=False),
 )
