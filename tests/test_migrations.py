@@ -60,7 +60,7 @@ def test_a_store_from_before_revisions_is_adopted_with_its_data(tmp_path):
     assert not inspect(engine).has_table("mt_partitions")
     assert migrate.current(engine) == migrate.BASELINE  # its tables say what it is
     engine.dispose()
-    with pytest.raises(migrate.StoreBehind, match="0001.*microtune migrate"):
+    with pytest.raises(migrate.StoreBehind, match=r"0001.*microtune migrate"):
         open_recorder(path, upgrade=False)  # a reader changes nothing
     with Microtune.open(path, CFG) as mt:  # a writer brings it to this version's revision
         assert migrate.current(mt.recorder.engine) == migrate.HEAD
@@ -79,7 +79,7 @@ def test_a_store_of_a_newer_version_is_refused_with_a_message(tmp_path):
         conn.execute(text(f"UPDATE {migrate.VERSION_TABLE} SET version_num = '9999'"))
     engine.dispose()
     for upgrade in (True, False):
-        with pytest.raises(migrate.StoreTooNew, match="9999.*upgrade microtune"):
+        with pytest.raises(migrate.StoreTooNew, match=r"9999.*upgrade microtune"):
             open_recorder(path, upgrade=upgrade)
     for argv in (["migrate", "--check"], ["migrate"], ["stats"]):
         done = subprocess.run([sys.executable, "-m", "adapters.cli", *argv, "--store",
