@@ -1,5 +1,8 @@
 """Event and query types, their msgpack codec, validation and schema versions."""
 
+# First, before any other import: importing it checks that `events`, `store`, `actors` and
+# `adapters` are microtune's own here, with a clear error if not (README "Installed names")
+from events import _distribution  # noqa: F401
 from events.codec import (
     decode_content,
     decode_event,
