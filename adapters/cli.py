@@ -286,7 +286,7 @@ def auth_config(argv: list[str]) -> int:
 
 
 BENCHMARKS = ("core", "nats", "ceiling", "ops", "hygiene", "quality", "readme", "calibrate",
-              "drift")
+              "drift", "items")
 
 
 def bench(argv: list[str]) -> int:
@@ -316,7 +316,7 @@ USAGE = """usage: microtune <command> [--help]
 
   serve     run the service (embedded NATS + SQLite by default)
   demo      simulated users against a running service, with a live view
-  bench     core | nats | ceiling | ops | hygiene | quality | calibrate | drift: the
+  bench     core | nats | ceiling | ops | hygiene | quality | calibrate | drift | items: the
             benchmarks (bench-results/); bench readme writes the README's tables from their JSON
   auth-config  users per role and admin tokens for an external NATS (serve makes its own)
   migrate   create or upgrade the store's tables (schema revisions); --check, --history
