@@ -6,9 +6,9 @@ nats-server configuration that grants each role only its subjects:
 
 | role      | may publish                         | may subscribe | for                          |
 |-----------|-------------------------------------|---------------|------------------------------|
-| publisher | `<p>.events.>`                      | `_INBOX.>`    | your services' events        |
-| querier   | `<p>.query.>`                       | `_INBOX.>`    | asking for content weights   |
-| catalog   | `<p>.content`                       | `_INBOX.>`    | your CMS's item features     |
+| publisher | `<p>.events.>`, `<p>.info`          | `_INBOX.>`    | your services' events        |
+| querier   | `<p>.query.>`, `<p>.info`           | `_INBOX.>`    | asking for content weights   |
+| catalog   | `<p>.content`, `<p>.info`           | `_INBOX.>`    | your CMS's item features     |
 | admin     | everything                          | everything    | operators (rejected stream)  |
 | service   | everything                          | everything    | `microtune serve` itself     |
 
@@ -42,7 +42,9 @@ def permissions(role: str, prefix: str = "microtune") -> dict[str, Any]:
         return {"publish": {"allow": [">"]}, "subscribe": {"allow": [">"]}}
     subject = {"publisher": f"{prefix}.events.>", "querier": f"{prefix}.query.>",
                "catalog": f"{prefix}.content"}[role]
-    return {"publish": {"allow": [subject]}, "subscribe": {"allow": ["_INBOX.>"]}}
+    # every client may ask `<prefix>.info` (read-only: the dimension, versions, catalog)
+    return {"publish": {"allow": [subject, f"{prefix}.info"]},
+            "subscribe": {"allow": ["_INBOX.>"]}}
 
 
 @dataclass(frozen=True, slots=True)

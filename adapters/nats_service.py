@@ -8,9 +8,14 @@ Subjects (prefix configurable, default `microtune`):
 - `<prefix>.content`        catalog upserts, JetStream stream MICROTUNE_CONTENT
 - `<prefix>.rejected`       every rejected event or query, with the reason and the raw bytes,
                             JetStream stream MICROTUNE_REJECTED (nothing vanishes)
+- `<prefix>.info`           request-reply: what a client must know and cannot guess (the
+                            feature dimension, versions, subjects, streams, limits) and how
+                            far the catalog's upserts are applied (`Service.info`)
 
-Ingest is a durable push consumer (a callback per message: DESIGN.md measured the stock
-`fetch()` loop capping near 18k msg/s). A message is acked only after its event is committed to
+The service creates the three streams at start (or updates their subjects).
+
+Ingest is a durable push consumer (a callback per message: the stock `fetch()` loop was
+measured capping near 18k msg/s). A message is acked only after its event is committed to
 the log and applied, or after its rejection is stored on the rejected stream. `max_ack_pending`
 bounds what is unanswered, so a slow store pushes back on the broker instead of growing memory.
 Acks and query replies come back from the actor threads through one thread-safe queue that the
@@ -64,9 +69,10 @@ from events.codec import (
     decode_content,
     decode_event,
 )
+from events.config import CONFIG_SCHEMA
 from events.errors import Reason, Rejected
 from events.limits import DEFAULT_LIMITS, Limits
-from events.types import Event
+from events.types import SCHEMA_VERSION, Event
 from store.recorder import StoreRefused, StoreUnavailable
 
 log = structlog.get_logger(__name__)
@@ -134,6 +140,8 @@ class ServiceStats:
 
 
 YIELD_EVERY = 16  # events handled between two turns given to the rest of the loop
+# refused catalog upserts whose reason `<prefix>.info` can still give (by content-stream seq)
+CATALOG_REFUSALS_KEPT = 10_000
 # kinds only an operator may log: refused on the events subject (`<prefix>.admin.<kind>`)
 ADMIN_ONLY_KINDS = frozenset({"clear_bot"})
 
@@ -152,6 +160,7 @@ class Service:
         self._subs: list = []
         self._queriers: list[QueryProcess] = []
         self._admin_sub = None
+        self._info_sub = None
         self._events_sub = None
         self._closing = False
         # outcomes from actor threads: (msg, outcome), acked or refused by the event loop
@@ -172,8 +181,15 @@ class Service:
         self.events_subject = f"{p}.events"
         self.content_subject = f"{p}.content"
         self.rejected_subject = f"{p}.rejected"
-
-    # ------------------------------------------------------------ lifecycle
+        self.info_subject = f"{p}.info"
+        self.qjs = None  # JetStream on the admin connection (`info` reads the content stream)
+        # The catalog's floor: every content-stream seq up to it is settled (its items
+        # stored and fed to the query processes, or it was refused). Refusals are kept by
+        # seq for `info`; the outcome of seqs up to `_catalog_unknown` (settled before this
+        # start, or refusals no longer kept) is not known here.
+        self.catalog_floor = 0
+        self._catalog_unknown = 0
+        self._catalog_refused: collections.OrderedDict[int, dict] = collections.OrderedDict()
 
     async def start(self, servers: str | list[str], **connect_options: Any) -> None:
         self._loop = asyncio.get_running_loop()
@@ -187,8 +203,13 @@ class Service:
         # would wait behind megabytes of event deliveries in the same socket.
         self.qnc = await nats.connect(servers, name="microtune-admin", **options)
         self.js = self.nc.jetstream()
+        self.qjs = self.qnc.jetstream(timeout=2.0)
         await self._ensure_streams()
         cfg = self.config
+        # what a previous run settled is gone from the work queue (query processes read
+        # those items from the store); known before they are spawned, which are told it
+        self.catalog_floor = self._catalog_unknown = _settled_floor(
+            (await self.js.stream_info(cfg.content_stream)).state)
         # query processes before the first commit: each sees every event through its feed
         # (they get ready while ingest runs; `start` returns once they serve)
         self._spawn_query_processes(servers, connect_options)
@@ -202,6 +223,7 @@ class Service:
         self._ticker = asyncio.create_task(self._tick())
         await self._query_processes_ready()
         self._admin_sub = await self.qnc.subscribe(f"{cfg.prefix}.admin.*", cb=self._on_admin)
+        self._info_sub = await self.qnc.subscribe(self.info_subject, cb=self._on_info)
         for nc in (self.nc, self.qnc):  # subscriptions on the server before start returns
             await nc.flush()
         log.info("service.started", servers=servers, prefix=cfg.prefix,
@@ -237,7 +259,7 @@ class Service:
         self._drain()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        for sub in (self._admin_sub, self._dead_letter_sub):
+        for sub in (self._admin_sub, self._info_sub, self._dead_letter_sub):
             if sub is not None:
                 await sub.unsubscribe()
         for nc in (self.qnc, self.nc):
@@ -330,6 +352,7 @@ class Service:
             querier.spawn(), name=f"feed-{querier.settings.index}")
         # a change made after the process read the store, before it was attached
         querier.sender.put(feed.EXPERIMENTS, self.system.experiments.encoded())
+        query_process.send_floor(querier.sender, self.catalog_floor)  # upserts up to it: read
 
     def _respawn(self, querier: QueryProcess) -> None:
         self.system.open_feed().detach(querier.sender)
@@ -341,6 +364,11 @@ class Service:
         store as they are asked for)."""
         for querier in self._queriers:
             querier.poll_stats()
+            sender = querier.sender
+            if sender is not None and sender.gaps != querier.gaps_marked:
+                # the dropped backlog may have held the floor: again, behind the gap
+                querier.gaps_marked = sender.gaps
+                query_process.send_floor(sender, self.catalog_floor)
             if querier.alive() or self._closing:
                 continue
             log.error("query_process.died", index=querier.settings.index,
@@ -423,8 +451,9 @@ class Service:
             self._in_flight += 1
         self.system.track(event, lambda outcome, m=msg: self._answer((m, outcome)))
 
-    async def _reject(self, msg: Msg, rejected: Rejected, *, ack: bool = True) -> None:
-        """Store the rejection on the rejected stream, then ack the original."""
+    async def _reject(self, msg: Msg, rejected: Rejected, *, ack: bool = True) -> bool:
+        """Store the rejection on the rejected stream, then ack the original; False if it
+        could not be stored (the original is then left to JetStream)."""
         self.stats.rejected[rejected.reason.value] += 1
         log.warning("message.rejected", subject=msg.subject, reason=rejected.reason.value,
                     detail=rejected.detail, field=rejected.field)
@@ -433,19 +462,23 @@ class Service:
         except Exception as exc:  # not stored: leave the original unacked, it comes back
             log.error("rejected.store_failed", error=repr(exc), subject=msg.subject)
             self._forget(msg)  # up to JetStream (and max_deliver) now
-            return
+            return False
         self._forget(msg)
         if ack:
             await msg.ack()
+        return True
 
-    async def _dead_letter(self, msg: Msg, delivered: int) -> None:
-        """Settle a message that was delivered too often: its record, then the ack."""
+    async def _dead_letter(self, msg: Msg, delivered: int) -> Rejected | None:
+        """Settle a message that was delivered too often: its record, then the ack; the
+        refusal, or None if it could not be recorded."""
         rejected = Rejected(Reason.UNDELIVERABLE,
                             f"delivered {delivered} times without being settled")
         if await self._store_dead_letter(msg.subject, bytes(msg.data), rejected,
                                          deliveries=delivered):
             self._forget(msg)
             await msg.ack()
+            return rejected
+        return None
 
     async def _on_max_deliveries(self, advisory: Msg) -> None:
         """JetStream gave up on a message (the service died during its last delivery): fetch
@@ -469,6 +502,8 @@ class Service:
                 await self.js.delete_msg(stream, seq)
             except Exception as exc:  # recorded; JetStream delivers it no more anyway
                 log.warning("dead_letter.delete_failed", error=repr(exc), stream_seq=seq)
+            if stream == cfg.content_stream:
+                self._content_settled(seq, refused=rejected)
 
     async def _store_dead_letter(self, subject: str, raw: bytes, rejected: Rejected,
                                  **where: Any) -> bool:
@@ -661,9 +696,11 @@ class Service:
     # ------------------------------------------------------------ catalog
 
     async def _on_content(self, msg: Msg) -> None:
+        seq = _stream_seq(msg)
         delivered = delivery_count(msg.reply)
         if delivered >= self.config.max_deliver:
-            await self._dead_letter(msg, delivered)
+            if refused := await self._dead_letter(msg, delivered):
+                self._content_settled(seq, refused=refused)
             return
         try:
             items = decode_content(msg.data, self.config.limits)
@@ -673,7 +710,8 @@ class Service:
                     raise Rejected(Reason.DIMENSION,
                                    f"item {item!r} has {x.shape[0]} features, not {dim}", "x")
         except Rejected as rejected:
-            await self._reject(msg, rejected)
+            if await self._reject(msg, rejected):
+                self._content_settled(seq, refused=rejected)
             return
         backoff = 0.05
         while True:  # in order: the next upsert waits for this one
@@ -681,7 +719,9 @@ class Service:
                 await asyncio.to_thread(self.system.catalog.upsert, items)
                 break
             except StoreRefused as exc:
-                await self._reject(msg, Rejected(Reason.STORE_REFUSED, str(exc)))
+                refused = Rejected(Reason.STORE_REFUSED, str(exc))
+                if await self._reject(msg, refused):
+                    self._content_settled(seq, refused=refused)
                 return
             except StoreUnavailable as exc:  # an outage: retry, keeping the message alive
                 if self._closing or self._ticker is None or self._ticker.done():
@@ -690,11 +730,119 @@ class Service:
                 await msg.in_progress()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
-        if self.system.feed is not None:  # the query processes score with them too
-            self.system.feed.items(items)
+        self._content_settled(seq, items)  # the query processes score with them too
         self.stats.content_items += len(items)
         await msg.ack()
         await self._release_held()  # events that waited for these items
+
+    def _content_settled(self, seq: int | None, items: list | tuple = (),
+                         refused: Rejected | None = None) -> None:
+        """A content message is settled: its items stored, or it refused (remembered for
+        `info`). The floor moves on when it was the next seq; one settled out of order
+        (a redelivery) is counted in when `info` reads the stream."""
+        if seq is not None and refused is not None:
+            self._catalog_refused[seq] = refused.to_wire()
+            if len(self._catalog_refused) > CATALOG_REFUSALS_KEPT:
+                old, _ = self._catalog_refused.popitem(last=False)
+                self._catalog_unknown = max(self._catalog_unknown, old)
+        next_one = seq is not None and seq == self.catalog_floor + 1
+        self._catalog_advance(seq if next_one else self.catalog_floor, items)
+
+    def _catalog_advance(self, floor: int, items: list | tuple = ()) -> None:
+        """Raise the floor to `floor`, and feed the query processes the items with the
+        floor behind them (the same pipe, in order: a process that has the floor has every
+        upsert up to it)."""
+        advanced = floor > self.catalog_floor
+        if advanced:
+            self.catalog_floor = floor
+        feed_ = self.system.feed
+        if feed_ is not None and (advanced or items):
+            feed_.items([*items, query_process.catalog_mark(self.catalog_floor)])
+
+    # ------------------------------------------------------------ info
+
+    async def _on_info(self, msg: Msg) -> None:
+        """`<prefix>.info`, request-reply, msgpack both ways: an empty body or a map with an
+        optional `cs` (a content-stream seq, from the PubAck of an upsert). Read-only, no
+        token. A bad request is answered `{v, e, m, f?}` (not recorded: it is no event or
+        query)."""
+        if not msg.reply:
+            return
+        try:
+            body = msgpack.unpackb(msg.data, raw=False) if msg.data else {}
+            if not isinstance(body, dict):
+                raise Rejected(Reason.WRONG_TYPE, "an info request is empty or a msgpack map")
+            asked = body.get("cs")
+            if asked is not None and (type(asked) is not int or asked < 0):
+                raise Rejected(Reason.WRONG_TYPE, "'cs' is a content-stream seq: an integer "
+                               ">= 0 (the PubAck's seq of an upsert)", "cs")
+            answer = await self.info(asked)
+        except Rejected as rejected:
+            answer = {"v": SCHEMA_VERSION, **rejected.to_wire()}
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:
+            answer = {"v": SCHEMA_VERSION,
+                      **Rejected(Reason.MALFORMED, f"bad info request: {exc}").to_wire()}
+        await self.qnc.publish(msg.reply, msgpack.packb(answer, use_bin_type=True))
+
+    async def info(self, asked: int | None = None) -> dict[str, Any]:
+        """What a client needs and would otherwise find by trial: the feature dimension,
+        the wire and config versions, the subjects, streams and limits, and how far the
+        catalog is applied: `catalog.status` of the upsert at content-stream seq `asked`
+        (default: the latest one published)."""
+        cfg, p = self.config, self.config.prefix
+        current = self.system.configs.current
+        last = None
+        try:
+            state = (await self.qjs.stream_info(cfg.content_stream)).state
+            last = state.last_seq
+            # gone from the work queue = settled (acked after its items were fed) or purged
+            self._catalog_advance(_settled_floor(state))
+        except Exception as exc:  # the reply says less (no `last`), but it comes
+            log.warning("info.content_stream_unread", error=repr(exc))
+        queries = self._queries_floor()
+        catalog: dict[str, Any] = {"items": len(self.system.catalog),
+                                   "floor": self.catalog_floor, "queries": queries,
+                                   "last": last}
+        seq = asked if asked is not None else last
+        if seq is not None:
+            catalog["seq"] = seq
+            catalog.update(self._catalog_status(seq, queries))
+        limits = cfg.limits
+        return {
+            "v": SCHEMA_VERSION, "dim": current.dim, "config": current.version,
+            "config_schema": CONFIG_SCHEMA, "prefix": p,
+            "subjects": {"events": f"{self.events_subject}.<user>",
+                         "query": f"{p}.query.<user>", "content": self.content_subject,
+                         "rejected": self.rejected_subject, "info": self.info_subject,
+                         "admin": f"{p}.admin.<command>"},
+            "streams": {"events": cfg.events_stream, "content": cfg.content_stream,
+                        "rejected": cfg.rejected_stream},
+            "limits": {"payload_bytes": limits.max_payload_bytes,
+                       "id_length": limits.max_id_length, "features": limits.max_dimension,
+                       "candidates": limits.max_candidates, "top": limits.max_top},
+            "read_wait": cfg.read_wait, "catalog_grace": cfg.catalog_grace,
+            "query_processes": sum(q.serving() for q in self._queriers),
+            "catalog": catalog,
+        }
+
+    def _queries_floor(self) -> int | None:
+        """The catalog floor every query process has (None: one has not said yet)."""
+        if not self._queriers:  # nothing further for the items to reach
+            return self.catalog_floor
+        for querier in self._queriers:
+            querier.poll_stats()  # a floor sent since the last tick
+        floors = [q.catalog_floor for q in self._queriers]
+        return None if None in floors else min(floors)
+
+    def _catalog_status(self, seq: int, queries: int | None) -> dict[str, Any]:
+        refused = self._catalog_refused.get(seq)
+        if refused is not None:
+            return {"status": "refused", **refused}
+        if 0 < seq <= self._catalog_unknown:
+            return {"status": "settled"}  # before this start: applied, or refused then
+        if queries is not None and seq <= queries:
+            return {"status": "applied"}
+        return {"status": "pending"}
 
     # ------------------------------------------------------------ answers from actor threads
 
@@ -805,6 +953,20 @@ def ack_info(reply: str | None) -> tuple[int, float | None]:
 
 def delivery_count(reply: str | None) -> int:
     return ack_info(reply)[0]
+
+
+def _stream_seq(msg: Msg) -> int | None:
+    """A JetStream message's seq in its stream (None for a plain NATS message)."""
+    try:
+        return msg.metadata.sequence.stream
+    except Exception:  # not a JetStream delivery: nats-py's NotJSMessageError, or garbage
+        return None
+
+
+def _settled_floor(state: api.StreamState) -> int:
+    """The seq up to which a work-queue stream holds nothing: every message up to it was
+    acked (settled) or removed."""
+    return state.last_seq if not state.messages else max(0, state.first_seq - 1)
 
 
 assert Event._fields[5] == "x" and Event._fields[12] == "received"  # positional rebuilds above

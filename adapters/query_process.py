@@ -20,6 +20,13 @@ event-sourced systems do it):
   (`rid`), goes out only once JetStream has stored it. If it cannot be stored, the reply
   says why (`le`) and carries no `rid`: an id is never handed out for an exposure that is
   not kept.
+- Every refused query, whatever the reason (a bad body, a wrong dimension, an item not in
+  the catalog, `ms` not reached, the store unreadable), is answered `{v, e, m, f?}`, counted
+  by reason and recorded on `<prefix>.rejected`, one rule for all (`_refuse`).
+- The catalog's floor: the service marks, behind the items it feeds, the content-stream seq
+  up to which every upsert is settled (`CATALOG_MARK`); the process reports the floor it
+  has (after a feed gap, only once the catalog is read again), so that `<prefix>.info` can
+  say which upserts every query process can use.
 
 A program that starts a `Service` itself must guard its entry point with
 `if __name__ == "__main__":`, as any program using `multiprocessing` must: query processes are
@@ -47,10 +54,11 @@ from typing import Any
 
 import msgpack
 import nats
+import numpy as np
 import structlog
 from nats.aio.msg import Msg
 
-from actors import gc_pauses
+from actors import feed, gc_pauses
 from actors.configs import ConfigRegistry
 from actors.experiments.registry import ExperimentRegistry
 from actors.feed import FeedSender
@@ -74,6 +82,21 @@ log = structlog.get_logger(__name__)
 
 QUEUE_GROUP = "microtune-queries"
 CATCH_UP_ROWS = 16  # rows applied per turn between queries (~40 us each)
+# A pseudo-item the service sends in the feed's ITEMS messages: its one "feature" is the
+# content-stream seq up to which every catalog upsert is settled, and its items are before
+# it in the feed. An item id never holds a NUL (`invalid_id`), so it cannot be a real item;
+# the process takes it out of its catalog as soon as a frame is filed.
+CATALOG_MARK = "\x00catalog-floor"
+
+
+def catalog_mark(floor: int) -> tuple[str, np.ndarray]:
+    """The catalog's floor as an entry of `Feed.items`, behind the items it covers."""
+    return CATALOG_MARK, np.array([float(floor)], dtype="<f8")
+
+
+def send_floor(sender: FeedSender, floor: int) -> None:
+    """The catalog's floor to one query process only (one that starts, or lost a backlog)."""
+    sender.put(feed.ITEMS, [(CATALOG_MARK, catalog_mark(floor)[1].tobytes())], 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +151,9 @@ class QueryProcess:
         self.ready = False  # subscribed: it answers queries
         self.stage = "spawned"  # the last start-up step it reported
         self.failed: str | None = None  # why it could not start
+        # the catalog's floor this process reported (None: not yet, since it started)
+        self.catalog_floor: int | None = None
+        self.gaps_marked = 0  # the feed's gaps after which the floor was sent again
         self._reading = threading.Lock()
 
     def spawn(self) -> Connection:
@@ -144,6 +170,8 @@ class QueryProcess:
         self.ready = False
         self.stage = "spawned"
         self.failed = None
+        self.catalog_floor = None
+        self.gaps_marked = 0
         return here
 
     def wait_ready(self, timeout: float = 60.0) -> None:
@@ -176,6 +204,8 @@ class QueryProcess:
                     message = msgpack.unpackb(conn.recv_bytes(), raw=False)
                     if "stats" in message:
                         self.stats = message["stats"]
+                    elif "catalog" in message:
+                        self.catalog_floor = message["catalog"]
                     elif message.get("ready"):
                         self.ready = True
                     elif "failed" in message:
@@ -244,6 +274,9 @@ class QueryServer:
         self._waiting: set[asyncio.Task] = set()  # answers that wait for a load or a seq
         self._catching_up = False
         self._stopped: asyncio.Event | None = None
+        self.catalog_floor: int | None = None  # every upsert up to it is in the catalog
+        self._rereads = 0  # catalog reads after a feed gap, in flight
+        self._floor_waiting: int | None = None  # a floor received while the catalog is read
 
     async def run(self) -> None:
         s = self.settings
@@ -309,9 +342,13 @@ class QueryServer:
         self.model.on_frame(data)
         if self.model.stats.gaps != self._gaps_seen:  # what the dropped backlog carried
             self._gaps_seen = self.model.stats.gaps
+            self._rereads += 1  # before the floor below: it waits for this read
             task = self.loop.create_task(self._reread())
             self._waiting.add(task)
             task.add_done_callback(self._waiting.discard)
+        mark = self.model.catalog.pop(CATALOG_MARK, None)  # never an item to queries
+        if mark is not None:
+            self._floor(int(mark[0]))
         self.collector.turn()
         if not self._catching_up:
             self._catching_up = True
@@ -333,8 +370,23 @@ class QueryServer:
             await asyncio.to_thread(self.model.experiments.refresh)
         except Exception as exc:  # the next gap, or a restart, tries again
             log.warning("query_process.reread_failed", error=repr(exc))
-            return
+            return  # the floor waits: upserts the gap dropped may be missing still
+        finally:
+            self._rereads -= 1
         self.model.catalog.update(items)
+        if not self._rereads and self._floor_waiting is not None:
+            floor, self._floor_waiting = self._floor_waiting, None
+            self._floor(floor)
+
+    def _floor(self, floor: int) -> None:
+        """The service's catalog floor reached this process: report it, unless the catalog
+        is being read again after a gap (the dropped backlog may have held its items)."""
+        if self._rereads:
+            self._floor_waiting = max(floor, self._floor_waiting or 0)
+            return
+        if floor != self.catalog_floor:
+            self.catalog_floor = floor
+            self._send({"catalog": floor})  # at once: `<prefix>.info` waits for no report
 
     def _send(self, message: dict) -> None:
         try:
@@ -356,6 +408,7 @@ class QueryServer:
                 "loop_errors": self.stats.loop_errors, "behind": self.model.behind,
                 "rows": m.rows, "applied": m.applied, "loads": m.loads, "gaps": m.gaps,
                 "holes": m.holes, "evicted": m.evicted,
+                "catalog_items": len(self.model.catalog), "catalog_floor": self.catalog_floor,
                 "cpu_s": round(time.process_time(), 2), "rss_mib": _rss_mib(),
                 "gc": self.gc.to_map()}})
 
@@ -372,7 +425,7 @@ class QueryServer:
         except Rejected as rejected:
             await self._refuse(msg, rejected)
             return
-        if not msg.reply:
+        if not msg.reply:  # nobody waits for an answer: a well-formed query is not ranked
             return
         answer = self.model.rank(query)
         if answer is None or behind(query, answer) or query.log or (
@@ -380,18 +433,24 @@ class QueryServer:
             # nats-py runs this subscription's callbacks one after another: a query that
             # waits (for a load, a seq, or JetStream to store its exposure) must wait aside,
             # or every query behind it waits too
-            task = self.loop.create_task(self._answer_later(query, answer, msg.reply))
+            task = self.loop.create_task(self._answer_later(query, answer, msg))
             self._waiting.add(task)
             task.add_done_callback(self._waiting.discard)
             return
-        await self.nc.publish(msg.reply, _encode(answer))
+        await self._reply(msg, answer)
 
     async def _answer_later(self, query: Query, answer: Ranking | Rejected | None,
-                            reply: str) -> None:
+                            msg: Msg) -> None:
         answer = await self._awaited(query, answer)
         if isinstance(answer, Ranking) and answer.log:
             answer = await self._logged(query, answer)
-        await self.nc.publish(reply, _encode(answer))
+        await self._reply(msg, answer)
+
+    async def _reply(self, msg: Msg, answer: Ranking | Rejected) -> None:
+        if isinstance(answer, Rejected):  # refused while ranking: as a bad body is
+            await self._refuse(msg, answer)
+        else:
+            await self.nc.publish(msg.reply, encode_ranking(answer))
 
     async def _logged(self, query: Query, ranking: Ranking) -> Ranking:
         """Store the ranking's exposure on the events stream, then name it in the reply."""
@@ -468,6 +527,9 @@ class QueryServer:
         return candidate._replace(x=x)
 
     async def _refuse(self, msg: Msg, rejected: Rejected) -> None:
+        """Every refused query alike: the error to the requester, counted by reason, and its
+        record on `<prefix>.rejected` (core NATS, no ack awaited: a query is not retried by
+        JetStream, and the requester has its answer either way)."""
         self.stats.errors += 1
         reason = rejected.reason.value
         self.stats.rejected[reason] = self.stats.rejected.get(reason, 0) + 1
@@ -484,6 +546,3 @@ def _rss_mib() -> int:
     except (OSError, ValueError):
         return 0
 
-
-def _encode(answer: Ranking | Rejected) -> bytes:
-    return encode_error(answer) if isinstance(answer, Rejected) else encode_ranking(answer)

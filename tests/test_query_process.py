@@ -251,3 +251,62 @@ def test_a_query_process_start_is_seen_while_its_stats_are_polled(server, tmp_pa
     finally:
         querier.stop()
         system.close()
+
+
+def test_every_refused_query_is_answered_counted_and_recorded_alike(server, tmp_path):
+    """Whatever refuses a query (its bytes, its dimension, an item not in the catalog, its
+    `ms` not reached), the requester gets `{v, e, m, f?}`, the stats count the reason and
+    `microtune.rejected` keeps the record: one rule (a dimension error once had none)."""
+    import hashlib
+    import time
+
+    async def scenario():
+        nc = await nats.connect(server.url)
+        js = nc.jetstream()
+        _system, service = await start(tmp_path, server.url, read_wait=0.3)
+        await js.publish("microtune.events.ann", event("ann", 0))
+        assert (await client.rank(nc, "ann", ITEMS, min_seq=1)).seq == 1
+        x = ITEMS[0][1]
+        bad = {  # reason -> (body, the field at fault)
+            "malformed": (b"\xc1\x00", None),
+            "dimension": (msgpack.packb({"v": 1, "c": [["a", [1.0, 0.0]]]}), "c"),
+            "missing_field": (msgpack.packb({"v": 1, "c": ["not-in-the-catalog"]}), "c"),
+            "timeout": (msgpack.packb({"v": 1, "c": [["a", x]], "ms": 99}), "ms"),
+            "oversize": (msgpack.packb({"v": 1, "c": [["a", x]], "pad": "p" * 70_000}), None),
+        }
+        sent = time.time()
+        for reason, (body, field) in bad.items():
+            reply = msgpack.unpackb((await nc.request(
+                "microtune.query.ann", body, timeout=5)).data)
+            assert reply["v"] == 1 and reply["e"] == reason and reply["m"], reply
+            assert reply.get("f") == field, reply
+            assert set(reply) <= {"v", "e", "m", "f"}
+
+        sub = await js.pull_subscribe("microtune.rejected", durable="test-queries")
+        records = {}
+        for m in await sub.fetch(len(bad), timeout=5):
+            record = msgpack.unpackb(m.data, raw=False)
+            records[record["e"]] = record
+        assert set(records) == set(bad)
+        for reason, (body, field) in bad.items():
+            record = records[reason]
+            assert record["v"] == 1 and record["s"] == "microtune.query.ann"
+            assert record.get("f") == field and record["m"]
+            assert record["n"] == len(body) and sent - 1 <= record["at"] <= time.time() + 1
+            if len(body) <= 65536:
+                assert record["raw"] == body and "rt" not in record and "sha256" not in record
+        big = records["oversize"]
+        assert big["rt"] is True and big["raw"] == bad["oversize"][0][:65536]
+        assert big["sha256"] == hashlib.sha256(bad["oversize"][0]).hexdigest()
+
+        # counted by reason where operators look (the query process reports each second)
+        def counted() -> dict:
+            return service.query_stats()["rejected"]
+        await until(lambda: counted() == dict.fromkeys(bad, 1), what="the counts reported")
+        stats = await service._admin_stats({})
+        assert all(stats["rejected"][reason] == 1 for reason in bad)
+        assert stats["query_errors"] == len(bad)
+        await service.stop()
+        await nc.close()
+
+    asyncio.run(scenario())
