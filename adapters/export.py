@@ -29,6 +29,7 @@ from typing import Any
 import msgpack
 
 from actors.configs import ConfigRegistry
+from actors.item_effects import ItemEffects
 from actors.replay import current_states
 from actors.segment_model import ITEMS_SUFFIX
 from actors.state import UserState, decode_state, encode_state
@@ -77,7 +78,7 @@ def header(configs: ConfigRegistry, segment_models: dict[str, bytes]) -> dict[st
 def _segment_model(name: str, raw: bytes) -> dict[str, Any]:
     state = base64.b64encode(raw).decode("ascii")
     if name.endswith(ITEMS_SUFFIX):  # a segment's item effects
-        return {"items": len(msgpack.unpackb(raw, raw=False)), "state": state}
+        return {"items": len(ItemEffects.decode(raw)), "state": state}
     return {"w": decode_state(raw).w.tolist(), "state": state}
 
 

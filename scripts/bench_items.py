@@ -47,6 +47,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from actors.item_effects import ItemEffects
 from actors.learning import apply
 from actors.runtime import tune_gc
 from actors.segment_model import ITEMS_SUFFIX, SegmentModels
@@ -141,13 +142,15 @@ def timed(fn: Callable[[], object], repeat: int = 1) -> tuple[float, object]:
     return statistics.median(times), result
 
 
-def getsizeof_per_item(items: dict) -> float:
-    """sys.getsizeof estimate of one entry: its share of the OrderedDict, key, list, floats
-    (0.0 objects are shared until learned over, so this slightly overstates a fresh entry)."""
-    sample = list(items.items())[:: max(1, len(items) // 20_000)]
-    own = sum(sys.getsizeof(k) + sys.getsizeof(e) + sum(sys.getsizeof(v) for v in e)
-              for k, e in sample) / len(sample)
-    return own + sys.getsizeof(items) / len(items)
+def getsizeof_per_item(table: ItemEffects) -> float:
+    """sys.getsizeof estimate of one item: its key, its share of the index and the slot list,
+    its slot number (an int object above 256) and its four array cells."""
+    keys = [k for k in table.items if k is not None]
+    sample = keys[:: max(1, len(keys) // 20_000)]
+    own = sum(sys.getsizeof(k) for k in sample) / len(sample) + sys.getsizeof(1000)
+    arrays = table.bias.nbytes + table.sums.nbytes + table.times.nbytes + table.touched.nbytes
+    shared = sys.getsizeof(table.index) + sys.getsizeof(table.items) + arrays
+    return own + shared / len(keys)
 
 
 def table_ops(models: SegmentModels, catalog: int, rng: np.random.Generator) -> dict:
@@ -208,7 +211,7 @@ def stream(world: World, max_items: int, baseline: bool, checkpoint_path: str,
                           target=ys[n], config=1, base=stamped)
             states[user] = apply(state, event, cfg, steps)
             c = clock()
-            table = models._items.get(SEGMENT, {})
+            table = models._items.get(SEGMENT) or ItemEffects()
             batch = set()
             for step in steps:
                 if step.score is not None and step.item is not None:
@@ -276,8 +279,11 @@ def full_table(catalog: int, checkpoint_path: str, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     bias, g = rng.normal(0.0, 0.5, catalog).tolist(), rng.exponential(3.0, catalog).tolist()
     t = np.sort(rng.uniform(0.0, 3e4, catalog)).tolist()
-    rows = {f"i{k}": [bias[k], g[k], t[k]] for k in rng.permutation(catalog).tolist()}
-    saved = {f"{SEGMENT}{ITEMS_SUFFIX}": msgpack.packb(rows, use_bin_type=True)}
+    table = ItemEffects()  # least recently learned first, as a checkpoint keeps them
+    for k in rng.permutation(catalog).tolist():
+        slot, _ = table.fade(f"i{k}", t[k], math.inf, catalog)
+        table.bias[slot], table.sums[slot] = bias[k], g[k]
+    saved = {f"{SEGMENT}{ITEMS_SUFFIX}": ItemEffects.encode(table.snapshot())}
     with open(checkpoint_path, "wb") as f:
         f.write(msgpack.packb(saved, use_bin_type=True))
     return {"items_held": catalog}

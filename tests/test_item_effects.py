@@ -149,3 +149,30 @@ def test_export_and_import_carry_the_item_effects(tmp_path):
     assert main(["import", str(out), "--store", copy]) == 0
     with Microtune.open(copy, config()) as mt:
         assert mt.context.models.item_bias("default", "gem") == gem
+
+
+def test_the_item_table_evicts_the_least_recently_learned_and_reads_old_checkpoints():
+    """actors/item_effects.py: a full table drops its least recently learned 1% at once;
+    a checkpoint keeps the learning order; the first format (a map) still loads."""
+    import msgpack
+    import pytest
+
+    from actors.item_effects import ItemEffects
+
+    table = ItemEffects()
+    for n in range(1000):
+        slot, bias = table.fade(f"i{n}", float(n), 1e9, max_items=1000)
+        table.step(slot, bias, 0.5, 0.4)
+    table.fade("i0", 2000.0, 1e9, max_items=1000)  # i0 learned again: now the newest
+    table.fade("new", 2001.0, 1e9, max_items=1000)  # full: the oldest 10 go
+    assert len(table) == 991
+    assert "i0" in table.index and "new" in table.index
+    assert not {f"i{n}" for n in range(1, 11)} & table.index.keys()
+    assert table.get("i11") == pytest.approx(-0.4)  # Adagrad: 0.4 / sqrt(0.25) * 0.5
+    again = ItemEffects.decode(ItemEffects.encode(table.snapshot()))
+    assert again.as_map() == table.as_map()
+    assert min(again.index, key=lambda i: again.touched[again.index[i]]) == "i11"
+    old = msgpack.packb({"a": [0.25, 1.0, 5.0], "b": [-0.5, 2.0, 6.0]}, use_bin_type=True)
+    assert ItemEffects.decode(old).as_map() == {"a": 0.25, "b": -0.5}
+    biases = again.biases(["i11", "nope", "new"])
+    assert biases.tolist() == [pytest.approx(-0.4), 0.0, table.get("new")]
