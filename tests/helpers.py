@@ -50,3 +50,14 @@ def fold(events, cfg, state=None):
     for e in events:
         state = apply(state, e, cfg, trace)
     return state, trace
+
+
+async def start_service(tmp_path, url: str, config, **service_kw):
+    """A real service on a fresh SQLite store in `tmp_path`, consuming from `url`."""
+    from actors import Microtune
+    from adapters.nats_service import Service, ServiceConfig
+
+    system = Microtune.open(tmp_path / "mt.db", config)
+    service = Service(system, ServiceConfig(**service_kw))
+    await service.start(url)
+    return system, service

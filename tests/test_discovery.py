@@ -15,7 +15,7 @@ import msgpack
 import nats
 import numpy as np
 import pytest
-from helpers import until
+from helpers import start_service, until
 
 from actors import Microtune
 from adapters import client
@@ -57,12 +57,7 @@ def vector(k: int) -> list[float]:
 
 
 async def start(tmp_path, url: str, **config):
-    from adapters.nats_service import Service, ServiceConfig
-
-    system = Microtune.open(tmp_path / "mt.db", CFG)
-    service = Service(system, ServiceConfig(**config))
-    await service.start(url)
-    return system, service
+    return await start_service(tmp_path, url, CFG, **config)
 
 
 def test_info_tells_the_dimension_versions_names_and_limits(server, tmp_path):

@@ -16,12 +16,11 @@ import msgpack
 import nats
 import numpy as np
 import pytest
-from helpers import until
+from helpers import start_service, until
 
-from actors import Microtune, decode_state, encode_state, replay_user
+from actors import decode_state, encode_state, replay_user
 from actors.configs import ConfigRegistry
 from adapters.embedded import EmbeddedNats
-from adapters.nats_service import Service, ServiceConfig
 from events import TuningConfig
 from events.codec import event_from_log as decode_event
 from store import open_recorder
@@ -40,10 +39,7 @@ def body(user: str, event_id: str, t: float, kind: str = "click", item: str = "a
 
 
 async def running(tmp_path, url, **service_kw):
-    system = Microtune.open(tmp_path / "mt.db", CFG)
-    service = Service(system, ServiceConfig(**service_kw))
-    await service.start(url)
-    return system, service
+    return await start_service(tmp_path, url, CFG, **service_kw)
 
 
 def test_same_event_id_twice_is_applied_once(server, tmp_path):
