@@ -200,7 +200,10 @@ def _interaction_fast(obj: dict, limits: Limits) -> Event | None:
     value = None
     if field is not None:
         value = obj.get(field)
-        if type(value) not in _FAST_NUMBERS or not 0.0 <= value <= _FAST_UPPER[field]:
+        # dwell and hover have no upper bound but must be finite (the careful path says
+        # not_finite): strictly below the bound, and the bound of d and h is infinity
+        if type(value) not in _FAST_NUMBERS or not (
+                0.0 <= value < _FAST_UPPER[field] or value == _FAST_UPPER[field] < math.inf):
             return None
         value = float(value)
     session = obj.get("sid")
@@ -580,7 +583,8 @@ def _candidates_fast(raw: list, limits: Limits) -> tuple[CandidateRows, np.ndarr
         return None
     ids = tuple(map(_FIRST, raw))
     if (set(map(type, ids)) != _STR or "" in ids
-            or max(map(len, ids)) > limits.max_id_length):
+            or max(map(len, ids)) > limits.max_id_length
+            or not all(map(str.isprintable, ids))):  # as the careful path: invalid_id
         return None
     matrix.flags.writeable = False
     return CandidateRows(ids, matrix), matrix

@@ -272,7 +272,7 @@ def test_an_unknown_arm_config_or_bad_split_is_refused_before_anything_is_record
     with Microtune.open(tmp_path / "mt.db", CFG) as mt:
         for arms, kw in (([("a", "current"), ("b", 99)], {}),
                          ([("a", "current"), ("b", "current")], {"split": [0.7, 0.7]}),
-                         ([("a", "current")], {}),
+                         ([("a", "current")], {}), ([], {}),
                          ([("a", "current"), ("b", "current")], {"primary": "revenue"})):
             with pytest.raises(Rejected):
                 mt.start_experiment("bad", arms, **kw)

@@ -143,6 +143,9 @@ class ExperimentRegistry:
                     raise Rejected(Reason.OUT_OF_RANGE, f"experiment {other.name!r} is running "
                                    f"on the same users (segment {other.segment or 'all'}); "
                                    "stop it first")
+            if len(arms) < 2:  # before the split divides by their number
+                raise Rejected(Reason.OUT_OF_RANGE, f"experiment {name!r}: it needs two or "
+                               "more arms with distinct names")
             shares = split or [1.0 / len(arms)] * len(arms)
             draft = Experiment(name=name, version=1, arms=tuple((a, 1) for a, _ in arms),
                                split=tuple(shares), control=control or arms[0][0], start=at,
