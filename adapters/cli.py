@@ -44,6 +44,11 @@ SERVE_SETTINGS: dict[str, tuple[Any, str]] = {
     "max_ack_pending": (20000, "JetStream messages unanswered at most (backpressure)"),
     "max_live": (200000, "live user actors at most; the least recently used are passivated"),
     "idle_timeout": (600.0, "seconds before an idle user actor is passivated"),
+    "metrics_port": (9464, "HTTP port of /metrics (Prometheus), /healthz and /readyz; 0: none"),
+    "metrics_host": ("127.0.0.1", "address the metrics port listens on (loopback: nothing "
+                     "outside the machine reads it unless you say so)"),
+    "ready_timeout": (120.0, "seconds to become ready (consumers attached, store writable, "
+                      "catalog loaded); beyond them serve stops with a message, exit 3"),
     "log_level": ("info", "debug, info, warning, error"),
     "log_format": ("json", "json or console"),
 }
@@ -178,8 +183,30 @@ async def _serve(args: argparse.Namespace, tuning) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    metrics = None
+    if args.metrics_port:
+        from adapters.metrics import MetricsServer
+
+        try:  # before start: /healthz answers while the service gets ready
+            metrics = MetricsServer(service, args.metrics_host, args.metrics_port).start()
+        except OSError as exc:
+            print(f"microtune serve: the metrics port {args.metrics_host}:{args.metrics_port} "
+                  f"is not free ({exc.strerror}); give another with --metrics-port, or 0 for "
+                  "none", file=sys.stderr)
+            system.close()
+            if embedded is not None:
+                embedded.stop()
+            return 2
     try:
-        await service.start(url, **options)
+        try:
+            await asyncio.wait_for(_ready(service, url, options), args.ready_timeout)
+        except TimeoutError:
+            checks = service.readiness()[1]
+            failing = ", ".join(k for k, ok in checks.items() if not ok) or "start"
+            print(f"microtune serve: not ready after {args.ready_timeout:g} s ({failing}); "
+                  "stopping", file=sys.stderr)
+            await service.stop()
+            return 3
         p = args.prefix
         print(
             f"microtune is serving on {url} (store: {_shown(store)}, feature dim "
@@ -191,7 +218,9 @@ async def _serve(args: argparse.Namespace, tuning) -> int:
             f"  catalog:         {p}.content, msgpack {{v:1, i, x}}; rejections on {p}.rejected\n"
             f"  try it:          {_try_it(credentials, url)}\n"
             f"{_auth_banner(credentials, admin_tokens)}"
-            "  stop with Ctrl-C (finishes in-flight work, snapshots users).",
+            + (f"  metrics:         http://{args.metrics_host}:{metrics.port}/metrics "
+               "(and /healthz, /readyz)\n" if metrics is not None else "")
+            + "  stop with Ctrl-C (finishes in-flight work, snapshots users).",
             flush=True,
         )
         housekeeping = asyncio.create_task(_housekeeping(system, stop))
@@ -200,9 +229,18 @@ async def _serve(args: argparse.Namespace, tuning) -> int:
         log.info("service.stopping")
         await service.stop()
     finally:
+        if metrics is not None:
+            metrics.stop()
         if embedded is not None:
             embedded.stop()
     return 0
+
+
+async def _ready(service, url: str, options: dict) -> None:
+    """Start the service, then wait until every readiness check passes."""
+    await service.start(url, **options)
+    while not service.readiness()[0]:
+        await asyncio.sleep(0.2)
 
 
 def _shown(store: str) -> str:

@@ -63,6 +63,7 @@ from actors.messages import Outcome
 from actors.system import Microtune
 from adapters import query_process
 from adapters.held import HeldEvents
+from adapters.metrics import StoreProbe
 from adapters.query_process import QueryProcess, QuerySettings
 from adapters.records import record, rejection_record
 from events.codec import (
@@ -188,6 +189,9 @@ class Service:
         # seq for `info`; the outcome of seqs up to `_catalog_unknown` (settled before this
         # start, or refusals no longer kept) is not known here.
         self.catalog_floor = 0
+        self.consumer_pending = 0  # the events consumer's num_pending, sampled by _tick
+        self._started = False  # start() finished: consumers bound, query processes serving
+        self._store_ok = StoreProbe(system.recorder.probe)
         self._catalog_unknown = 0
         self._catalog_refused: collections.OrderedDict[int, dict] = collections.OrderedDict()
 
@@ -226,8 +230,20 @@ class Service:
         self._info_sub = await self.qnc.subscribe(self.info_subject, cb=self._on_info)
         for nc in (self.nc, self.qnc):  # subscriptions on the server before start returns
             await nc.flush()
+        self._started = True
         log.info("service.started", servers=servers, prefix=cfg.prefix,
                  max_ack_pending=cfg.max_ack_pending)
+
+    def readiness(self) -> tuple[bool, dict[str, bool]]:
+        """What /readyz answers (adapters/metrics.py): every check, and whether all pass."""
+        checks = {
+            "started": self._started and not self._closing,
+            "nats_connected": self.nc is not None and self.nc.is_connected,
+            "events_consumer_attached": self._events_sub is not None,
+            "catalog_loaded": self._started and bool(self._subs),
+            "store_writable": self._store_ok(),
+        }
+        return all(checks.values()), checks
 
     async def stop_consuming(self) -> None:
         """Stop taking events (the durable consumer keeps its place); queries go on."""
@@ -526,12 +542,17 @@ class Service:
         every = cfg.progress_every if cfg.progress_every is not None else cfg.ack_wait / 3
         scan_every = min(1.0, every / 2)  # a scan of 20k unsettled messages takes ~1 ms
         next_scan = time.monotonic() + scan_every
+        next_lag = 0.0
         while True:
             await asyncio.sleep(0.25)
             try:
                 await self._release_held()
                 await self._watch_query_processes()
                 now = time.monotonic()
+                if now >= next_lag and self._events_sub is not None:
+                    next_lag = now + 2.0  # consumer lag for the metrics
+                    info = await self.qjs.consumer_info(cfg.events_stream, cfg.durable)
+                    self.consumer_pending = info.num_pending or 0
                 if now < next_scan:
                     continue
                 next_scan = now + scan_every

@@ -92,6 +92,8 @@ class Journal:
         # told every committed group's events, in commit order, on the journal thread after
         # the commit (the query process's feed): must be quick and must not block
         self.on_commit: Callable[[list[StoredEvent]], None] | None = None
+        # told each commit's events and seconds (the metrics' histograms), on this thread
+        self.on_timing: Callable[[int, float], None] | None = None
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._carry: list[WriteRequest] = []
         self.thread = threading.Thread(target=self._run, name="microtune-journal", daemon=True)
@@ -151,6 +153,7 @@ class Journal:
         while batch:
             rows = [e for r in batch for e in r.events]
             snaps = [s for r in batch for s in r.snapshots]
+            began = time.perf_counter()
             try:
                 self.recorder.append(rows, snaps, self.fence)
             except AppendConflict as conflict:
@@ -177,6 +180,11 @@ class Journal:
                 time.sleep(backoff)
                 backoff = min(backoff * 2, self.max_backoff)
                 continue
+            if self.on_timing is not None:
+                try:
+                    self.on_timing(len(rows), time.perf_counter() - began)
+                except Exception:  # an observer's bug must not stop the journal
+                    log.exception("journal.on_timing_failed")
             self.stats.commits += 1
             self.stats.requests += len(batch)
             self.stats.events += len(rows)

@@ -230,6 +230,16 @@ class Recorder:
                 select(partitions_table.c.part, partitions_table.c.epoch,
                        partitions_table.c.owner, partitions_table.c.since))}
 
+    def probe(self) -> bool:
+        """Whether the store takes a write now (readiness): a write transaction begun and
+        rolled back on a connection of its own, with a short wait."""
+        try:
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql("SELECT 1")
+            return True
+        except Exception:
+            return False
+
     def _unique_violation(self, exc: BaseException) -> bool:
         return "UNIQUE" in str(exc).upper() or getattr(exc, "sqlstate", None) == "23505"
 
@@ -650,6 +660,25 @@ class SQLiteRecorder(Recorder):
             cur.close()
 
         super().__init__(engine, upgrade=upgrade)
+
+    def probe(self) -> bool:
+        """As `Recorder.probe`; SQLite's reads go on beside a writer's lock, so the probe
+        takes the write lock (BEGIN IMMEDIATE) and gives it back at once."""
+        import sqlite3
+
+        try:
+            conn = sqlite3.connect(self.engine.url.database, timeout=0.2,
+                                   isolation_level=None)
+        except sqlite3.Error:
+            return False
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("ROLLBACK")
+            return True
+        except sqlite3.Error:
+            return False
+        finally:
+            conn.close()
 
     def _insert_ignore(self, table):
         return sqlite_insert(table).on_conflict_do_nothing()
