@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from actors import ranking
+from actors.alerts import Watches
 from actors.configs import ConfigRegistry
 from actors.experiments.registry import ExperimentRegistry
 from actors.learning import apply
@@ -69,6 +70,8 @@ class UserContext:
     known: set[str] | None = None
     # the experiments: which arm's config a user's events are stamped with (per-arm learning)
     experiments: ExperimentRegistry = field(default_factory=ExperimentRegistry)
+    # per segment, drift and instability detectors on the learning steps (actors/alerts)
+    watches: Watches = field(default_factory=Watches)
 
 
 def rebuild(recorder: Recorder, configs: ConfigRegistry, user: str) -> tuple[UserState, int]:
@@ -307,7 +310,9 @@ class UserActor(PooledActor):
                 before, self.state = self.state, apply(self.state, event, config, steps)
                 self._view.advance(before, event, self.state, config)
                 if steps:
-                    models.learn(self.state.segment or "default", steps, config)
+                    segment = self.state.segment or "default"
+                    models.learn(segment, steps, config)
+                    self.ctx.watches.observe(segment, steps)
                     steps.clear()
                 # no per-event log: 30k/s is noise
                 self._settle(event, done, Outcome("applied", self.state.seq), DUPLICATE)

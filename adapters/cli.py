@@ -324,7 +324,7 @@ def auth_config(argv: list[str]) -> int:
 
 
 BENCHMARKS = ("core", "nats", "ceiling", "ops", "hygiene", "quality", "readme", "calibrate",
-              "drift", "items")
+              "drift", "items", "alerts")
 
 
 def bench(argv: list[str]) -> int:
@@ -354,8 +354,9 @@ USAGE = """usage: microtune <command> [--help]
 
   serve     run the service (embedded NATS + SQLite by default)
   demo      simulated users against a running service, with a live view
-  bench     core | nats | ceiling | ops | hygiene | quality | calibrate | drift | items: the
-            benchmarks (bench-results/); bench readme writes the README's tables from their JSON
+  bench     core | nats | ceiling | ops | hygiene | quality | calibrate | drift | items |
+            alerts: the benchmarks (bench-results/); bench readme writes the README's
+            tables from their JSON
   auth-config  users per role and admin tokens for an external NATS (serve makes its own)
   migrate   create or upgrade the store's tables (schema revisions); --check, --history
 

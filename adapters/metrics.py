@@ -82,6 +82,11 @@ class ServiceCollector(Collector):
         yield GaugeMetricFamily("microtune_gc_longest_pause_seconds", "the longest garbage "
                                 "collection pause of the service process",
                                 value=system.gc_pauses.to_map()["longest_ms"] / 1e3)
+        alerts = CounterMetricFamily("microtune_alerts", "drift and instability alerts "
+                                     "raised, by segment and kind", labels=["segment", "kind"])
+        for (segment, kind), (raised, _suppressed) in system.context.watches.totals().items():
+            alerts.add_metric([segment, kind], raised)
+        yield alerts
         ready, _why = service.readiness()
         yield GaugeMetricFamily("microtune_ready", "1 when /readyz answers 200",
                                 value=1.0 if ready else 0.0)

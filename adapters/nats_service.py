@@ -58,6 +58,7 @@ from nats.js import api
 from nats.js.errors import NotFoundError
 
 from actors import feed
+from actors.alerts import Alert
 from actors.experiments.definition import DEFAULT_WINDOW, METRICS
 from actors.messages import Outcome
 from actors.system import Microtune
@@ -197,6 +198,7 @@ class Service:
 
     async def start(self, servers: str | list[str], **connect_options: Any) -> None:
         self._loop = asyncio.get_running_loop()
+        self.system.context.watches.publish = self._alert  # actors/alerts, on actor threads
         options = dict(max_reconnect_attempts=-1, reconnect_time_wait=0.5,
                        pending_size=64 * 1024 * 1024, error_cb=self._on_error,
                        disconnected_cb=self._on_disconnected,
@@ -233,6 +235,23 @@ class Service:
         self._started = True
         log.info("service.started", servers=servers, prefix=cfg.prefix,
                  max_ack_pending=cfg.max_ack_pending)
+
+    def _alert(self, alert: Alert) -> None:
+        """An alert from a segment's watch (an actor thread): published on
+        `<prefix>.alerts.<kind>` by the event loop, msgpack `Alert.to_map`."""
+        loop = self._loop
+        if loop is None or self._closing:
+            return
+        subject, body = alert.subject(self.config.prefix), msgpack.packb(
+            alert.to_map(), use_bin_type=True)
+        loop.call_soon_threadsafe(self._publish_alert, subject, body)
+
+    def _publish_alert(self, subject: str, body: bytes) -> None:
+        if self.nc is None or self._closing:
+            return
+        task = self._loop.create_task(self.nc.publish(subject, body))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def readiness(self) -> tuple[bool, dict[str, bool]]:
         """What /readyz answers (adapters/metrics.py): every check, and whether all pass."""
@@ -679,6 +698,7 @@ class Service:
                 "live_actors": len(self.system.directory),
                 "journal_commits": self.system.journal.stats.commits,
                 "segment_model_steps": self.system.context.models.steps,
+                "alerts": self.system.context.watches.summary(),
                 "gc": self.system.gc_pauses.to_map()}
 
     async def _admin_rollback(self, body: dict) -> dict:
