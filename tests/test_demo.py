@@ -13,6 +13,7 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import canonical
 from rich.console import Console
 
 from actors import Microtune
@@ -22,7 +23,6 @@ from adapters.nats_service import Service, ServiceConfig
 from events import Event, TuningConfig
 from events.config import SegmentConfig
 from store.catalog import read_items
-from tests.helpers import canonical
 
 DIM = 8
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # a terminal control sequence
