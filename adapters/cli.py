@@ -347,7 +347,47 @@ def bench(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"serve": serve, "bench": bench, "auth-config": auth_config}
+GATEWAY_SETTINGS: dict[str, tuple[Any, str]] = {
+    "nats_url": ("nats://127.0.0.1:4223", "the NATS server microtune serves on"),
+    "nats_user": (None, "NATS user name (the embedded server's: `. <data dir>/auth/admin.env`, "
+                        "or a role that may publish what you route)"),
+    "nats_password": (None, "NATS password (prefer MICROTUNE_NATS_PASSWORD or a file)"),
+    "nats_password_file": (None, "file holding the NATS password"),
+    "prefix": ("microtune", "subject prefix"),
+    "host": ("127.0.0.1", "address the HTTP port listens on (loopback unless you say so)"),
+    "port": (8080, "HTTP port"),
+    "timeout": (5.0, "seconds a query or a publish may take"),
+    "log_level": ("info", "debug, info, warning, error"),
+}
+
+
+def gateway(argv: list[str]) -> int:
+    """`microtune gateway`: the HTTP API (adapters/gateway.py) on uvicorn."""
+    file_values = _file_values(argv)
+    args = _settings_parser("gateway", GATEWAY_SETTINGS, file_values).parse_args(argv)
+    configure_logging(args.log_level, json=False)
+    import uvicorn
+
+    from adapters.gateway import GatewaySettings, create_app
+
+    options: dict[str, Any] = {}
+    user = args.nats_user or os.environ.get("MICROTUNE_NATS_USER")
+    if user:
+        options.update(user=user, password=_read_secret(
+            args.nats_password or os.environ.get("MICROTUNE_NATS_PASSWORD"),
+            args.nats_password_file or os.environ.get("MICROTUNE_NATS_PASSWORD_FILE")))
+    app = create_app(GatewaySettings(nats_url=args.nats_url, prefix=args.prefix,
+                                     connect_options=options, timeout=args.timeout))
+    print(f"microtune gateway on http://{args.host}:{args.port} (OpenAPI at /docs), "
+          f"speaking NATS at {args.nats_url}", flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+COMMANDS = {"serve": serve, "bench": bench, "auth-config": auth_config, "gateway": gateway}
 
 
 USAGE = """usage: microtune <command> [--help]
@@ -357,6 +397,7 @@ USAGE = """usage: microtune <command> [--help]
   bench     core | nats | ceiling | ops | hygiene | quality | calibrate | drift | items |
             alerts: the benchmarks (bench-results/); bench readme writes the README's
             tables from their JSON
+  gateway   the HTTP API (events, rank, items, info, admin) in front of a running service
   auth-config  users per role and admin tokens for an external NATS (serve makes its own)
   migrate   create or upgrade the store's tables (schema revisions); --check, --history
 
