@@ -62,7 +62,7 @@ from actors.alerts import Alert
 from actors.experiments.definition import DEFAULT_WINDOW, METRICS
 from actors.messages import Outcome
 from actors.system import Microtune
-from adapters import query_process
+from adapters import discovery, query_process
 from adapters.held import HeldEvents
 from adapters.metrics import StoreProbe
 from adapters.query_process import QueryProcess, QuerySettings
@@ -161,8 +161,7 @@ class Service:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._subs: list = []
         self._queriers: list[QueryProcess] = []
-        self._admin_sub = None
-        self._info_sub = None
+        self._micro = None  # the NATS service registration (info, admin endpoints)
         self._events_sub = None
         self._closing = False
         # outcomes from actor threads: (msg, outcome), acked or refused by the event loop
@@ -228,8 +227,10 @@ class Service:
             "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.>", cb=self._on_max_deliveries)
         self._ticker = asyncio.create_task(self._tick())
         await self._query_processes_ready()
-        self._admin_sub = await self.qnc.subscribe(f"{cfg.prefix}.admin.*", cb=self._on_admin)
-        self._info_sub = await self.qnc.subscribe(self.info_subject, cb=self._on_info)
+        # info and admin as endpoints of the NATS service `microtune` (adapters/discovery.py)
+        self._micro = await discovery.register(self.qnc, "service", [
+            ("info", self.info_subject, self._on_info),
+            ("admin", f"{cfg.prefix}.admin.*", self._on_admin)])
         for nc in (self.nc, self.qnc):  # subscriptions on the server before start returns
             await nc.flush()
         self._started = True
@@ -294,9 +295,10 @@ class Service:
         self._drain()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        for sub in (self._admin_sub, self._info_sub, self._dead_letter_sub):
-            if sub is not None:
-                await sub.unsubscribe()
+        if self._micro is not None:
+            await self._micro.stop()
+        if self._dead_letter_sub is not None:
+            await self._dead_letter_sub.unsubscribe()
         for nc in (self.qnc, self.nc):
             if nc is not None and nc.is_connected:
                 await nc.flush(timeout=5)

@@ -66,6 +66,7 @@ from actors.read_model import ReadModel
 from actors.segment_model import SegmentModels
 from actors.system import behind, not_reached
 from actors.user import rebuild
+from adapters import discovery
 from adapters.client import msg_id
 from adapters.logs import configure_logging
 from adapters.records import rejection_record
@@ -304,8 +305,10 @@ class QueryServer:
                                      max_reconnect_attempts=-1, reconnect_time_wait=0.5,
                                      **connect_options(s.options))
         self.js = self.nc.jetstream()
-        await self.nc.subscribe(f"{self.subject}.*", queue=QUEUE_GROUP, cb=self._on_query,
-                                pending_msgs_limit=100_000)
+        # the query endpoint of the NATS service `microtune` (adapters/discovery.py), in the
+        # query processes' queue group
+        self.micro = await discovery.register(self.nc, "queries", [
+            ("query", f"{self.subject}.*", self._on_query)], queue_group=QUEUE_GROUP)
         self._send({"stage": "subscribing"})
         await self.nc.flush()
         self._send({"ready": True})
