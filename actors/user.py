@@ -34,6 +34,7 @@ from actors.messages import (
 from actors.replay import replay_user, seq_at_time
 from actors.runtime import Dispatcher, PooledActor
 from actors.segment_model import SegmentModels
+from actors.segment_quality import SegmentQuality
 from actors.segment_stats import SegmentStats
 from actors.state import SNAPSHOT_SCHEMA, SnapshotError, UserState, decode_state, encode_state
 from actors.state import id_hash as _id_hash
@@ -72,6 +73,8 @@ class UserContext:
     experiments: ExperimentRegistry = field(default_factory=ExperimentRegistry)
     # per segment, drift and instability detectors on the learning steps (actors/alerts)
     watches: Watches = field(default_factory=Watches)
+    # per segment, how well it learns (log loss, AUC, step norms, hygiene drops): /metrics
+    quality: SegmentQuality = field(default_factory=SegmentQuality)
 
 
 def rebuild(recorder: Recorder, configs: ConfigRegistry, user: str) -> tuple[UserState, int]:
@@ -313,6 +316,7 @@ class UserActor(PooledActor):
                     segment = self.state.segment or "default"
                     models.learn(segment, steps, config)
                     self.ctx.watches.observe(segment, steps)
+                    self.ctx.quality.observe(segment, steps)
                     steps.clear()
                 # no per-event log: 30k/s is noise
                 self._settle(event, done, Outcome("applied", self.state.seq), DUPLICATE)

@@ -17,6 +17,7 @@ adapters/grafana/microtune.json uses; tests/test_metrics.py checks both.
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -87,6 +88,25 @@ class ServiceCollector(Collector):
         for (segment, kind), (raised, _suppressed) in system.context.watches.totals().items():
             alerts.add_metric([segment, kind], raised)
         yield alerts
+        quality = system.context.quality.snapshot()
+        for key, doc, family in (
+                ("log_loss", "log loss of predictions made before learning (average over the "
+                             "last ~1000 learning steps)", GaugeMetricFamily),
+                ("auc", "AUC of predictions made before learning, last 2000 binary outcomes",
+                 GaugeMetricFamily),
+                ("step_norm", "mean L2 norm of a learning step (last ~1000)",
+                 GaugeMetricFamily)):
+            metric = family(f"microtune_segment_{key}", doc, labels=["segment"])
+            for segment, figures in sorted(quality.items()):
+                if not math.isnan(figures[key]):
+                    metric.add_metric([segment], figures[key])
+            yield metric
+        for key, doc in (("bots", "events of users marked bots (logged, not learned)"),
+                         ("outliers", "events hygiene found outliers (dropped or clipped)")):
+            metric = CounterMetricFamily(f"microtune_segment_{key}", doc, labels=["segment"])
+            for segment, figures in sorted(quality.items()):
+                metric.add_metric([segment], figures[key])
+            yield metric
         ready, _why = service.readiness()
         yield GaugeMetricFamily("microtune_ready", "1 when /readyz answers 200",
                                 value=1.0 if ready else 0.0)

@@ -59,7 +59,7 @@ def samples(base: str) -> dict[str, float]:
 
 
 def event(n: int, **extra) -> bytes:
-    return msgpack.packb({"v": 1, "id": f"e{n}", "u": "ann", "t": 10.0 + n, "k": "click",
+    return msgpack.packb({"v": 1, "id": f"e{n}", "u": "ann", "t": 10.0 + 10 * n, "k": "click",
                           "i": "a", "x": [1.0, 0.0], **extra})
 
 
@@ -88,6 +88,11 @@ def test_metrics_move_with_events_and_readiness_follows_the_store(server, tmp_pa
             assert after["microtune_journal_batch_events_count"] >= 1
             assert after["microtune_journal_commit_seconds_sum"] > 0
             assert after["microtune_users_live"] == 1 and after["microtune_ready"] == 1
+            # per segment: clicks only (y = 1), so a loss and step norms, no AUC yet
+            assert 0 < after["microtune_segment_log_loss{segment=default}"] < 1
+            assert after["microtune_segment_step_norm{segment=default}"] > 0
+            assert "microtune_segment_auc{segment=default}" not in after
+            assert after["microtune_segment_bots_total{segment=default}"] == 0
 
             lock = sqlite3.connect(tmp_path / "mt.db", timeout=30, isolation_level=None)
             lock.execute("BEGIN EXCLUSIVE")  # another process holds the store: not writable
@@ -142,3 +147,27 @@ def test_serve_stops_with_a_message_when_it_cannot_become_ready(tmp_path):
     assert "not ready after 4 s (store_writable)" in done.stderr
     assert "Traceback" not in done.stderr
     assert time.monotonic() - started < 60
+
+
+def test_segment_quality_tracks_loss_auc_norms_and_hygiene_drops():
+    import math
+
+    import numpy as np
+
+    from actors.learning import Step
+    from actors.segment_quality import SegmentQuality
+
+    quality = SegmentQuality()
+    steps = [Step(f"e{n}", "feedback", float(n), "applied", y=float(n % 2), importance=1.0,
+                  p=0.8 if n % 2 else 0.3, rate=0.1, step=np.array([0.3, 0.4]))
+             for n in range(10)]
+    steps += [Step("b", "click", 11.0, "bot"), Step("o", "dwell", 12.0, "outlier_dropped")]
+    quality.observe("news", steps)
+    got = quality.snapshot()["news"]
+    assert got["steps"] == 10 and got["bots"] == 1 and got["outliers"] == 1
+    assert got["auc"] == 1.0  # every positive scored above every negative
+    assert got["step_norm"] == 0.5
+    # an average over ~1000 steps that starts at the first step's loss: after ten, between
+    # the two losses seen and still near the first's
+    assert -math.log(0.8) < got["log_loss"] <= -math.log(0.7)
+    assert abs(got["log_loss"] + math.log(0.7)) < 0.01
