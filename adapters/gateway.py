@@ -17,6 +17,8 @@ Routes (JSON both ways; the keys are the wire format's, README "Wire format"):
 - `PUT /v1/items`: `{"b": [{"i", "x"}, ...]}` (or one `{"i", "x"}`): the catalog; 202 with
   the content stream's `cs`, which `GET /v1/info?cs=` reports as applied.
 - `GET /v1/info`: `microtune.info` (the dimension, versions, limits, catalog progress).
+- `GET /v1/users/{user}`: the user's weights, seq, segment, session, bot verdict and arm
+  (`microtune.admin.user`: an admin token, as below).
 - `POST /v1/admin/{command}`: `microtune.admin.<command>`, with the admin token from
   `Authorization: Bearer <token>` (put in the request as `tok`); the service checks it.
 - `GET /v1/contract` and `/v1/contract/{name}`: the wire contract's JSON Schemas.
@@ -161,6 +163,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             return JSONResponse(reply, status_code=_status(Reason(reply["e"])))
         return _jsonable(reply)
 
+    @app.get("/v1/users/{user}", summary="A user's weights, seq, segment, session, bot "
+             "verdict (an admin token: personal data)")
+    async def user_state(user: str, request: Request) -> Any:
+        return await _admin_call("user", {"u": user}, request)
+
     @app.put("/v1/items", status_code=202, summary="Put items' features in the catalog")
     async def put_items(payload: dict = Body(...)) -> Any:  # noqa: B008
         body = {"v": SCHEMA_VERSION, **payload}
@@ -183,8 +190,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @app.post("/v1/admin/{command}", summary="An admin command (a token in Authorization)")
     async def admin(command: str, request: Request,
                     payload: dict = Body(default_factory=dict)) -> Any:  # noqa: B008
+        return await _admin_call(command, dict(payload), request)
+
+    async def _admin_call(command: str, body: dict, request: Request) -> Any:
         token = request.headers.get("authorization", "")
-        body = dict(payload)
         if token.lower().startswith("bearer "):
             body["tok"] = token[7:].strip()
         try:

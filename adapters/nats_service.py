@@ -60,6 +60,7 @@ from nats.js.errors import NotFoundError
 from actors import feed
 from actors.alerts import Alert
 from actors.experiments.definition import DEFAULT_WINDOW, METRICS
+from actors.learning import own_weights, settle
 from actors.messages import Outcome
 from actors.system import Microtune
 from adapters import discovery, query_process
@@ -736,6 +737,24 @@ class Service:
             return outcome.error.to_wire()
         return {"status": outcome.status, "seq": outcome.seq}
 
+    async def _admin_user(self, body: dict) -> dict:
+        """A user's state as a query sees it: its own weights (bias first), seq, config,
+        segment, learning steps, session, bot verdict and experiment arm. Personal data: an
+        admin token is needed."""
+        user = _admin_user(body, self.config.limits)
+        state = await asyncio.to_thread(self.system.state, user)
+        configs = self.system.configs
+        settled = settle(state, configs.get(state.config or None))
+        h = settled.hyg
+        return {"u": user, "seq": settled.seq, "config": settled.config,
+                "segment": settled.segment or "default", "steps": settled.steps,
+                "w": own_weights(settled, configs.get(settled.config or None)).tolist(),
+                "session": None if h is None else {"number": h.session,
+                                                   "start": h.session_start,
+                                                   "last": h.session_last},
+                "bot": None if h is None or not h.bot else h.bot,
+                "arm": None if settled.arm is None else list(settled.arm)}
+
     # ------------------------------------------------------------ catalog
 
     async def _on_content(self, msg: Msg) -> None:
@@ -955,6 +974,7 @@ class Service:
 
 _ADMIN = {
     "stats": Service._admin_stats,
+    "user": Service._admin_user,
     "rollback": Service._admin_rollback,
     "forget": Service._admin_forget,
     "clear_bot": Service._admin_clear_bot,

@@ -127,6 +127,14 @@ def test_events_in_weights_out_errors_with_reasons(server, tmp_path):
                     {"Authorization": "Bearer s3cret"})
                 assert status == 200, body
 
+                status, body = await asyncio.to_thread(call, "GET", f"{base}/v1/users/ann")
+                assert status == 403  # personal data: a token
+                status, body = await asyncio.to_thread(
+                    call, "GET", f"{base}/v1/users/ann", None,
+                    {"Authorization": "Bearer s3cret"})
+                assert status == 200, body
+                assert body["u"] == "ann" and body["seq"] == 3 and len(body["w"]) == 3
+                assert body["segment"] == "default" and body["bot"] is None
                 status, body = await asyncio.to_thread(call, "GET", f"{base}/v1/contract")
                 assert "event.schema.json" in body["schemas"]
                 status, body = await asyncio.to_thread(call, "GET", f"{base}/openapi.json")
