@@ -49,7 +49,8 @@ from events.types import SUPPORTED_VERSIONS, Arm
 
 DIM = 16  # the README's default feature dimension
 INBOUND = ("event", "query", "content", "info-request", "admin-rollback", "admin-forget",
-           "admin-clear_bot", "admin-experiment", "admin-stats", "admin-experiments")
+           "admin-clear_bot", "admin-experiment", "admin-stats", "admin-experiments",
+           "admin-user")
 OUTBOUND = ("ranking", "error", "rejected", "info")
 NAN, INF = math.nan, math.inf
 
@@ -616,7 +617,8 @@ def test_every_reason_the_service_can_raise_for_a_request_is_in_the_schema():
     from adapters import nats_service
 
     assert _reasons_reached(nats_service, "_on_info") <= contract.reasons("info-request")
-    for command in ("rollback", "forget", "clear_bot", "experiment", "stats", "experiments"):
+    assert {f"admin-{c}" for c in nats_service._ADMIN} <= set(INBOUND)  # each has a schema
+    for command in nats_service._ADMIN:
         raised = _reasons_reached(nats_service, "_on_admin", f"_admin_{command}")
         # `unknown_kind` of `_on_admin` is an unknown command, which no admin-<command> is
         raised -= {Reason.UNKNOWN_KIND}
@@ -903,6 +905,9 @@ ADMIN = [
                     "guardrails": ["dwell"], "why": "test"}, None),
     ("experiment", {"tok": TOKEN, "name": "contract", "op": "ramp", "traffic": 1}, None),
     ("experiment", {"tok": TOKEN, "name": "contract", "op": "stop"}, None),
+    ("user", {"tok": TOKEN, "u": "ann"}, None),
+    ("user", {"tok": TOKEN}, Reason.MISSING_FIELD),
+    ("user", {"u": "ann"}, Reason.FORBIDDEN),
 ]
 
 
