@@ -10,6 +10,10 @@ import uuid
 import pytest
 import structlog
 
+# A `serve` the tests start takes no metrics port unless the test asks for one: a developer's
+# `make serve` beside `make test` holds 9464
+os.environ.setdefault("MICROTUNE_METRICS_PORT", "0")
+
 PG_URL = os.environ.get(
     "MICROTUNE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
