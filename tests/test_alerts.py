@@ -189,3 +189,21 @@ def test_settings_are_checked():
         AlertSettings(cooldown=0)
     with pytest.raises(ValueError, match="ph_alpha"):
         AlertSettings(ph_alpha=0.0)
+
+
+def test_the_page_hinkley_rise_detects_exactly_where_rivers_does():
+    """Computed inline for speed, it must stay River's test: the same detections, step by
+    step, on streams with rises, falls and noise (alpha 1 and River's default)."""
+    from river import drift
+
+    rng = np.random.default_rng(3)
+    for alpha in (1.0, 0.9999):
+        for trial in range(5):
+            xs = np.concatenate([rng.normal(0, 1, 2000), rng.normal(0.8 * trial, 1, 2000),
+                                 rng.normal(-0.5, 2, 2000)])
+            river = drift.PageHinkley(min_instances=100, delta=0.03, threshold=30.0,
+                                      alpha=alpha, mode="up")
+            ours = PageHinkleyRise(0.03, 30.0, 100, alpha)
+            for n, x in enumerate(xs.tolist()):
+                river.update(x)
+                assert (ours.update(x) is not None) == river.drift_detected, (alpha, trial, n)

@@ -134,23 +134,23 @@ class RiseDetector(Protocol):
 
 
 class PageHinkleyRise:
-    """River's Page-Hinkley test, one-sided (mode "up"): a fall of the loss (learning) or of
-    the step sizes (rates settling) is no alert. It resets itself after a detection, so the
-    level after a shift becomes the new baseline. Alongside, the same cumulated sum is kept
-    here to say where the rise began (the step where the sum was lowest, the test's own
-    estimate of the change point) and the means before and since: River keeps its sums
-    private, and an alert should say how much its signal rose."""
+    """River's Page-Hinkley test (`river.drift.PageHinkley`), one-sided (mode "up"): a fall
+    of the loss (learning) or of the step sizes (rates settling) is no alert. It resets itself
+    after a detection, so the level after a shift becomes the new baseline. Computed here, in
+    the very arithmetic of River's (the running mean, the cumulated deviation less delta, its
+    minimum; tests/test_alerts.py holds the two to the same detections), because the same sum
+    also says where the rise began (the step where it was lowest, the test's own estimate of
+    the change point) and the means before and since, which River keeps private; and one
+    update costs a quarter of River's object (this runs for every learning step)."""
 
     name = "page_hinkley"
 
     def __init__(self, delta: float, threshold: float, min_steps: int,
                  alpha: float = 1.0) -> None:
-        self.delta, self.threshold, self.alpha = delta, threshold, alpha
-        from river import drift  # here: importing it takes half a second (scipy.stats)
-
         # alpha 1 by default: no forgetting (the module docstring says why)
-        self._ph = drift.PageHinkley(min_instances=min_steps, delta=delta,
-                                     threshold=threshold, alpha=alpha, mode="up")
+        self.delta, self.threshold, self.alpha = delta, threshold, alpha
+        self.min_steps = min_steps
+        self._detected = False
         self._reset()
 
     def _reset(self) -> None:
@@ -159,20 +159,21 @@ class PageHinkleyRise:
         self._since_n, self._since_total = 0, 0.0  # the values after the lowest sum
 
     def update(self, x: float) -> dict[str, float] | None:
-        if self._ph.drift_detected:  # River resets on this update: so do we
+        if self._detected:  # as River: the update after a detection starts afresh
+            self._detected = False
             self._reset()
-        self._ph.update(x)
         self._n += 1
         self._total += x
         self._mean += (x - self._mean) / self._n
-        self._sum = self.alpha * self._sum + x - self._mean - self.delta
+        self._sum = self.alpha * self._sum + (x - self._mean) - self.delta
         if self._sum < self._low:
             self._low, self._since_n, self._since_total = self._sum, 0, 0.0
         else:
             self._since_n += 1
             self._since_total += x
-        if not self._ph.drift_detected:
+        if self._n < self.min_steps or not self._sum - self._low > self.threshold:
             return None
+        self._detected = True
         since = max(self._since_n, 1)
         recent = self._since_total / since if self._since_n else x
         before = self._n - self._since_n
