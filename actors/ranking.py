@@ -36,7 +36,7 @@ class View:
     replaced in one assignment, and a chain of events that a race broke (one missing, one
     twice) is simply not followed: the state is settled from scratch."""
 
-    FOLLOW = 16
+    FOLLOW = 8
     __slots__ = ("_cache", "_since")
 
     def __init__(self) -> None:
@@ -46,10 +46,16 @@ class View:
 
     def advance(self, before: UserState, event: Event, after: UserState,
                 config: TuningConfig) -> None:
-        """`after = apply(before, event, config)` happened (cheap: only remembered)."""
+        """`after = apply(before, event, config)` happened (cheap: only remembered). Past
+        `FOLLOW` events without a query the view lets go of all it holds: a user nobody asks
+        about keeps no states alive here (a query settles it from scratch)."""
+        if self._cache is None:
+            return
         since = self._since
-        if self._cache is not None and len(since) < self.FOLLOW:
+        if len(since) < self.FOLLOW:
             self._since = (*since, (before, event, after, config))
+        else:
+            self._cache, self._since = None, ()
 
     def of(self, state: UserState, config: TuningConfig) -> UserState:
         cache = self._cache
