@@ -324,7 +324,7 @@ def auth_config(argv: list[str]) -> int:
 
 
 BENCHMARKS = ("core", "nats", "ceiling", "ops", "hygiene", "quality", "readme", "calibrate",
-              "drift", "items", "alerts")
+              "drift", "items", "alerts", "gateway")
 
 
 def bench(argv: list[str]) -> int:
@@ -395,7 +395,7 @@ USAGE = """usage: microtune <command> [--help]
   serve     run the service (embedded NATS + SQLite by default)
   demo      simulated users against a running service, with a live view
   bench     core | nats | ceiling | ops | hygiene | quality | calibrate | drift | items |
-            alerts: the benchmarks (bench-results/); bench readme writes the README's
+            alerts | gateway: the benchmarks (bench-results/); bench readme writes the README's
             tables from their JSON
   gateway   the HTTP API (events, rank, items, info, admin) in front of a running service
   auth-config  users per role and admin tokens for an external NATS (serve makes its own)
