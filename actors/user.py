@@ -11,6 +11,7 @@ an older repeat is refused by the log's (user, event id) key, and the actor drop
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,7 @@ from actors import ranking
 from actors.alerts import Watches
 from actors.configs import ConfigRegistry
 from actors.experiments.registry import ExperimentRegistry
+from actors.latency import Latency
 from actors.learning import apply
 from actors.messages import (
     DUPLICATE,
@@ -75,6 +77,8 @@ class UserContext:
     watches: Watches = field(default_factory=Watches)
     # per segment, how well it learns (log loss, AUC, step norms, hygiene drops): /metrics
     quality: SegmentQuality = field(default_factory=SegmentQuality)
+    # how long loading a user's snapshot and tail takes when its actor starts (/metrics)
+    activation: Latency = field(default_factory=Latency)
 
 
 def rebuild(recorder: Recorder, configs: ConfigRegistry, user: str) -> tuple[UserState, int]:
@@ -124,7 +128,9 @@ class UserActor(PooledActor):
     def on_start(self) -> None:
         known = self.ctx.known
         if known is None or self.user in known:
+            began = time.perf_counter()
             self.state, self.snap_seq = rebuild(self.ctx.recorder, self.ctx.configs, self.user)
+            self.ctx.activation.observe(time.perf_counter() - began)
         # else a user with no history: the empty state. Were the set wrong, the first write
         # would collide with the log's seqs, and `_resolve_conflict` rebuilds from the store.
         self.ctx.readable[self.user] = self

@@ -27,8 +27,15 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import structlog
 from prometheus_client import CollectorRegistry, Histogram, make_wsgi_app
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+
+from actors import latency
 
 log = structlog.get_logger(__name__)
 
@@ -73,6 +80,14 @@ class ServiceCollector(Collector):
         for reason, count in sorted((queries.get("rejected") or {}).items()):
             refused.add_metric([str(reason)], count)
         yield refused
+        for name, doc, figures in (
+                ("microtune_query_seconds", "a query's time in a query process, from its "
+                 "arrival to its reply", queries.get("latency")),
+                ("microtune_activation_seconds", "loading a user's snapshot and tail when its "
+                 "actor starts", system.context.activation.to_map())):
+            if figures:
+                yield HistogramMetricFamily(name, doc, buckets=latency.buckets(figures),
+                                            sum_value=figures["sum"])
         yield GaugeMetricFamily("microtune_consumer_pending", "events waiting in the events "
                                 "stream for this service (JetStream num_pending)",
                                 value=service.consumer_pending)

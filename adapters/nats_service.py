@@ -57,7 +57,7 @@ from nats.aio.msg import Msg
 from nats.js import api
 from nats.js.errors import NotFoundError
 
-from actors import feed
+from actors import feed, latency
 from actors.alerts import Alert
 from actors.experiments.definition import DEFAULT_WINDOW, METRICS
 from actors.learning import own_weights, settle
@@ -429,6 +429,7 @@ class Service:
                     total[key] += value
             rejected.update(querier.stats.get("rejected", {}))
             gcs.append(querier.stats.get("gc"))
+        total["latency"] = latency.merged(q.stats.get("latency") for q in self._queriers)
         total["processes"] = sum(q.serving() for q in self._queriers)
         total["restarts"] = sum(max(0, q.started - 1) for q in self._queriers)
         total["feed_gaps"] = sum(q.sender.gaps for q in self._queriers)

@@ -62,6 +62,7 @@ from actors import feed, gc_pauses
 from actors.configs import ConfigRegistry
 from actors.experiments.registry import ExperimentRegistry
 from actors.feed import FeedSender
+from actors.latency import Latency
 from actors.read_model import ReadModel
 from actors.segment_model import SegmentModels
 from actors.system import behind, not_reached
@@ -298,6 +299,7 @@ class QueryServer:
         gc.collect()
         gc.freeze()
         self.collector = gc_pauses.Scheduled()  # collections on our schedule (see there)
+        self.latency = Latency()  # arrival to reply, reported with the stats
         self.gc = gc_pauses.watch()  # the serving path's pauses, from here on
         threading.Thread(target=self._receive, name="microtune-feed", daemon=True).start()
         self._send({"stage": "connecting to NATS"})
@@ -413,12 +415,14 @@ class QueryServer:
                 "holes": m.holes, "evicted": m.evicted,
                 "catalog_items": len(self.model.catalog), "catalog_floor": self.catalog_floor,
                 "cpu_s": round(time.process_time(), 2), "rss_mib": _rss_mib(),
+                "latency": self.latency.to_map(),
                 "gc": self.gc.to_map()}})
 
     # ------------------------------------------------------------ queries
 
     async def _on_query(self, msg: Msg) -> None:
         self.stats.queries += 1
+        began = time.perf_counter()
         try:
             user = msg.subject[len(self.subject) + 1:]
             query = decode_query(msg.data, self.settings.limits, subject_user=user)
@@ -436,24 +440,25 @@ class QueryServer:
             # nats-py runs this subscription's callbacks one after another: a query that
             # waits (for a load, a seq, or JetStream to store its exposure) must wait aside,
             # or every query behind it waits too
-            task = self.loop.create_task(self._answer_later(query, answer, msg))
+            task = self.loop.create_task(self._answer_later(query, answer, msg, began))
             self._waiting.add(task)
             task.add_done_callback(self._waiting.discard)
             return
-        await self._reply(msg, answer)
+        await self._reply(msg, answer, began)
 
     async def _answer_later(self, query: Query, answer: Ranking | Rejected | None,
-                            msg: Msg) -> None:
+                            msg: Msg, began: float) -> None:
         answer = await self._awaited(query, answer)
         if isinstance(answer, Ranking) and answer.log:
             answer = await self._logged(query, answer)
-        await self._reply(msg, answer)
+        await self._reply(msg, answer, began)
 
-    async def _reply(self, msg: Msg, answer: Ranking | Rejected) -> None:
+    async def _reply(self, msg: Msg, answer: Ranking | Rejected, began: float) -> None:
         if isinstance(answer, Rejected):  # refused while ranking: as a bad body is
             await self._refuse(msg, answer)
         else:
             await self.nc.publish(msg.reply, encode_ranking(answer))
+            self.latency.observe(time.perf_counter() - began)
 
     async def _logged(self, query: Query, ranking: Ranking) -> Ranking:
         """Store the ranking's exposure on the events stream, then name it in the reply."""

@@ -88,6 +88,17 @@ def test_metrics_move_with_events_and_readiness_follows_the_store(server, tmp_pa
             assert after["microtune_journal_batch_events_count"] >= 1
             assert after["microtune_journal_commit_seconds_sum"] > 0
             assert after["microtune_users_live"] == 1 and after["microtune_ready"] == 1
+            # query latency, from the query processes' reports (once a second)
+            for _ in range(3):
+                reply = await nc.request("microtune.query.ann", msgpack.packb(
+                    {"v": 1, "c": [["a", [1.0, 0.0]]]}), timeout=5)
+                assert "e" not in msgpack.unpackb(reply.data)
+            await until(lambda: (service.query_stats().get("latency") or {}).get(
+                "count", 0) >= 3, timeout=10)
+            scraped = await asyncio.to_thread(samples, base)
+            assert scraped["microtune_query_seconds_count"] >= 3
+            assert scraped['microtune_query_seconds_bucket{le=+Inf}'] >= 3
+            assert "microtune_activation_seconds_count" in scraped
             # per segment: clicks only (y = 1), so a loss and step norms, no AUC yet
             assert 0 < after["microtune_segment_log_loss{segment=default}"] < 1
             assert after["microtune_segment_step_norm{segment=default}"] > 0
