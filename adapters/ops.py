@@ -588,10 +588,23 @@ def stats(argv: list[str]) -> int:
         svc = result["service"]
         live = Table(title="service (live counters)", show_header=False)
         for key, value in svc.items():
-            live.add_row(key, ", ".join(f"{k} {v}" for k, v in value.items())
-                         if isinstance(value, dict) else f"{value:,}")
+            live.add_row(key, _cell(value))
         out.print(live)
     return 0
+
+
+def _cell(value: Any) -> str:
+    """A live counter for the table: numbers with separators, lists and maps compact (the
+    alerts per segment, the query processes' figures, the experiments running)."""
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, int | float):
+        return f"{value:,}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_cell(v)}" for k, v in value.items()) or "-"
+    if isinstance(value, list | tuple):
+        return ", ".join(_cell(v) for v in value) or "-"
+    return str(value)
 
 
 HYGIENE_COUNTS = ("bots", "ignored", "late", "late_dropped", "outliers", "outliers_dropped",

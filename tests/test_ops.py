@@ -407,6 +407,10 @@ def test_rollback_forget_and_stats_through_a_running_service(store, tmp_path, ca
             # the segment model checkpointed when the store's builder shut down
             assert stats["segment_models"]["default"]["steps"] > 0
             assert "segment_model_steps" in stats["service"]
+            assert "alerts" in stats["service"]
+            code = await asyncio.to_thread(main, ["stats", "--store", str(store), *args])
+            table = capsys.readouterr().out
+            assert code == 0 and "service (live counters)" in table and "alerts" in table
         finally:
             await service.stop()
             server.stop()
