@@ -8,6 +8,7 @@ snapshot and tail when its actor starts)."""
 from __future__ import annotations
 
 import bisect
+import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -17,20 +18,25 @@ BOUNDS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 
 
 
 class Latency:
-    __slots__ = ("count", "counts", "total")
+    """Thread-safe: activations are observed on every dispatcher thread."""
+
+    __slots__ = ("_lock", "count", "counts", "total")
 
     def __init__(self) -> None:
         self.counts = [0] * (len(BOUNDS) + 1)  # the last: above every bound
         self.total = 0.0
         self.count = 0
+        self._lock = threading.Lock()
 
     def observe(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(BOUNDS, seconds)] += 1
-        self.total += seconds
-        self.count += 1
+        with self._lock:
+            self.counts[bisect.bisect_left(BOUNDS, seconds)] += 1
+            self.total += seconds
+            self.count += 1
 
     def to_map(self) -> dict[str, Any]:
-        return {"counts": list(self.counts), "sum": self.total, "count": self.count}
+        with self._lock:
+            return {"counts": list(self.counts), "sum": self.total, "count": self.count}
 
 
 def merged(maps: Iterable[Mapping[str, Any] | None]) -> dict[str, Any]:

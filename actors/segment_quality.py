@@ -74,21 +74,26 @@ class SegmentQuality:
         with self._lock:
             copies = {name: (s.steps, s.log_loss, s.step_norm, s.bots, s.outliers,
                              list(s.recent)) for name, s in self._segments.items()}
-        return {name: {"steps": steps, "log_loss": loss, "auc": _auc(recent),
+        return {name: {"steps": steps, "log_loss": loss, "auc": _recent_auc(recent),
                        "step_norm": norm, "bots": bots, "outliers": outliers}
                 for name, (steps, loss, norm, bots, outliers, recent) in copies.items()}
 
 
-def _auc(pairs: list[tuple[float, float]]) -> float:
-    """Mann-Whitney AUC, ties averaged (adapters/quality.py's, on the last WINDOW)."""
+def _recent_auc(pairs: list[tuple[float, float]]) -> float:
     if not pairs:
         return math.nan
-    p = np.array([a for a, _ in pairs])
-    y = np.array([b for _, b in pairs]) == 1.0
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if not n_pos or not n_neg:
-        return math.nan
+    values = np.array(pairs)
+    return auc(values[:, 1], values[:, 0])
+
+
+def auc(y: np.ndarray, p: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney, ties averaged); NaN without both outcomes.
+    The quality harness (adapters/quality.py) scores with this one too."""
     _values, inverse, counts = np.unique(p, return_inverse=True, return_counts=True)
     ends = np.cumsum(counts)
-    ranks = ((ends - counts + 1 + ends) / 2)[inverse]
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    ranks = ((ends - counts + 1 + ends) / 2)[inverse]  # the average rank of each tie group
+    pos = y == 1
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if not n_pos or not n_neg:
+        return float("nan")
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

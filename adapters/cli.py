@@ -370,12 +370,10 @@ def gateway(argv: list[str]) -> int:
 
     from adapters.gateway import GatewaySettings, create_app
 
-    options: dict[str, Any] = {}
-    user = args.nats_user or os.environ.get("MICROTUNE_NATS_USER")
-    if user:
-        options.update(user=user, password=_read_secret(
-            args.nats_password or os.environ.get("MICROTUNE_NATS_PASSWORD"),
-            args.nats_password_file or os.environ.get("MICROTUNE_NATS_PASSWORD_FILE")))
+    options: dict[str, Any] = {}  # MICROTUNE_NATS_USER etc. are read by the parser
+    if args.nats_user:
+        options.update(user=args.nats_user,
+                       password=_read_secret(args.nats_password, args.nats_password_file))
     app = create_app(GatewaySettings(nats_url=args.nats_url, prefix=args.prefix,
                                      connect_options=options, timeout=args.timeout))
     print(f"microtune gateway on http://{args.host}:{args.port} (OpenAPI at /docs), "

@@ -15,17 +15,27 @@ import numpy as np
 
 from events.codec import decode_reply, event_from_map, event_to_map
 from events.errors import Reason, Rejected
-from events.types import SCHEMA_VERSION, Ranking
+from events.types import SCHEMA_VERSION, Event, Ranking
 
 
-def _check_user(user: str) -> None:
-    # the same rule the service applies: reject before publishing, with the reason
+def check_user(user: str) -> None:
+    """The service's rule for a user id (one NATS token, printable, not too long): raises
+    `Rejected` with its reason, before anything is sent."""
     event_from_map({"v": SCHEMA_VERSION, "id": "x", "u": user, "t": 0, "k": "segment", "g": "g"})
 
 
 def event_body(user: str, *, id: str, t: float, kind: str, item: str | None = None,
                x: Sequence[float] | None = None, **fields: Any) -> bytes:
     """Encode (and validate) an event as the wire format; raises `Rejected`."""
+    return _encoded(_event(user, id=id, t=t, kind=kind, item=item, x=x, **fields))
+
+
+def _encoded(event: Event) -> bytes:
+    return msgpack.packb(event_to_map(event), use_bin_type=True)
+
+
+def _event(user: str, *, id: str, t: float, kind: str, item: str | None = None,
+           x: Sequence[float] | None = None, **fields: Any) -> Event:
     names = {"dwell": "d", "depth": "s", "hover": "h", "target": "y", "segment": "g"}
     body = {"v": SCHEMA_VERSION, "id": id, "u": user, "t": t, "k": kind}
     if item is not None:
@@ -34,8 +44,7 @@ def event_body(user: str, *, id: str, t: float, kind: str, item: str | None = No
         body["x"] = [float(v) for v in x]
     for key, value in fields.items():
         body[names.get(key, key)] = value
-    event = event_from_map(body)
-    return msgpack.packb(event_to_map(event), use_bin_type=True)
+    return event_from_map(body)
 
 
 def msg_id(user: str, event_id: str) -> str:
@@ -51,9 +60,14 @@ async def track(js, user: str, *, prefix: str = "microtune", **event: Any):
     Returns the `PubAck`: `duplicate` is true when JetStream already had this event (a retry
     of one it stored), which is no loss. Raises on a publish that was not acknowledged: retry
     it with the same id."""
-    body = event_body(user, **event)
-    return await js.publish(f"{prefix}.events.{user}", body,
-                            headers={"Nats-Msg-Id": msg_id(user, event["id"])})
+    return await publish(js, _event(user, **event), prefix=prefix)
+
+
+async def publish(js, event: Event, *, prefix: str = "microtune"):
+    """Store a validated event on the events stream, deduplicated by `msg_id`; the PubAck
+    (`duplicate`: JetStream had it). `track`, and the HTTP gateway, publish through this."""
+    return await js.publish(f"{prefix}.events.{event.user}", _encoded(event),
+                            headers={"Nats-Msg-Id": msg_id(event.user, event.id)})
 
 
 async def rank(nc, user: str, candidates: Iterable[str | tuple[str, Sequence[float]]], *,
@@ -67,7 +81,7 @@ async def rank(nc, user: str, candidates: Iterable[str | tuple[str, Sequence[flo
     `log`: log what is shown as an exposure (shown at `t`, default now): the ranking's `rid`
     names it, for the outcomes to name (README "Measuring the effect"); `log_error` says why
     when it could not be logged."""
-    _check_user(user)
+    check_user(user)
     # features as packed little-endian float64: the service decodes them without per-number
     # work (a list of numbers works too, from any language)
     cands = [c if isinstance(c, str) else [c[0], np.asarray(c[1], dtype="<f8").tobytes()]

@@ -35,15 +35,16 @@ from typing import Any
 
 import msgpack
 import nats
+import numpy as np
 import structlog
 from fastapi import Body, FastAPI, Request
 from fastapi.responses import JSONResponse
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
-from adapters.client import msg_id
+from adapters import client
 from events import contract
-from events.codec import event_from_map, event_to_map
+from events.codec import decode_content, event_from_map
 from events.errors import Reason, Rejected
 from events.types import SCHEMA_VERSION
 
@@ -75,8 +76,6 @@ def _refusal(rejected: Rejected, status: int | None = None) -> JSONResponse:
 def _jsonable(value: Any) -> Any:
     """A msgpack reply as JSON: bytes (packed features) as lists of floats."""
     if isinstance(value, bytes):
-        import numpy as np
-
         return np.frombuffer(value, dtype="<f8").tolist()
     if isinstance(value, dict):
         return {k: _jsonable(v) for k, v in value.items()}
@@ -125,10 +124,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             event = event_from_map({"v": SCHEMA_VERSION, **body})
         except Rejected as refused:
             return {"id": event_id, "status": "rejected", **refused.to_wire()}
-        ack = await state["js"].publish(
-            f"{p}.events.{event.user}",
-            msgpack.packb(event_to_map(event), use_bin_type=True),
-            headers={"Nats-Msg-Id": msg_id(event.user, event.id)})
+        ack = await client.publish(state["js"], event, prefix=p)
         return {"id": event.id, "status": "duplicate" if ack.duplicate else "accepted",
                 "stream_seq": ack.seq}
 
@@ -154,8 +150,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @app.post("/v1/users/{user}/rank", summary="Content weights for a user's candidates")
     async def rank(user: str, payload: dict = Body(...)) -> Any:  # noqa: B008
         try:
-            if "." in user or "*" in user or ">" in user:
-                raise Rejected(Reason.INVALID_ID, "a user id is one NATS token", "u")
+            client.check_user(user)  # the subject it names: one token, the service's rule
             reply = await _request(f"{p}.query.{user}", {"v": SCHEMA_VERSION, **payload})
         except Rejected as refused:
             return _refusal(refused)
@@ -170,12 +165,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @app.put("/v1/items", status_code=202, summary="Put items' features in the catalog")
     async def put_items(payload: dict = Body(...)) -> Any:  # noqa: B008
-        body = {"v": SCHEMA_VERSION, **payload}
-        raw = msgpack.packb(body, use_bin_type=True)
-        violation = contract.check_bytes("content", raw)
-        if violation is not None:
-            return _refusal(Rejected(violation.reason or Reason.OUT_OF_RANGE, violation.detail,
-                                     violation.field))
+        raw = msgpack.packb({"v": SCHEMA_VERSION, **payload}, use_bin_type=True)
+        try:
+            decode_content(raw)  # the service's own validation, before it is stored
+        except Rejected as refused:
+            return _refusal(refused)
         ack = await state["js"].publish(f"{p}.content", raw)
         return {"cs": ack.seq, "status": "accepted"}
 

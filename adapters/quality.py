@@ -30,6 +30,7 @@ import numpy as np
 
 from actors.learning import apply, predict, settle_after
 from actors.segment_model import SegmentModels
+from actors.segment_quality import auc
 from actors.state import UserState
 from events.config import SegmentConfig, TuningConfig
 from events.types import Event
@@ -105,18 +106,6 @@ def load_movielens(cache: Path, limit: int | None = None) -> Stream:
 
 
 # ---------------------------------------------------------------- metrics
-
-
-def auc(y: np.ndarray, p: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney, ties averaged)."""
-    _values, inverse, counts = np.unique(p, return_inverse=True, return_counts=True)
-    ends = np.cumsum(counts)
-    ranks = ((ends - counts + 1 + ends) / 2)[inverse]  # the average rank of each tie group
-    pos = y == 1
-    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-    if not n_pos or not n_neg:
-        return float("nan")
-    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def auc_difference(a: Result, b: Result, users: list[str], *, resamples: int = 200,
