@@ -49,7 +49,12 @@ class LeaseHeld(Exception):
                          "--nats-url to go through it")
 
 
+FLEET = {"fleet": True}  # what a fleet's workers leave as the holder's details (SQLite)
+
+
 def _describe(holder: dict[str, Any] | None) -> str:
+    if holder == FLEET:
+        return "a fleet of microtune workers (serve --workers)"
     if not holder:  # it has the lock but has not written its details yet
         return "another microtune process"
     try:
@@ -79,16 +84,20 @@ class StoreLease:
         self.release()
 
 
-def acquire(store: str | Path | URL) -> StoreLease:
-    """Take the lease of a store (a SQLAlchemy URL, or a SQLite path); raises `LeaseHeld`."""
+def acquire(store: str | Path | URL, *, shared: bool = False) -> StoreLease:
+    """Take the lease of a store (a SQLAlchemy URL, or a SQLite path); raises `LeaseHeld`.
+
+    `shared`: a fleet's worker (adapters/fleet). Workers share the store with each other, each
+    writing only the partitions it holds (the store fences the rest: store/fencing.py), and
+    exclude a single writer as it excludes them."""
     url = _url(store)
     backend = url.get_backend_name()
     if backend == "sqlite":
         if url.database in (None, "", ":memory:"):  # private to this process: nothing to fence
             return StoreLease()
-        return FileLease(Path(url.database))
+        return FileLease(Path(url.database), shared=shared)
     if backend == "postgresql":
-        return AdvisoryLease(url)
+        return AdvisoryLease(url, shared=shared)
     raise ValueError(f"no lease for a {backend} store")
 
 
@@ -118,14 +127,15 @@ class FileLease(StoreLease):
     flock locks belong to the open file, not the process: a second `FileLease` in the same
     process is refused too, as a second process is."""
 
-    def __init__(self, database: Path) -> None:
+    def __init__(self, database: Path, *, shared: bool = False) -> None:
         self.store = str(database)
+        self.shared = shared
         real = database.resolve()  # beside the file itself, however it is named
         self.path = real.with_name(real.name + ".lock")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _read_holder(fd)
             os.close(fd)
@@ -133,8 +143,12 @@ class FileLease(StoreLease):
         except BaseException:
             os.close(fd)
             raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(_me()).encode(), 0)
+        if shared:  # the same bytes from every worker: a single writer is told who holds it
+            if not os.pread(fd, 1, 0):
+                os.pwrite(fd, json.dumps(FLEET).encode(), 0)
+        else:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(_me()).encode(), 0)
         self._fd: int | None = fd
         log.info("store.lease_taken", store=self.store, lock=str(self.path))
 
@@ -142,8 +156,9 @@ class FileLease(StoreLease):
         fd, self._fd = self._fd, None
         if fd is None:
             return
-        with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)  # no holder's details without a holder
+        if not self.shared:  # (other workers may hold it still)
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)  # no holder's details without a holder
         os.close(fd)  # closing the last descriptor of the open file drops the lock
 
 
@@ -157,9 +172,10 @@ def _read_holder(fd: int) -> dict[str, Any] | None:
 class AdvisoryLease(StoreLease):
     """PostgreSQL: a session advisory lock on a dedicated connection, kept open."""
 
-    def __init__(self, url: URL) -> None:
+    def __init__(self, url: URL, *, shared: bool = False) -> None:
         self.store = url.render_as_string(hide_password=True)
         self._url = url
+        self._shared = shared
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._released = False
@@ -184,12 +200,14 @@ class AdvisoryLease(StoreLease):
     def _take(self):
         me = _me()
         # what a refused writer reads (63 bytes at most: the host, last, may be cut)
-        conn = self._connect(f"microtune {me['pid']} {me['since']:.0f} {me['host']}"[:63])
+        who = "microtune-fleet" if self._shared else "microtune"
+        conn = self._connect(f"{who} {me['pid']} {me['since']:.0f} {me['host']}"[:63])
         try:
             db, schema = conn.execute("SELECT current_database(), current_schema()").fetchone()
             digest = hashlib.blake2b(f"microtune-store:{db}:{schema}".encode(), digest_size=8)
             key = int.from_bytes(digest.digest(), "big", signed=True)
-            if not conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
+            take = "pg_try_advisory_lock_shared" if self._shared else "pg_try_advisory_lock"
+            if not conn.execute(f"SELECT {take}(%s)", (key,)).fetchone()[0]:
                 raise LeaseHeld(self.store, _pg_holder(conn, key))
         except BaseException:
             conn.close()
@@ -228,7 +246,8 @@ class AdvisoryLease(StoreLease):
         if conn is None:
             return
         with contextlib.suppress(Exception):  # closing the session drops the lock anyway
-            conn.execute("SELECT pg_advisory_unlock(%s)", (self._key,))
+            give = "pg_advisory_unlock_shared" if self._shared else "pg_advisory_unlock"
+            conn.execute(f"SELECT {give}(%s)", (self._key,))
         with contextlib.suppress(Exception):
             conn.close()
 
@@ -243,7 +262,9 @@ def _pg_holder(conn, key: int) -> dict[str, Any] | None:
             "AND l.classid::text::bigint = %s AND l.objid::text::bigint = %s "
             "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
             (unsigned >> 32, unsigned & 0xFFFFFFFF)).fetchone()
-        _, pid, since, host = row[0].split(" ", 3)
+        who, pid, since, host = row[0].split(" ", 3)
+        if who == "microtune-fleet":
+            return FLEET
         return {"pid": int(pid), "host": host, "since": float(since)}
     except Exception:  # gone meanwhile, or not a microtune name: say less
         return None

@@ -122,3 +122,29 @@ def test_a_second_serve_on_the_same_data_dir_exits_2_with_one_line(tmp_path):
         finally:
             again.send_signal(signal.SIGTERM)
             assert again.wait(60) == 0
+
+
+def test_fleet_workers_share_the_store_and_exclude_a_single_writer(store_url):
+    """A fleet's workers hold the lease together (the store fences each one's partitions);
+    a single writer is refused while any holds it, and they are refused beside one."""
+    from store import lease
+
+    a = lease.acquire(store_url, shared=True)
+    b = lease.acquire(store_url, shared=True)
+    try:
+        with pytest.raises(LeaseHeld, match="a fleet of microtune workers"):
+            lease.acquire(store_url)
+        a.release()
+        with pytest.raises(LeaseHeld, match="a fleet of microtune workers"):
+            lease.acquire(store_url)  # b still holds it
+    finally:
+        a.release()
+        b.release()
+    single = lease.acquire(store_url)
+    try:
+        with pytest.raises(LeaseHeld) as refused:
+            lease.acquire(store_url, shared=True)
+        assert HELD.fullmatch(str(refused.value)), str(refused.value)
+    finally:
+        single.release()
+    lease.acquire(store_url, shared=True).release()
