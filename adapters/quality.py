@@ -7,6 +7,13 @@ features = multi-hot genres (+ a bias); for every event predict first, record, t
 Figures: AUC and log loss over the whole stream and its last half, AUC over each user's first
 ten ratings (cold start), learner events/s.
 
+As a fleet (`microtune(..., workers=W)`): users split among W worker processes as the fleet
+splits them (partition_of(user, 16), partition n on worker n % W: adapters/fleet/leases.py),
+each worker with segment models of its own that learn from its own users' steps only and
+stamp its own users' events; everything else as in one process. `merge_every` simulates
+merging the workers' models every K ratings (each worker's learning since the last merge
+added onto it, in every worker): a measurement, not something the service does.
+
 microtune goes through its real code path: each rating is an `Event` of kind `feedback`
 (y the label), learned by the same `apply` the service runs, predicted with `predict` (the
 state a query would see). Peers: Vowpal Wabbit (logistic, user and genre namespaces crossed
@@ -28,11 +35,13 @@ from typing import NamedTuple
 
 import numpy as np
 
+from actors.item_effects import ItemEffects
 from actors.learning import apply, predict, settle_after
-from actors.segment_model import SegmentModels
+from actors.segment_model import ITEMS_SUFFIX, SegmentModels
 from actors.segment_quality import auc
-from actors.state import UserState
+from actors.state import UserState, decode_state, encode_state
 from events.config import SegmentConfig, TuningConfig
+from events.partitions import DEFAULT_PARTITIONS, partition_of
 from events.types import Event
 
 WHEEL = "recbole-1.2.1-py3-none-any.whl"
@@ -176,36 +185,121 @@ def progressive(stream: Stream, learner: str, config: str,
 # ---------------------------------------------------------------- learners
 
 
-def microtune(stream: Stream, config: TuningConfig | None = None,
-              label: str = "defaults") -> Result:
+def worker_of(user: str, workers: int) -> int:
+    """The worker (0..workers-1) that learns from `user` in a fleet of `workers`: the one
+    holding its partition (partition n belongs to worker n % workers)."""
+    return partition_of(user, DEFAULT_PARTITIONS) % workers
+
+
+def microtune(stream: Stream, config: TuningConfig | None = None, label: str = "defaults",
+              workers: int = 1, models: list[SegmentModels] | None = None,
+              merge_every: int = 0) -> Result:
     """microtune's real path, as a user actor runs it: the segment model's score stamped on
     each `feedback` event, `apply` with a trace, the segment model learning from that trace;
     `predict` (what a query sees: the settled state, kept up by `settle_after` as the user
-    actor's view is) before each."""
+    actor's view is) before each.
+
+    `workers`: as a fleet of that many workers, each user stamped and learned with the
+    segment models of its worker (`worker_of`); `models`: those models (one per worker, to
+    look at after the run; fresh ones by default). `merge_every`: every that many ratings,
+    all workers' models merged (`merge_models`); 0: never."""
     config = config or TuningConfig(version=1, dim=len(stream.genres))
+    if models is None:
+        models = [SegmentModels() for _ in range(workers)]
+    if workers < 1 or len(models) != workers:
+        raise ValueError("one SegmentModels per worker, at least one worker")
     states: dict[str, UserState] = {}
     settled: dict[str, UserState] = {}  # what a query sees, kept as a user actor's view does
-    models = SegmentModels()
+    owner: dict[str, SegmentModels] = {}
+    merged: dict[str, bytes] = {}  # the models at the last merge
     steps: list = []
     n = 0
 
     def step(r: Rating) -> float:
-        nonlocal n
+        nonlocal n, merged
         n += 1
         state = states.get(r.user) or UserState(r.user)
         view = settled.get(r.user) or state
         segment = state.segment or "default"
-        base = models.stamp(segment, r.x, config, r.item)
+        mine = owner.get(r.user)
+        if mine is None:
+            mine = owner[r.user] = models[worker_of(r.user, workers)]
+        base = mine.stamp(segment, r.x, config, r.item)
         p = predict(view, r.x, config, base or 0.0)
         event = Event(id=str(n), user=r.user, t=r.t, kind="feedback", item=r.item, x=r.x,
                       target=r.y, config=config.version, base=base)
         new = states[r.user] = apply(state, event, config, steps)
         settled[r.user] = settle_after(view, state, event, new, config)
-        models.learn(segment, steps, config)
+        mine.learn(segment, steps, config)
         steps.clear()
+        if merge_every and workers > 1 and n % merge_every == 0:
+            merged = merge_models(models, merged)
         return p
 
+    if workers > 1:
+        label = f"{label}, as {workers} workers" + (
+            f", merged every {merge_every:,} ratings" if merge_every else "")
     return progressive(stream, "microtune", label, step)
+
+
+def merge_models(models: list[SegmentModels], base: dict[str, bytes]) -> dict[str, bytes]:
+    """Every worker's learning since `base` (their common checkpoint at the last merge; {}
+    before any) added onto it, loaded into every worker; returns the merged checkpoint.
+    Weights and Adagrad sums add their changes (what one process would have summed), an
+    item's bias and sum likewise, times and step counts as the latest / the total."""
+    saved = [m.checkpoint() for m in models]
+    out: dict[str, bytes] = {}
+    for name in sorted({name for s in saved for name in s}):
+        rows = [s[name] for s in saved if name in s]
+        if name.endswith(ITEMS_SUFFIX):
+            out[name] = _merge_items(rows, base.get(name))
+        else:
+            out[name] = _merge_weights(rows, base.get(name))
+    for m in models:
+        m.load(out)
+    return out
+
+
+def _merge_weights(rows: list[bytes], base: bytes | None) -> bytes:
+    states = [decode_state(r) for r in rows]
+    first = states[0]
+    b = decode_state(base) if base is not None else None
+
+    def added(field: str) -> np.ndarray:
+        old = getattr(b, field) if b is not None and getattr(b, field).shape[0] else None
+        arrays = [getattr(s, field) for s in states if getattr(s, field).shape[0]]
+        if not arrays:
+            return getattr(first, field)
+        start = np.zeros_like(arrays[0]) if old is None else old
+        return start + sum(a - start for a in arrays)
+
+    steps0 = b.steps if b is not None else 0
+    return encode_state(first._replace(
+        w=added("w"), m=added("m"), v=added("v"),
+        steps=steps0 + sum(s.steps - steps0 for s in states),
+        t_last=max(s.t_last for s in states)))
+
+
+def _merge_items(rows: list[bytes], base: bytes | None) -> bytes:
+    tables = [ItemEffects.decode(r) for r in rows]
+    old = ItemEffects.decode(base) if base is not None else ItemEffects()
+    out = ItemEffects()
+    for item in sorted({i for t in tables for i in t.index}):
+        b0, s0 = 0.0, 0.0
+        if item in old.index:
+            slot = old.index[item]
+            b0, s0 = float(old.bias[slot]), float(old.sums[slot])
+        bias, sums, t = b0, s0, -math.inf
+        for table in tables:
+            slot = table.index.get(item)
+            if slot is not None:
+                bias += float(table.bias[slot]) - b0
+                sums += float(table.sums[slot]) - s0
+                t = max(t, float(table.times[slot]))
+        out.set(item, bias)
+        slot = out.index[item]
+        out.sums[slot], out.times[slot] = sums, t
+    return ItemEffects.encode(out.snapshot())
 
 
 def global_mean(stream: Stream) -> Result:

@@ -7,6 +7,7 @@ Needs the benchmark extras: pip install -e '.[bench]'.
 
     python scripts/bench_quality.py            # the whole comparison
     python scripts/bench_quality.py --limit 20000 --quick
+    python scripts/bench_quality.py --quick --workers 2 3   # also the defaults as a fleet
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from events.config import SEGMENT_DEFAULTS
 
 console = Console()
 WINDOW = 5000  # ratings per point of the rolling AUC
+FLEET_BAR = 0.002  # the most AUC a fleet's own segment models may cost against one process
 
 
-def runs(stream: q.Stream, quick: bool) -> list:
+def runs(stream: q.Stream, quick: bool, workers: tuple[int, ...] = ()) -> list:
     dim = len(stream.genres)
     vw_grid = [f"-q ug -l {lr} --power_t {pt} --l2 {l2}"
                for lr in ((0.5,) if quick else (0.25, 0.5, 1.0, 2.0))
@@ -40,6 +42,8 @@ def runs(stream: q.Stream, quick: bool) -> list:
            ("baseline", lambda: q.user_mean(stream)),
            ("baseline", lambda: q.item_mean(stream))]
     out.append(("microtune", lambda: q.microtune(stream, label="defaults")))
+    # as a fleet: each worker's segment models learn from its own users only
+    out += [("microtune", lambda w=w: q.microtune(stream, workers=w)) for w in workers]
     # what each part of the defaults buys (README "Learning quality")
     old = {"optimizer": "adam", "lr": 0.1, "lr_min": 0.01, "lr_max": 0.3, "l2": 1e-4}
     for label, seg in (
@@ -119,12 +123,15 @@ def main() -> None:
     parser.add_argument("--limit", type=int, help="only the first N ratings")
     parser.add_argument("--quick", action="store_true", help="one configuration per peer")
     parser.add_argument("--out", type=Path, default=Path("bench-results/quality.md"))
+    parser.add_argument("--workers", type=int, nargs="+", default=[], metavar="W",
+                        help="also the defaults as a fleet of W workers, each with segment "
+                             "models of its own (users split by partition as the fleet does)")
     args = parser.parse_args()
     stream = q.load_movielens(args.cache, args.limit)
     console.print(f"{len(stream.ratings):,} ratings, {len(stream.genres)} genres")
     results: list[q.Result] = []
     start = time.perf_counter()
-    plan = runs(stream, args.quick)
+    plan = runs(stream, args.quick, tuple(w for w in args.workers if w > 1))
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("learners", total=len(plan))
         for _name, run in plan:
@@ -166,6 +173,11 @@ def main() -> None:
     diff, low, high = q.auc_difference(default, vw_auc, [r.user for r in stream.ratings])
     verdict.append(f"- AUC difference to that VW configuration, 95% interval (paired "
                    f"bootstrap over users): {diff:+.4f} [{low:+.4f}, {high:+.4f}]")
+    for fleet in (r for r in results if r.learner == "microtune" and " workers" in r.config):
+        diff, low, high = q.auc_difference(fleet, default, [r.user for r in stream.ratings])
+        verdict.append(f"- {fleet.config} against one process: AUC {diff:+.4f} "
+                       f"[{low:+.4f}, {high:+.4f}], "
+                       f"{'within' if diff >= -FLEET_BAR else 'OVER'} the {FLEET_BAR} bar")
     verdict = "\n".join(verdict)
     console.print(verdict)
     args.out.parent.mkdir(parents=True, exist_ok=True)

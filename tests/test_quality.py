@@ -8,7 +8,9 @@ import itertools
 import numpy as np
 import pytest
 
+from actors.segment_model import SegmentModels
 from adapters import quality as q
+from events.partitions import partition_of
 
 GENRES = ["Action", "Comedy", "Drama", "Horror", "Sci-Fi"]
 
@@ -81,6 +83,46 @@ def test_the_paired_bootstrap_interval():
     assert q.auc_difference(ours, ours, users, resamples=20) == (0.0, 0.0, 0.0)
     diff, low, high = q.auc_difference(ours, flat, users, resamples=50)
     assert 0.1 < low < diff < high, (diff, low, high)
+
+
+def test_as_a_fleet_each_worker_learns_from_its_own_users_only():
+    stream = q.load(*sample())
+    models = [SegmentModels(), SegmentModels()]
+    fleet = q.microtune(stream, workers=2, models=models)
+    assert fleet.config == "defaults, as 2 workers"
+    whole = [SegmentModels()]
+    one = q.microtune(stream, models=whole)
+    assert not np.array_equal(fleet.predictions, one.predictions)
+    assert models[0].checkpoint() != models[1].checkpoint()
+    assert 0 < models[0].steps < whole[0].steps == models[0].steps + models[1].steps
+    for k in (0, 1):
+        # the fleet's split: partition n of 16 on worker n % 2
+        ix = [i for i, r in enumerate(stream.ratings) if partition_of(r.user, 16) % 2 == k]
+        assert 0 < len(ix) < len(stream.ratings)
+        # worker k's models are exactly those of a process that saw only its users, and its
+        # users were stamped and predicted with them
+        alone = [SegmentModels()]
+        own = q.microtune(q.Stream([stream.ratings[i] for i in ix], stream.genres),
+                          models=alone)
+        assert models[k].steps == alone[0].steps
+        assert models[k].checkpoint() == alone[0].checkpoint()
+        assert np.array_equal(fleet.predictions[ix], own.predictions)
+
+
+def test_merging_the_workers_models_after_every_rating_is_one_process():
+    stream = q.load(*sample(users=10, per_user=40))
+    one = q.microtune(stream)
+    for workers in (2, 3):
+        models = [SegmentModels() for _ in range(workers)]
+        merged = q.microtune(stream, workers=workers, models=models, merge_every=1)
+        assert np.allclose(merged.predictions, one.predictions, rtol=0, atol=1e-9)
+        assert all(m.checkpoint() == models[0].checkpoint() for m in models)
+        learned = [m.summary()["default"]["steps"] for m in models]  # each holds everyone's
+        assert learned == [sum(m.steps for m in models)] * workers
+    rare = q.microtune(stream, workers=2, merge_every=100)
+    apart = q.microtune(stream, workers=2)
+    assert not np.array_equal(rare.predictions, one.predictions)
+    assert not np.array_equal(rare.predictions, apart.predictions)
 
 
 def test_the_peers_run_the_same_protocol():
