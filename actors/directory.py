@@ -101,8 +101,21 @@ class Directory:
                 ref = self._activate(user)
                 for message in waiting:
                     ref.tell(message)
-            if not self._live and not self._passivating:
-                self._all_stopped.notify_all()
+            self._all_stopped.notify_all()  # (cheap: passivations are not the hot path)
+
+    def passivate_where(self, chosen: Callable[[str], bool], timeout: float = 60.0, *,
+                        snapshot: bool = True) -> bool:
+        """Passivate the live actors of the users `chosen` accepts and wait until they have
+        stopped (a fleet's worker giving up a partition; `snapshot=False`: one it lost, whose
+        writes the store refuses now). Messages for them meanwhile go to fresh actors."""
+        with self._lock:
+            doomed = [user for user in self._live if chosen(user)]
+            for user in doomed:
+                ref = self._live.pop(user)
+                self._passivating[user] = []
+                ref.tell(Passivate(snapshot=snapshot))
+            return self._all_stopped.wait_for(
+                lambda: not any(user in self._passivating for user in doomed), timeout)
 
     def suspend(self, user: str, timeout: float = 60.0) -> bool:
         """Stop the user's actor WITHOUT a snapshot (after its in-flight writes) and hold every

@@ -21,6 +21,9 @@ shortcut). A frame is a msgpack array of messages `[kind, payload]`:
 - `EXPERIMENTS`: `[encoded definition, ...]` every experiment's latest version, after a change
 - `ITEM_EFFECTS`: `[full, {segment: {item: bias}}]` the segment models' item effects learned
   since the last frame (`full`: all of them, replacing what the reader has)
+- `PARTITIONS`: `[count, [partition, ...]]` a fleet's worker tells its query processes which
+  partitions of the users it holds, again at every renewal of its leases (adapters/fleet):
+  they answer the queries of those partitions only, and only while told so
 
 After a `GAP` the reader reads the store again for what the dropped messages carried (the
 catalog's items, the experiments) as well as for its replicas.
@@ -43,7 +46,7 @@ from store.recorder import StoredEvent
 log = structlog.get_logger(__name__)
 
 ROWS, GAP, FORGET, ITEMS, MODELS, EXPERIMENTS = "r", "g", "f", "i", "m", "x"
-ITEM_EFFECTS = "e"
+ITEM_EFFECTS, PARTITIONS = "e", "p"
 
 _F64 = np.dtype("<f8")
 
@@ -148,6 +151,10 @@ class Feed:
         """Every experiment's latest definition, after a change (start, ramp, stop)."""
         for sender in self.senders:
             sender.put(EXPERIMENTS, definitions)
+
+    def partitions(self, count: int, held: list[int]) -> None:
+        for sender in self.senders:
+            sender.put(PARTITIONS, [count, sorted(held)])
 
     def close(self) -> None:
         for sender in self.senders:

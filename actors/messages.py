@@ -17,7 +17,9 @@ from events.types import Event, Query
 class Outcome(NamedTuple):
     """What became of one tracked event."""
 
-    status: str  # "applied" | "duplicate" | "rejected" | "failed"
+    # "moved": the user's partition belongs to another worker of the fleet now (nothing
+    # written; the message is the new owner's)
+    status: str  # "applied" | "duplicate" | "rejected" | "failed" | "moved"
     seq: int = 0  # the event's seq when applied
     error: Rejected | None = None
 

@@ -35,6 +35,7 @@ from actors.segment_model import SegmentModels
 from actors.state import UserState
 from events.codec import event_from_log
 from events.errors import Reason, Rejected
+from events.partitions import partition_of
 from events.types import Query, Ranking
 
 log = structlog.get_logger(__name__)
@@ -75,6 +76,9 @@ class ReadModel:
         # users being loaded -> rows the feed brought meanwhile
         self._loading: dict[str, list[tuple[int, bytes]]] = {}
         self._dirty: collections.deque[str] = collections.deque()  # replicas with filed rows
+        # a fleet's worker: (count, the partitions it holds), as its last PARTITIONS said
+        self.partitions: tuple[int, frozenset[int]] | None = None
+        self.partition_frames = 0  # PARTITIONS frames received
 
     def __len__(self) -> int:
         return len(self._replicas)
@@ -102,6 +106,8 @@ class ReadModel:
                 self.models.load_items(biases, replace=full)
             elif kind == feed.EXPERIMENTS:
                 self.experiments.load(Experiment.decode(raw) for raw in payload)
+            elif kind == feed.PARTITIONS:
+                self._serve(int(payload[0]), frozenset(payload[1]))
             elif kind == feed.FORGET:
                 self._replicas.pop(payload, None)
                 self._loading.pop(payload, None)
@@ -111,6 +117,23 @@ class ReadModel:
                 self._replicas.clear()
                 self._loading = {user: [] for user in self._loading}  # their reads restart
                 self._dirty.clear()
+
+    def _serve(self, count: int, held: frozenset[int]) -> None:
+        """Keep replicas of the held partitions only: another worker writes the others'
+        users now, and a replica kept for later would be behind their logs."""
+        self.partition_frames += 1
+        if self.partitions != (count, held):
+            self.partitions = (count, held)
+            self.drop(lambda user: partition_of(user, count) not in held)
+
+    def drop(self, chosen) -> int:
+        """Drop the replicas (and loads) of the users `chosen` accepts; how many."""
+        doomed = [user for user in self._replicas if chosen(user)]
+        for user in doomed:
+            del self._replicas[user]
+        for user in [user for user in self._loading if chosen(user)]:
+            del self._loading[user]
+        return len(doomed)
 
     def _file(self, rows: list) -> None:
         replicas, loading, dirty = self._replicas, self._loading, self._dirty

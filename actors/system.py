@@ -37,9 +37,11 @@ from actors.user import UserActor, UserContext
 from events.config import TuningConfig
 from events.errors import Reason, Rejected
 from events.exposure import exposure_event, new_rid
+from events.partitions import partition_of
 from events.types import Event, Query, Ranking
 from store import lease
 from store.catalog import Catalog
+from store.fencing import Fence
 from store.journal import Journal
 from store.recorder import Recorder, open_recorder
 
@@ -97,18 +99,22 @@ class Microtune:
         snapshot_every: int = 1000,
         max_batch_rows: int = 5000,
         tune_gc: bool = True,
+        fence: Fence | None = None,
     ) -> None:
         if tune_gc:  # process-wide; see actors.runtime.tune_gc
             runtime.tune_gc()
         self.gc_pauses = gc_pauses.watch()  # process-wide: what the collector costs queries
         # The store's single writer for as long as this lives (store/lease.py): a second one,
         # in this process or another, is refused with the holder's pid, host and start time.
-        self.lease = lease.acquire(recorder.engine.url)
+        # A fleet's worker (`fence`: the partitions it holds) shares the store with the other
+        # workers: the store refuses its writes to any partition it does not hold.
+        self.fence = fence
+        self.lease = lease.acquire(recorder.engine.url, shared=fence is not None)
         try:
             self.recorder = recorder
             self.configs = ConfigRegistry(recorder, config)
             self.catalog = Catalog(recorder)
-            self.journal = Journal(recorder, max_batch_rows=max_batch_rows)
+            self.journal = Journal(recorder, max_batch_rows=max_batch_rows, fence=fence)
             self.dispatcher = Dispatcher(workers=workers)
             self.context = UserContext(recorder, self.journal, self.configs, snapshot_every)
             self.context.models.load(recorder.segment_models())
@@ -309,6 +315,39 @@ class Microtune:
             self.recorder.save_segment_models(self.context.models.checkpoint())
         except Exception as exc:  # a cache: the next checkpoint tries again
             log.warning("segment_model.checkpoint_failed", error=repr(exc))
+
+    # ------------------------------------------------------------ a fleet's partitions
+
+    def take_partitions(self, partitions: set[int], epochs: dict[int, int]) -> None:
+        """Write the users of `partitions` from now on, with the epochs of our claims (the
+        store refuses an older one). Users another worker created meanwhile are learned
+        from the store first: an actor activated for one must read its log."""
+        fence = self._require_fence()
+        users = [u for u in self.recorder.users() if self._partition(u) in partitions]
+        if self.context.known is not None:
+            self.context.known.update(users)
+        fence.epochs.update(epochs)
+
+    def give_up_partitions(self, partitions: set[int], *, snapshot: bool = True,
+                           timeout: float = 60.0) -> bool:
+        """Stop the live actors of `partitions` (after a snapshot, unless the partitions are
+        already lost: then the store would refuse it) and stop writing them."""
+        fence = self._require_fence()
+        stopped = self.directory.passivate_where(
+            lambda user: self._partition(user) in partitions, timeout, snapshot=snapshot)
+        if snapshot:
+            self.journal.flush(timeout)
+        for partition in partitions:
+            fence.epochs.pop(partition, None)
+        return stopped
+
+    def _partition(self, user: str) -> int:
+        return partition_of(user, self._require_fence().partitions)
+
+    def _require_fence(self) -> Fence:
+        if self.fence is None:
+            raise RuntimeError("not a fleet's worker: this system holds the whole store")
+        return self.fence
 
     def passivate_all(self, timeout: float = 120.0) -> bool:
         return self.directory.passivate_all(timeout)

@@ -43,6 +43,7 @@ from actors.state import id_hash as _id_hash
 from events.codec import encode_logged_event, event_from_log
 from events.errors import Reason, Rejected
 from events.types import EXPOSURE, Arm, Event, Query, Ranking
+from store.fencing import Fenced
 from store.journal import Journal, WriteRequest
 from store.recorder import AppendConflict, Recorder, Snapshot, StoredEvent, StoreRefused
 
@@ -332,6 +333,9 @@ class UserActor(PooledActor):
             self._resolve_conflict(batch, error)
         elif isinstance(error, StoreRefused):
             self._refused(batch, error)
+        elif isinstance(error, Fenced):
+            self._moved(batch, error)
+            return
         else:
             log.error("journal.write_failed", user_id=self.user, error=repr(error))
             failed = Outcome("failed")
@@ -341,6 +345,21 @@ class UserActor(PooledActor):
             self._flush()
         else:
             self._maybe_finish_passivation()
+
+    def _moved(self, batch: list, error: Fenced) -> None:
+        """The user's partition moved to another worker of the fleet (store/fencing.py): the
+        store wrote nothing of the batch. Every event waiting here is answered `moved` (its
+        message goes back to JetStream, for the new owner) and the actor stops without a
+        snapshot: its state may be behind the log from now on."""
+        log.warning("user_actor.fenced", user_id=self.user, seq=self.state.seq,
+                    error=str(error))
+        moved = Outcome("moved")
+        for event, done in [*batch, *(self._buffer or ())]:
+            self._settle(event, done, moved, moved)
+        self._buffer = []
+        self._passivating = True
+        self._snapshot_on_stop = False
+        self._maybe_finish_passivation()
 
     def _settle(self, event: Event, done: Callable[[Outcome], None], outcome: Outcome,
                 repeats: Outcome) -> None:

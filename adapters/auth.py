@@ -7,7 +7,7 @@ nats-server configuration that grants each role only its subjects:
 | role      | may publish                         | may subscribe | for                          |
 |-----------|-------------------------------------|---------------|------------------------------|
 | publisher | `<p>.events.>`, `<p>.info`          | `_INBOX.>`    | your services' events        |
-| querier   | `<p>.query.>`, `<p>.info`           | `_INBOX.>`    | asking for content weights   |
+| querier   | `<p>.query.>`, `<p>.q.>`, `<p>.info`| `_INBOX.>`    | asking for content weights   |
 | catalog   | `<p>.content`, `<p>.info`           | `_INBOX.>`    | your CMS's item features     |
 | admin     | everything                          | everything    | operators (rejected stream)  |
 | service   | everything                          | everything    | `microtune serve` itself     |
@@ -40,10 +40,13 @@ def permissions(role: str, prefix: str = "microtune") -> dict[str, Any]:
     """The nats-server permissions of a role (allow lists; anything else is denied)."""
     if role in ("service", "admin"):
         return {"publish": {"allow": [">"]}, "subscribe": {"allow": [">"]}}
-    subject = {"publisher": f"{prefix}.events.>", "querier": f"{prefix}.query.>",
-               "catalog": f"{prefix}.content"}[role]
+    subjects = {"publisher": [f"{prefix}.events.>"],
+                # a fleet's server maps `query.<user>` to `q.<partition>.<user>` before it
+                # checks permissions (adapters/fleet/worker.py)
+                "querier": [f"{prefix}.query.>", f"{prefix}.q.>"],
+                "catalog": [f"{prefix}.content"]}[role]
     # every client may ask `<prefix>.info` (read-only: the dimension, versions, catalog)
-    return {"publish": {"allow": [subject, f"{prefix}.info"]},
+    return {"publish": {"allow": [*subjects, f"{prefix}.info"]},
             "subscribe": {"allow": ["_INBOX.>"]}}
 
 

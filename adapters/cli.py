@@ -49,6 +49,14 @@ SERVE_SETTINGS: dict[str, tuple[Any, str]] = {
                      "outside the machine reads it unless you say so)"),
     "ready_timeout": (120.0, "seconds to become ready (consumers attached, store writable, "
                       "catalog loaded); beyond them serve stops with a message, exit 3"),
+    "workers": (1, "processes that ingest: 1 is one service; N > 1 starts N workers of a "
+                "fleet on this machine, each with its partitions of the users (README "
+                "\"A fleet\")"),
+    "worker_id": (None, "join a fleet as this worker (one token, unique in the fleet; with "
+                  "--nats-url and a store every worker shares)"),
+    "partitions": (16, "partitions of the users (a new store only; fixed per deployment)"),
+    "lease_ttl": (10.0, "a fleet's worker that stops renewing its leases loses its "
+                  "partitions after this many seconds"),
     "log_level": ("info", "debug, info, warning, error"),
     "log_format": ("json", "json or console"),
 }
@@ -100,6 +108,10 @@ def serve(argv: list[str]) -> int:
     from store.migrate import SchemaMismatch
 
     try:
+        if args.workers > 1 and not args.worker_id:
+            from adapters.fleet.supervisor import serve_fleet
+
+            return serve_fleet(args, SERVE_SETTINGS)
         return asyncio.run(_serve(args, _tuning(file_values, args.dim)))
     except (LeaseHeld, SchemaMismatch) as exc:  # another writer won the race since _serve's
         # check; or the store's schema is newer than this version, or cannot be upgraded
@@ -108,7 +120,6 @@ def serve(argv: list[str]) -> int:
 
 
 async def _serve(args: argparse.Namespace, tuning) -> int:
-    from actors.system import Microtune
     from adapters.auth import ensure_credentials, load_admin_tokens
     from adapters.embedded import EmbeddedNats
     from adapters.nats_service import Service, ServiceConfig
@@ -117,7 +128,13 @@ async def _serve(args: argparse.Namespace, tuning) -> int:
     data_dir = Path(args.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     store = args.store or str(data_dir / "microtune.db")
-    if held := lease.refusal(store):  # another writer: say so before starting anything
+    worker = args.worker_id
+    if worker and not args.nats_url:
+        print("microtune serve: a fleet's worker (--worker-id) joins a NATS server that the "
+              "fleet shares: give --nats-url (or run serve --workers N, which starts one)",
+              file=sys.stderr)
+        return 2
+    if held := lease.refusal(store, shared=bool(worker)):  # another writer: say so first
         print(f"microtune serve: {held}", file=sys.stderr)
         return 2
     embedded = None
@@ -159,8 +176,7 @@ async def _serve(args: argparse.Namespace, tuning) -> int:
     from events.config import TuningConfig
     from events.errors import Rejected
 
-    system = Microtune.open(store, tuning or TuningConfig(version=1, dim=args.dim),
-                            max_live=args.max_live, idle_timeout=args.idle_timeout)
+    system = _open_system(store, tuning or TuningConfig(version=1, dim=args.dim), args)
     if tuning is not None:  # the file's settings, as a new config version if they changed
         try:
             before = system.configs.current.version
@@ -174,11 +190,15 @@ async def _serve(args: argparse.Namespace, tuning) -> int:
             return 2
         if current.version != before:
             log.info("config.adopted_from_file", version=current.version, previous=before)
-    service = Service(system, ServiceConfig(prefix=args.prefix,
-                                            max_ack_pending=args.max_ack_pending,
-                                            admin_tokens=admin_tokens,
-                                            log_level=args.log_level,
-                                            log_json=args.log_format == "json"))
+    config = ServiceConfig(prefix=args.prefix, max_ack_pending=args.max_ack_pending,
+                           admin_tokens=admin_tokens, log_level=args.log_level,
+                           log_json=args.log_format == "json", partitions=args.partitions)
+    if worker:
+        from adapters.fleet.worker import FleetSettings, Worker
+
+        service = Worker(system, config, FleetSettings(worker=worker, lease_ttl=args.lease_ttl))
+    else:
+        service = Service(system, config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -208,21 +228,27 @@ async def _serve(args: argparse.Namespace, tuning) -> int:
             await service.stop()
             return 3
         p = args.prefix
-        print(
-            f"microtune is serving on {url} (store: {_shown(store)}, feature dim "
-            f"{system.configs.current.dim})\n"
-            f"  publish events:  JetStream subject {p}.events.<user>, msgpack "
-            "{v:1, id, u, t, k, i, x?, ...}\n"
-            f"  query weights:   request on {p}.query.<user>, msgpack {{v:1, c:[item ids or "
-            "[id, features]], n?}\n"
-            f"  catalog:         {p}.content, msgpack {{v:1, i, x}}; rejections on {p}.rejected\n"
-            f"  try it:          {_try_it(credentials, url)}\n"
-            f"{_auth_banner(credentials, admin_tokens)}"
-            + (f"  metrics:         http://{args.metrics_host}:{metrics.port}/metrics "
-               "(and /healthz, /readyz)\n" if metrics is not None else "")
-            + "  stop with Ctrl-C (finishes in-flight work, snapshots users).",
-            flush=True,
-        )
+        if worker:
+            print(f"microtune worker {worker} joined the fleet on {url} (store: "
+                  f"{_shown(store)}; partitions {service.fleet_stats()['serving']} of "
+                  f"{service.partitions})", flush=True)
+        else:
+            print(
+                f"microtune is serving on {url} (store: {_shown(store)}, feature dim "
+                f"{system.configs.current.dim})\n"
+                f"  publish events:  JetStream subject {p}.events.<user>, msgpack "
+                "{v:1, id, u, t, k, i, x?, ...}\n"
+                f"  query weights:   request on {p}.query.<user>, msgpack {{v:1, c:[item ids or "
+                "[id, features]], n?}\n"
+                f"  catalog:         {p}.content, msgpack {{v:1, i, x}}; rejections on "
+                f"{p}.rejected\n"
+                f"  try it:          {_try_it(credentials, url)}\n"
+                f"{_auth_banner(credentials, admin_tokens)}"
+                + (f"  metrics:         http://{args.metrics_host}:{metrics.port}/metrics "
+                   "(and /healthz, /readyz)\n" if metrics is not None else "")
+                + "  stop with Ctrl-C (finishes in-flight work, snapshots users).",
+                flush=True,
+            )
         housekeeping = asyncio.create_task(_housekeeping(system, stop))
         await stop.wait()
         housekeeping.cancel()
@@ -234,6 +260,27 @@ async def _serve(args: argparse.Namespace, tuning) -> int:
         if embedded is not None:
             embedded.stop()
     return 0
+
+
+def _open_system(store: str, tuning, args: argparse.Namespace):
+    """The service's system; a fleet's worker's writes through a fence (store/fencing.py),
+    sized by the store's number of partitions (recorded by the first to start)."""
+    from actors.system import Microtune
+
+    if not args.worker_id:
+        return Microtune.open(store, tuning, max_live=args.max_live,
+                              idle_timeout=args.idle_timeout)
+    from store.fencing import Fence
+    from store.recorder import open_recorder
+
+    recorder = open_recorder(store)
+    try:
+        fence = Fence(recorder.partitions(args.partitions))
+        return Microtune(recorder, tuning, max_live=args.max_live,
+                         idle_timeout=args.idle_timeout, fence=fence)
+    except BaseException:
+        recorder.close()
+        raise
 
 
 async def _ready(service, url: str, options: dict) -> None:

@@ -7,15 +7,20 @@ this only saves Python users the encoding. `track` sets the `Nats-Msg-Id` header
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import msgpack
 import numpy as np
+from nats.errors import NoRespondersError
 
 from events.codec import decode_reply, event_from_map, event_to_map
 from events.errors import Reason, Rejected
 from events.types import SCHEMA_VERSION, Event, Ranking
+
+NO_RESPONDERS_WAIT = 0.05  # seconds between two asks while nobody answers a user's queries
 
 
 def check_user(user: str) -> None:
@@ -98,9 +103,19 @@ async def rank(nc, user: str, candidates: Iterable[str | tuple[str, Sequence[flo
         body["t"] = t
     if rid is not None:  # a retry of a logged query under the same id: one exposure
         body["rid"] = rid
-    reply = await nc.request(f"{prefix}.query.{user}", msgpack.packb(body, use_bin_type=True),
-                             timeout=timeout)
-    return decode_reply(reply.data)
+    data = msgpack.packb(body, use_bin_type=True)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            reply = await nc.request(f"{prefix}.query.{user}", data,
+                                     timeout=max(0.05, deadline - time.monotonic()))
+            return decode_reply(reply.data)
+        except NoRespondersError:
+            # a fleet hands the user's partition from one worker to the next (a moment), or
+            # a query process restarts: ask again until the timeout
+            if time.monotonic() + NO_RESPONDERS_WAIT >= deadline:
+                raise
+            await asyncio.sleep(NO_RESPONDERS_WAIT)
 
 
 async def upsert_items(js, items: Mapping[str, Sequence[float]], *,

@@ -79,9 +79,10 @@ class HeldEvents:
                 del self._by_user[user]
         return ready, expired
 
-    def drain(self) -> list[tuple[Event, Any]]:
-        """Everything held (at shutdown: handed back to JetStream)."""
-        out = [(event, token) for queue in self._by_user.values() for _, event, token in queue]
-        self._by_user.clear()
-        self.count = 0
+    def drain(self, chosen: Callable[[str], bool] | None = None) -> list[tuple[Event, Any]]:
+        """Everything held (at shutdown: handed back to JetStream), or what the users
+        `chosen` accepts have held (a fleet's worker giving up their partition)."""
+        users = [u for u in self._by_user if chosen is None or chosen(u)]
+        out = [(event, token) for u in users for _, event, token in self._by_user.pop(u)]
+        self.count -= len(out)
         return out

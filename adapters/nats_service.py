@@ -2,7 +2,11 @@
 
 Subjects (prefix configurable, default `microtune`):
 
-- `<prefix>.events.<user>`  interaction events, JetStream stream MICROTUNE_EVENTS
+- `<prefix>.events.<user>`  interaction events, JetStream stream MICROTUNE_EVENTS; the stream
+                            stores each as `<prefix>.p.<partition>.<user>` (a subject
+                            transform with NATS's own `{{partition(P,1)}}`, P recorded in the
+                            store), so that a fleet's worker consumes its partitions alone
+                            (adapters/fleet); a single service consumes them all
 - `<prefix>.query.<user>`   request-reply content-weight queries (core NATS), answered by
                             the query processes this service starts (adapters.query_process)
 - `<prefix>.content`        catalog upserts, JetStream stream MICROTUNE_CONTENT
@@ -41,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import hmac
 import json
 import threading
@@ -75,6 +80,7 @@ from events.codec import (
 from events.config import CONFIG_SCHEMA
 from events.errors import Reason, Rejected
 from events.limits import DEFAULT_LIMITS, Limits
+from events.partitions import DEFAULT_PARTITIONS
 from events.types import SCHEMA_VERSION, Event
 from store.recorder import StoreRefused, StoreUnavailable
 
@@ -88,6 +94,9 @@ class ServiceConfig:
     content_stream: str = "MICROTUNE_CONTENT"
     rejected_stream: str = "MICROTUNE_REJECTED"
     durable: str = "microtune-ingest"
+    # users are split into this many partitions, unless the store has recorded a number
+    # (the first service or worker to start records it; it never changes)
+    partitions: int = DEFAULT_PARTITIONS
     max_ack_pending: int = 20_000
     ack_wait: float = 30.0
     duplicate_window: float = 120.0  # JetStream's own dedupe of Nats-Msg-Id headers
@@ -129,6 +138,7 @@ class ServiceStats:
     held_overflow: int = 0  # handed back to JetStream because the hold was full
     progress_signals: int = 0  # in-progress signals sent for slow messages
     admin_refused: int = 0
+    moved: int = 0  # handed back: the user's partition moved to another worker (a fleet)
 
     def to_map(self) -> dict[str, Any]:
         return {
@@ -138,7 +148,7 @@ class ServiceStats:
             "dead_lettered": self.dead_lettered,
             "dead_letter_failed": self.dead_letter_failed, "held": self.held,
             "held_overflow": self.held_overflow, "progress_signals": self.progress_signals,
-            "admin_refused": self.admin_refused,
+            "admin_refused": self.admin_refused, "moved": self.moved,
         }
 
 
@@ -181,6 +191,10 @@ class Service:
         self._dead_letter_sub = None
         p = self.config.prefix
         self.events_subject = f"{p}.events"
+        self.partitioned_subject = f"{p}.p"  # `<prefix>.p.<partition>.<user>` in the stream
+        self.partitions = self.config.partitions  # the store's number, once started
+        self._user_split = self.partitioned_subject.count(".") + 2  # splits before the user
+        self.query_serve_ttl: float | None = None  # a fleet's worker sets it (adapters/fleet)
         self.content_subject = f"{p}.content"
         self.rejected_subject = f"{p}.rejected"
         self.info_subject = f"{p}.info"
@@ -210,6 +224,8 @@ class Service:
         self.qnc = await nats.connect(servers, name="microtune-admin", **options)
         self.js = self.nc.jetstream()
         self.qjs = self.qnc.jetstream(timeout=2.0)
+        self.partitions = await asyncio.to_thread(
+            self.system.recorder.partitions, self.config.partitions)
         await self._ensure_streams()
         cfg = self.config
         # what a previous run settled is gone from the work queue (query processes read
@@ -220,9 +236,7 @@ class Service:
         # (they get ready while ingest runs; `start` returns once they serve)
         self._spawn_query_processes(servers, connect_options)
         # the catalog first: after a restart, items published before their events are known
-        self._subs.append(await self._consume(
-            cfg.content_stream, self.content_subject, f"{cfg.durable}-content",
-            self._on_content, 1000))
+        await self._consume_catalog()
         await self.resume_consuming()
         self._dead_letter_sub = await self.nc.subscribe(  # ours are picked by the handler
             "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.>", cb=self._on_max_deliveries)
@@ -237,6 +251,12 @@ class Service:
         self._started = True
         log.info("service.started", servers=servers, prefix=cfg.prefix,
                  max_ack_pending=cfg.max_ack_pending)
+
+    async def _consume_catalog(self) -> None:
+        cfg = self.config
+        self._subs.append(await self._consume(
+            cfg.content_stream, self.content_subject, f"{cfg.durable}-content",
+            self._on_content, 1000))
 
     def _alert(self, alert: Alert) -> None:
         """An alert from a segment's watch (an actor thread): published on
@@ -275,9 +295,24 @@ class Service:
     async def resume_consuming(self) -> None:
         if self._events_sub is None:
             cfg = self.config
+            # a fleet's consumers (a partition's each) would overlap ours on the work queue;
+            # none runs beside us (we hold the store alone), so theirs go, and what they left
+            # unacked is delivered to ours
+            await self._delete_consumers(lambda name: name.startswith(f"{cfg.durable}-p")
+                                         or name == f"{cfg.durable}-stray")
             self._events_sub = await self._consume(
-                cfg.events_stream, f"{self.events_subject}.>", cfg.durable, self._on_event,
-                cfg.max_ack_pending)
+                cfg.events_stream, [f"{self.partitioned_subject}.>", f"{self.events_subject}.>"],
+                cfg.durable, self._on_event, cfg.max_ack_pending)
+
+    async def _delete_consumers(self, doomed) -> None:
+        """Delete the events stream's durable consumers whose name `doomed` accepts."""
+        stream = self.config.events_stream
+        for info in await self.js.consumers_info(stream):
+            name = info.name or ""
+            if doomed(name):
+                with contextlib.suppress(NotFoundError):
+                    await self.js.delete_consumer(stream, name)
+                log.info("consumer.deleted", stream=stream, consumer=name)
 
     async def stop(self, timeout: float = 60.0) -> None:
         """Stop consuming, finish what is in flight, ack it, snapshot live users, disconnect."""
@@ -317,7 +352,9 @@ class Service:
         await self._ensure_stream(api.StreamConfig(
             name=cfg.events_stream, subjects=[f"{self.events_subject}.>"],
             retention=api.RetentionPolicy.WORK_QUEUE, storage=api.StorageType.FILE,
-            duplicate_window=cfg.duplicate_window))
+            duplicate_window=cfg.duplicate_window,
+            subject_transform=partition_transform(
+                self.events_subject, self.partitioned_subject, self.partitions)))
         await self._ensure_stream(api.StreamConfig(
             name=cfg.content_stream, subjects=[self.content_subject],
             retention=api.RetentionPolicy.WORK_QUEUE, storage=api.StorageType.FILE))
@@ -333,16 +370,20 @@ class Service:
             await self.js.add_stream(config)
             log.info("stream.created", stream=config.name, subjects=config.subjects)
             return
-        if sorted(info.config.subjects or []) != sorted(config.subjects):
+        if sorted(info.config.subjects or []) != sorted(config.subjects) or (
+                _transform(info.config) != _transform(config)):
             await self.js.update_stream(config)
-            log.info("stream.updated", stream=config.name, subjects=config.subjects)
+            log.info("stream.updated", stream=config.name, subjects=config.subjects,
+                     transform=_transform(config))
 
-    async def _consume(self, stream: str, subject: str, durable: str, cb, max_ack_pending: int):
+    async def _consume(self, stream: str, subject: str | list[str], durable: str, cb,
+                       max_ack_pending: int):
         """Create or update the durable push consumer, then bind a callback to it."""
         config = api.ConsumerConfig(
             durable_name=durable,
             deliver_subject=f"_MICROTUNE.deliver.{durable}",  # stable across restarts
-            filter_subject=subject,
+            **({"filter_subject": subject} if isinstance(subject, str)
+               else {"filter_subjects": subject}),
             ack_policy=api.AckPolicy.EXPLICIT,
             ack_wait=self.config.ack_wait,
             max_deliver=self.config.max_deliver,
@@ -368,7 +409,7 @@ class Service:
                 store=store, servers=servers, config=self.system.configs.current,
                 prefix=cfg.prefix, limits=cfg.limits, read_wait=cfg.read_wait,
                 max_users=cfg.query_max_users, options=options, log_level=cfg.log_level,
-                log_json=cfg.log_json, index=index))
+                log_json=cfg.log_json, index=index, fleet_serve_ttl=self.query_serve_ttl))
             self._start(querier)
             self._queriers.append(querier)
 
@@ -450,7 +491,7 @@ class Service:
             return
         x = None
         try:
-            user = msg.subject[len(self.events_subject) + 1:]
+            user = self.subject_user(msg.subject)
             event = decode_event(msg.data, self.config.limits, subject_user=user)
             if event.kind in ADMIN_ONLY_KINDS:
                 raise Rejected(Reason.FORBIDDEN, f"'{event.kind}' is an admin command: request "
@@ -478,6 +519,14 @@ class Service:
         if x is not None:
             event = Event(*event[:5], x, *event[6:])
         self._track(event, msg)
+
+    def subject_user(self, subject: str) -> str:
+        """The user an event's subject names: `<prefix>.p.<partition>.<user>` as the stream
+        stores it, or `<prefix>.events.<user>` (stored before the stream was partitioned, or
+        not one token: the codec refuses such a user)."""
+        if subject.startswith(self.partitioned_subject):
+            return subject.split(".", self._user_split)[-1]
+        return subject[len(self.events_subject) + 1:]
 
     def _forget(self, msg: Msg) -> None:
         """The message is settled, or handed back to JetStream: no longer ours to keep alive."""
@@ -526,9 +575,7 @@ class Service:
             body = json.loads(advisory.data)
             stream, seq = str(body["stream"]), int(body["stream_seq"])
             cfg = self.config
-            if (stream, body.get("consumer")) not in (
-                    (cfg.events_stream, cfg.durable),
-                    (cfg.content_stream, f"{cfg.durable}-content")):
+            if not self._ours(stream, str(body.get("consumer"))):
                 return  # another consumer's
             stored = await self.js.get_msg(stream, seq)
         except Exception as exc:  # already gone, or a malformed advisory
@@ -543,6 +590,12 @@ class Service:
                 log.warning("dead_letter.delete_failed", error=repr(exc), stream_seq=seq)
             if stream == cfg.content_stream:
                 self._content_settled(seq, refused=rejected)
+
+    def _ours(self, stream: str, consumer: str) -> bool:
+        """Is this consumer of that stream one this process takes messages from?"""
+        cfg = self.config
+        return (stream, consumer) in ((cfg.events_stream, cfg.durable),
+                                      (cfg.content_stream, f"{cfg.durable}-content"))
 
     async def _store_dead_letter(self, subject: str, raw: bytes, rejected: Rejected,
                                  **where: Any) -> bool:
@@ -793,10 +846,13 @@ class Service:
                 await msg.in_progress()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
-        self._content_settled(seq, items)  # the query processes score with them too
+        await self._items_stored(seq, items)
         self.stats.content_items += len(items)
         await msg.ack()
         await self._release_held()  # events that waited for these items
+
+    async def _items_stored(self, seq: int | None, items: list) -> None:
+        self._content_settled(seq, items)  # the query processes score with them too
 
     def _content_settled(self, seq: int | None, items: list | tuple = (),
                          refused: Rejected | None = None) -> None:
@@ -948,6 +1004,10 @@ class Service:
             await msg.ack()
         elif outcome.status == "rejected":
             await self._reject(msg, outcome.error)
+        elif outcome.status == "moved":  # the user's partition is another worker's now
+            self.stats.moved += 1
+            self._forget(msg)
+            await msg.nak(delay=0.5)
         else:  # failed (shutting down): let JetStream deliver it again, a bounded number of times
             self.stats.failed += 1
             self._forget(msg)
@@ -983,6 +1043,19 @@ _ADMIN = {
     "experiments": Service._admin_experiments,
 }
 _READ_ONLY = frozenset({"stats", "experiments"})  # no admin token needed
+
+
+def partition_transform(source: str, partitioned: str, partitions: int) -> api.SubjectTransform:
+    """`<source>.<user>` stored as `<partitioned>.<partition>.<user>`, the partition computed
+    by the server (events.partitions.partition_of computes the same)."""
+    return api.SubjectTransform(
+        src=f"{source}.*",
+        dest=f"{partitioned}.{{{{partition({partitions},1)}}}}.{{{{wildcard(1)}}}}")
+
+
+def _transform(config: api.StreamConfig) -> tuple | None:
+    t = config.subject_transform
+    return None if t is None else (t.src, t.dest)
 
 
 def _admin_user(body: dict, limits: Limits) -> str:

@@ -135,6 +135,11 @@ class QuerySettings:
     log_level: str = "warning"
     log_json: bool = True
     index: int = 0
+    # a fleet's worker's query process: it answers `<prefix>.q.<partition>.<user>` (the
+    # server maps `<prefix>.query.<user>` there) for the partitions its worker holds, and
+    # only while the worker says so again within this many seconds (half a lease's TTL: a
+    # paused worker's partitions are no longer answered here before another can take them)
+    fleet_serve_ttl: float | None = None
 
 
 # ---------------------------------------------------------------- the service's side
@@ -173,6 +178,7 @@ class QueryProcess:
         self.stage = "spawned"
         self.failed = None
         self.catalog_floor = None
+        self.serving_partitions = frozenset()
         self.gaps_marked = 0
         return here
 
@@ -208,6 +214,8 @@ class QueryProcess:
                         self.stats = message["stats"]
                     elif "catalog" in message:
                         self.catalog_floor = message["catalog"]
+                    elif "partitions" in message:
+                        self.serving_partitions = frozenset(message["partitions"])
                     elif message.get("ready"):
                         self.ready = True
                     elif "failed" in message:
@@ -270,6 +278,11 @@ class QueryServer:
         self.conn = conn
         self.stats = QueryStats()
         self.subject = f"{settings.prefix}.query"
+        self.fleet_subject = f"{settings.prefix}.q"  # `.<partition>.<user>` (a fleet)
+        self._partition_subs: dict[int, Any] = {}
+        self._told = 0.0  # when the worker last named its partitions (monotonic)
+        self._serving_task: asyncio.Task | None = None
+        self._serving_logged: list[int] = []
         self.rejected_subject = f"{settings.prefix}.rejected"
         self.events_subject = f"{settings.prefix}.events"
         self._loads: dict[str, asyncio.Task] = {}
@@ -308,16 +321,22 @@ class QueryServer:
                                      **connect_options(s.options))
         self.js = self.nc.jetstream()
         # the query endpoint of the NATS service `microtune` (adapters/discovery.py), in the
-        # query processes' queue group
-        self.micro = await discovery.register(self.nc, "queries", [
-            ("query", f"{self.subject}.*", self._on_query)], queue_group=QUEUE_GROUP)
+        # query processes' queue group; a fleet's subscribes per partition (`_serve`)
+        self.micro = None
+        if s.fleet_serve_ttl is None:
+            self.micro = await discovery.register(self.nc, "queries", [
+                ("query", f"{self.subject}.*", self._on_query)], queue_group=QUEUE_GROUP)
         self._send({"stage": "subscribing"})
+        self._serve_partitions()  # what the worker said before we were connected
         await self.nc.flush()
         self._send({"ready": True})
         log.info("query_process.ready", index=s.index)
         reporter = loop.create_task(self._report())
+        expiry = None if s.fleet_serve_ttl is None else loop.create_task(self._expire())
         await self._stopped.wait()
         reporter.cancel()
+        if expiry is not None:
+            expiry.cancel()
         if self._waiting:  # answered within read_wait (a load may fail first)
             await asyncio.wait(self._waiting, timeout=s.read_wait + 1)
         await self.nc.drain()
@@ -351,6 +370,10 @@ class QueryServer:
             task = self.loop.create_task(self._reread())
             self._waiting.add(task)
             task.add_done_callback(self._waiting.discard)
+        if self.model.partition_frames:  # a fleet's worker named its partitions (again)
+            self.model.partition_frames = 0
+            self._told = time.monotonic()
+            self._serve_partitions()
         mark = self.model.catalog.pop(CATALOG_MARK, None)  # never an item to queries
         if mark is not None:
             self._floor(int(mark[0]))
@@ -393,6 +416,54 @@ class QueryServer:
             self.catalog_floor = floor
             self._send({"catalog": floor})  # at once: `<prefix>.info` waits for no report
 
+    # ------------------------------------------------------------ a fleet's partitions
+
+    def _serve_partitions(self) -> None:
+        if self.settings.fleet_serve_ttl is None or getattr(self, "nc", None) is None:
+            return  # (not connected yet: `run` calls again once it is)
+        if self._serving_task is None or self._serving_task.done():
+            self._serving_task = self.loop.create_task(self._resubscribe())
+
+    async def _resubscribe(self) -> None:
+        """Subscribe to the partitions the worker holds, unsubscribe from the others (until
+        they agree: the worker may speak again meanwhile), then tell the worker."""
+        while True:
+            held = self._held()
+            current = frozenset(self._partition_subs)
+            if held == current:
+                break
+            for partition in current - held:
+                await self._partition_subs.pop(partition).unsubscribe()
+            for partition in held - current:
+                self._partition_subs[partition] = await self.nc.subscribe(
+                    f"{self.fleet_subject}.{partition}.*", queue=QUEUE_GROUP,
+                    cb=self._on_query)
+            await self.nc.flush()
+        self._serving_task = None
+        serving = sorted(self._partition_subs)
+        self._send({"partitions": serving})
+        if serving != self._serving_logged:
+            self._serving_logged = serving
+            log.info("query_process.partitions", index=self.settings.index, partitions=serving)
+
+    def _held(self) -> frozenset[int]:
+        """What the worker holds, as it last said, if it said so recently enough."""
+        ttl = self.settings.fleet_serve_ttl
+        if self.model.partitions is None or ttl is None or \
+                time.monotonic() - self._told > ttl:
+            return frozenset()
+        return self.model.partitions[1]
+
+    async def _expire(self) -> None:
+        """A worker that stopped speaking (paused, or its feed is stuck) holds nothing here."""
+        ttl = self.settings.fleet_serve_ttl
+        while True:
+            await asyncio.sleep(ttl / 8)
+            if self._partition_subs and not self._held():
+                log.warning("query_process.partitions_expired", index=self.settings.index)
+                self.model.drop(lambda _user: True)
+                self._serve_partitions()
+
     def _send(self, message: dict) -> None:
         try:
             self.conn.send_bytes(msgpack.packb(message, use_bin_type=True))
@@ -424,7 +495,9 @@ class QueryServer:
         self.stats.queries += 1
         began = time.perf_counter()
         try:
-            user = msg.subject[len(self.subject) + 1:]
+            subject = msg.subject
+            user = subject[len(self.subject) + 1:] if subject.startswith(self.subject) \
+                else subject.rsplit(".", 1)[-1]  # a fleet's `<prefix>.q.<partition>.<user>`
             query = decode_query(msg.data, self.settings.limits, subject_user=user)
             if query.matrix is None and any(c.x is None for c in query.candidates):
                 query = query._replace(candidates=tuple(self._resolve(c)

@@ -33,6 +33,12 @@ class Catalog:
     def get(self, item: str) -> np.ndarray | None:
         return self._items.get(item)
 
+    def cache(self, items: Iterable[tuple[str, np.ndarray]]) -> None:
+        """Items another process stored (a fleet's worker that consumes the catalog)."""
+        with self._lock:
+            for item, x in items:
+                self._items[item] = _frozen(np.ascontiguousarray(x, _F64))
+
     def upsert(self, items: Iterable[tuple[str, np.ndarray]]) -> int:
         """Insert or replace items' features (persisted before they are served). Raises
         `StoreUnavailable` (retry) or `StoreRefused` (never), as `Recorder.append` does."""

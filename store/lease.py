@@ -101,10 +101,10 @@ def acquire(store: str | Path | URL, *, shared: bool = False) -> StoreLease:
     raise ValueError(f"no lease for a {backend} store")
 
 
-def refusal(store: str | Path | URL) -> str | None:
+def refusal(store: str | Path | URL, *, shared: bool = False) -> str | None:
     """Why a writer could not open `store` now (who holds it), or None if it could."""
     try:
-        acquire(store).release()
+        acquire(store, shared=shared).release()
     except LeaseHeld as exc:
         return str(exc)
     return None

@@ -204,14 +204,8 @@ class Recorder:
         if not 0 <= partition < partitions:
             raise ValueError(f"partition {partition} is not in [0, {partitions})")
         with self.engine.begin() as conn:
-            recorded = conn.execute(select(settings.c.value).where(
-                settings.c.name == "partitions")).scalar()
-            if recorded is None:
-                conn.execute(self._insert_ignore(settings).values(
-                    name="partitions", value=str(partitions)))
-                recorded = conn.execute(select(settings.c.value).where(
-                    settings.c.name == "partitions")).scalar()
-            if int(recorded) != partitions:
+            recorded = self._partitions(conn, partitions)
+            if recorded != partitions:
                 raise ValueError(f"the store's users are split into {recorded} partitions, "
                                  f"not {partitions}: it is fixed per deployment")
             claim = self._insert(partitions_table).values(
@@ -222,6 +216,25 @@ class Recorder:
                       "since": claim.excluded.since},
             ).returning(partitions_table.c.epoch)
             return int(conn.execute(claim).scalar_one())
+
+    def partitions(self, default: int) -> int:
+        """How many partitions the store's users are split into: recorded once (`default`,
+        by the first service or worker to start) and never changed, because the events
+        stream's subjects are partitioned by it (adapters/nats_service.py)."""
+        with self.engine.begin() as conn:
+            return self._partitions(conn, default)
+
+    def _partitions(self, conn, default: int) -> int:
+        def recorded():
+            return conn.execute(select(settings.c.value).where(
+                settings.c.name == "partitions")).scalar()
+
+        value = recorded()
+        if value is None:
+            conn.execute(self._insert_ignore(settings).values(
+                name="partitions", value=str(default)))
+            value = recorded()
+        return int(value)
 
     def partition_leases(self) -> dict[int, tuple[int, str, float]]:
         """partition -> (epoch, owner, since) of its last claim."""

@@ -1,0 +1,303 @@
+"""A fleet of worker processes (adapters/fleet) on one nats-server and one store: every
+partition owned exactly once, a worker killed with -9 mid-stream loses no acknowledged event
+and doubles none, queries keep answering; a worker paused past its lease cannot write."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nats
+import pytest
+
+from adapters.client import rank, track
+from adapters.embedded import EmbeddedNats
+from adapters.fleet.supervisor import fleet_server_config
+from adapters.fleet.worker import query_mapping
+from events.partitions import partition_of
+from store.recorder import open_recorder
+
+ROOT = Path(__file__).resolve().parents[1]
+DIM = 4
+TTL = 2.0
+
+
+@pytest.fixture
+def fleet_server(tmp_path):
+    config = tmp_path / "fleet.conf"
+    config.write_text(fleet_server_config_without_auth())
+    with EmbeddedNats(tmp_path / "nats", config=config) as server:
+        yield server
+
+
+def fleet_server_config_without_auth() -> str:
+    text = fleet_server_config(Path("auth.conf"), "microtune", 16)
+    return text.split("\n", 1)[1]  # the mapping alone: this server runs without users
+
+
+def test_the_server_config_maps_queries_to_partitions(tmp_path):
+    text = fleet_server_config(Path("../auth/nats-server.conf"), "microtune", 16)
+    assert text.startswith('include "../auth/nats-server.conf"\n')
+    assert "microtune.q.{{partition(16,1)}}.{{wildcard(1)}}" in text
+    assert query_mapping("shop", 8) == {
+        "shop.query.*": "shop.q.{{partition(8,1)}}.{{wildcard(1)}}"}
+
+
+class Workers:
+    def __init__(self, url: str, store: str, tmp_path: Path) -> None:
+        self.url, self.store, self.tmp = url, store, tmp_path
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str) -> None:
+        log = open(self.tmp / f"{name}.log", "w")  # noqa: SIM115 - the child's
+        env = {**os.environ, "MICROTUNE_METRICS_PORT": "0"}
+        self.processes[name] = subprocess.Popen(
+            [sys.executable, "-m", "adapters.cli", "serve", "--nats-url", self.url,
+             "--store", self.store, "--worker-id", name, "--lease-ttl", str(TTL),
+             "--dim", str(DIM), "--log-level", "info", "--log-format", "console"],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+
+    def wait_joined(self, name: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while "joined the fleet" not in self.log(name):
+            assert self.processes[name].poll() is None, self.log(name)[-3000:]
+            assert time.monotonic() < deadline, self.log(name)[-3000:]
+            time.sleep(0.1)
+
+    def log(self, name: str) -> str:
+        return (self.tmp / f"{name}.log").read_text(errors="replace")
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGCONT)
+                process.terminate()
+        for process in self.processes.values():
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+async def owners(nc) -> dict[int, str]:
+    kv = await nc.jetstream().key_value("microtune_leases")
+    held = {}
+    for key in await kv.keys():
+        if key.startswith("p."):
+            held[int(key[2:])] = (await kv.get(key)).value.decode()
+    return held
+
+
+async def until_owned(nc, workers: set[str], timeout: float = 30.0) -> dict[int, str]:
+    """Every partition held, by exactly the given workers, in shares within one."""
+    deadline = time.monotonic() + timeout
+    while True:
+        held = await owners(nc)
+        shares = [list(held.values()).count(w) for w in workers]
+        if len(held) == 16 and set(held.values()) == workers and max(shares) - min(shares) <= 1:
+            return held
+        assert time.monotonic() < deadline, held
+        await asyncio.sleep(0.2)
+
+
+def logs_of(store: str) -> dict[str, list[tuple[int, str]]]:
+    recorder = open_recorder(store, upgrade=False)
+    try:
+        out: dict[str, list[tuple[int, str]]] = {}
+        for user in recorder.users():
+            out[user] = [(row.seq, row.event_id) for row in recorder.read(user)]
+        return out
+    finally:
+        recorder.close()
+
+
+def check_logs(store: str, sent: dict[str, list[str]]) -> None:
+    """Every acknowledged event once, in a gap-free log per user."""
+    logs = logs_of(store)
+    assert set(logs) == set(sent)
+    for user, ids in sent.items():
+        seqs = [seq for seq, _ in logs[user]]
+        assert seqs == list(range(1, len(seqs) + 1)), (user, seqs)
+        assert sorted(i for _, i in logs[user]) == sorted(ids), user
+
+
+async def wait_applied(store: str, total: int, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        recorder = open_recorder(store, upgrade=False)
+        try:
+            count = recorder.count_events()
+        finally:
+            recorder.close()
+        if count >= total:
+            return
+        assert time.monotonic() < deadline, f"{count} of {total} events applied"
+        await asyncio.sleep(0.3)
+
+
+def test_three_workers_one_killed_mid_stream_lose_and_double_nothing(fleet_server, tmp_path):
+    store = str(tmp_path / "fleet.db")
+    workers = Workers(fleet_server.url, store, tmp_path)
+    users = [f"user{n}" for n in range(48)]
+    sent: dict[str, list[str]] = {u: [] for u in users}
+
+    async def main() -> dict:
+        nc = await nats.connect(fleet_server.url)
+        js = nc.jetstream()
+        for name in ("w0", "w1", "w2"):
+            workers.start(name)
+        for name in ("w0", "w1", "w2"):
+            await asyncio.to_thread(workers.wait_joined, name)
+        held = await until_owned(nc, {"w0", "w1", "w2"})
+        assert sorted(list(held.values()).count(w) for w in ("w0", "w1", "w2")) == [5, 5, 6]
+
+        queries = {"asked": 0, "failed": 0, "longest_gap": 0.0}
+        stop = asyncio.Event()
+
+        async def ask() -> None:
+            last_ok = time.monotonic()
+            n = 0
+            while not stop.is_set():
+                user = users[n % len(users)]
+                n += 1
+                queries["asked"] += 1
+                try:
+                    await rank(nc, user, [("a", [1.0] * DIM), ("b", [0.0] * DIM)],
+                               timeout=1.0)
+                    now = time.monotonic()
+                    queries["longest_gap"] = max(queries["longest_gap"], now - last_ok)
+                    last_ok = now
+                except Exception:
+                    queries["failed"] += 1
+                await asyncio.sleep(0.01)
+
+        asker = asyncio.create_task(ask())
+        killed_at = None
+        for i in range(30):  # rounds of one event per user, the kill in the middle
+            for user in users:
+                event_id = f"e{i}"
+                await track(js, user, id=event_id, t=1.7e9 + i, kind="click", item=f"i{i % 5}",
+                            x=[float((i + len(user)) % 3)] * DIM)
+                sent[user].append(event_id)
+            if i == 12:
+                workers.processes["w1"].kill()  # kill -9, mid-stream
+                killed_at = time.monotonic()
+        await wait_applied(store, sum(len(v) for v in sent.values()))
+        moved = await until_owned(nc, {"w0", "w2"})
+        stop.set()
+        await asker
+        await nc.close()
+        return {"queries": queries, "killed_at": killed_at, "moved": moved, "held": held}
+
+    try:
+        result = asyncio.run(main())
+    finally:
+        workers.stop()
+    check_logs(store, sent)
+    w1_had = {p for p, w in result["held"].items() if w == "w1"}
+    assert w1_had and all(result["moved"][p] in ("w0", "w2") for p in w1_had)
+    # the store's epochs moved with them: a claim per move
+    recorder = open_recorder(store, upgrade=False)
+    try:
+        leases = recorder.partition_leases()
+    finally:
+        recorder.close()
+    assert all(leases[p][0] >= 2 and leases[p][1] in ("w0", "w2") for p in w1_had)
+    replay = subprocess.run([sys.executable, "-m", "adapters.cli", "replay", "--all",
+                             "--verify", "--store", store], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert replay.returncode == 0, replay.stdout + replay.stderr
+    q = result["queries"]
+    print(f"queries: {q['asked']} asked, {q['failed']} failed, longest gap "
+          f"{q['longest_gap']:.2f} s")
+    assert q["asked"] > q["failed"] > -1 and q["asked"] - q["failed"] > 100
+
+
+def test_a_worker_paused_past_its_lease_cannot_write(fleet_server, tmp_path):
+    store = str(tmp_path / "fleet.db")
+    workers = Workers(fleet_server.url, store, tmp_path)
+    users = [f"user{n}" for n in range(32)]
+    sent: dict[str, list[str]] = {u: [] for u in users}
+
+    async def main() -> tuple[dict, dict]:
+        nc = await nats.connect(fleet_server.url)
+        js = nc.jetstream()
+        for name in ("a", "b"):
+            workers.start(name)
+            await asyncio.to_thread(workers.wait_joined, name)
+        held = await until_owned(nc, {"a", "b"})
+        for user in users:
+            await track(js, user, id="e0", t=1.7e9, kind="click", item="i", x=[1.0] * DIM)
+            sent[user].append("e0")
+        await wait_applied(store, len(users))
+        workers.processes["a"].send_signal(signal.SIGSTOP)  # paused: no renewal, no write
+        moved = await until_owned(nc, {"b"}, timeout=TTL * 10)
+        for user in users:  # b applies these, a is still paused
+            await track(js, user, id="e1", t=1.7e9 + 1, kind="click", item="i", x=[0.0] * DIM)
+            sent[user].append("e1")
+        await wait_applied(store, 2 * len(users))
+        workers.processes["a"].send_signal(signal.SIGCONT)  # a resumes: its leases are gone
+        deadline = time.monotonic() + 30
+        while "fleet.partition_lost" not in workers.log("a"):
+            assert time.monotonic() < deadline, workers.log("a")[-3000:]
+            await asyncio.sleep(0.2)
+        after = await until_owned(nc, {"a", "b"})  # and it joins again, with new claims
+        await nc.close()
+        return held, {"moved": moved, "after": after}
+
+    try:
+        held, _result = asyncio.run(main())
+    finally:
+        workers.stop()
+    check_logs(store, sent)
+    a_had = {p for p, w in held.items() if w == "a"}
+    assert a_had
+    assert {partition_of(u, 16) for u in users} & a_had  # a held users that got events
+
+
+def test_serve_workers_2_on_embedded_defaults(tmp_path):
+    """The README's `make serve` path with two workers: the fleet starts, serves a query
+    and an event, and stops on SIGTERM."""
+    env = {**os.environ, "MICROTUNE_METRICS_PORT": "0"}
+    from adapters.embedded import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "adapters.cli", "serve", "--workers", "2", "--data-dir",
+         str(tmp_path / "data"), "--embedded-port", str(port), "--dim", str(DIM),
+         "--log-level", "warning"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 90
+        while sum("joined the fleet" in line for line in lines) < 2:
+            assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)
+            lines.append(proc.stdout.readline())
+
+        async def use() -> None:
+            from adapters.auth import ensure_credentials
+
+            creds = ensure_credentials(tmp_path / "data" / "auth")
+            pub = await nats.connect(f"nats://127.0.0.1:{port}",
+                                     **creds.connect_options("publisher"))
+            query = await nats.connect(f"nats://127.0.0.1:{port}",
+                                       **creds.connect_options("querier"))
+            ack = await track(pub.jetstream(), "ann", id="e1", t=1.7e9, kind="click",
+                              item="a", x=[1.0] * DIM)
+            assert ack.seq >= 1
+            ranking = await rank(query, "ann", [("a", [1.0] * DIM)], min_seq=1, timeout=10)
+            assert ranking.seq == 1
+            await pub.close()
+            await query.close()
+
+        asyncio.run(use())
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, "".join(lines) + out
