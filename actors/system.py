@@ -37,7 +37,7 @@ from actors.user import UserActor, UserContext
 from events.config import TuningConfig
 from events.errors import Reason, Rejected
 from events.exposure import exposure_event, new_rid
-from events.partitions import partition_of
+from events.partitions import DEFAULT_PARTITIONS, partition_of
 from events.types import Event, Query, Ranking
 from store import lease
 from store.catalog import Catalog
@@ -100,6 +100,7 @@ class Microtune:
         max_batch_rows: int = 5000,
         tune_gc: bool = True,
         fence: Fence | None = None,
+        partitions: int = DEFAULT_PARTITIONS,
     ) -> None:
         if tune_gc:  # process-wide; see actors.runtime.tune_gc
             runtime.tune_gc()
@@ -112,6 +113,9 @@ class Microtune:
         self.lease = lease.acquire(recorder.engine.url, shared=fence is not None)
         try:
             self.recorder = recorder
+            # how many partitions the users are split into: the store's, recorded by the
+            # first writer (`partitions` for a new store); the events stream is split by it
+            self.partitions = fence.partitions if fence else recorder.partitions(partitions)
             self.configs = ConfigRegistry(recorder, config)
             self.catalog = Catalog(recorder)
             self.journal = Journal(recorder, max_batch_rows=max_batch_rows, fence=fence)
@@ -256,6 +260,13 @@ class Microtune:
         experiment = self.experiments.stop(name, **kw)
         self._experiments_changed()
         return experiment
+
+    def reload_experiments(self) -> None:
+        """Read the configs and experiments again: another writer (a fleet's worker)
+        changed them in the store."""
+        self.configs.refresh()
+        self.experiments.refresh()
+        self._experiments_changed()
 
     def _experiments_changed(self) -> None:
         if self.feed is not None:  # query processes rank by the arms too

@@ -192,7 +192,7 @@ async def _serve(args: argparse.Namespace, tuning) -> int:
             log.info("config.adopted_from_file", version=current.version, previous=before)
     config = ServiceConfig(prefix=args.prefix, max_ack_pending=args.max_ack_pending,
                            admin_tokens=admin_tokens, log_level=args.log_level,
-                           log_json=args.log_format == "json", partitions=args.partitions)
+                           log_json=args.log_format == "json")
     if worker:
         from adapters.fleet.worker import FleetSettings, Worker
 
@@ -269,7 +269,7 @@ def _open_system(store: str, tuning, args: argparse.Namespace):
 
     if not args.worker_id:
         return Microtune.open(store, tuning, max_live=args.max_live,
-                              idle_timeout=args.idle_timeout)
+                              idle_timeout=args.idle_timeout, partitions=args.partitions)
     from store.fencing import Fence
     from store.recorder import open_recorder
 

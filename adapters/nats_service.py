@@ -72,7 +72,7 @@ from adapters import discovery, query_process
 from adapters.held import HeldEvents
 from adapters.metrics import StoreProbe
 from adapters.query_process import QueryProcess, QuerySettings
-from adapters.records import record, rejection_record
+from adapters.records import record
 from events.codec import (
     decode_content,
     decode_event,
@@ -80,7 +80,6 @@ from events.codec import (
 from events.config import CONFIG_SCHEMA
 from events.errors import Reason, Rejected
 from events.limits import DEFAULT_LIMITS, Limits
-from events.partitions import DEFAULT_PARTITIONS
 from events.types import SCHEMA_VERSION, Event
 from store.recorder import StoreRefused, StoreUnavailable
 
@@ -94,9 +93,6 @@ class ServiceConfig:
     content_stream: str = "MICROTUNE_CONTENT"
     rejected_stream: str = "MICROTUNE_REJECTED"
     durable: str = "microtune-ingest"
-    # users are split into this many partitions, unless the store has recorded a number
-    # (the first service or worker to start records it; it never changes)
-    partitions: int = DEFAULT_PARTITIONS
     max_ack_pending: int = 20_000
     ack_wait: float = 30.0
     duplicate_window: float = 120.0  # JetStream's own dedupe of Nats-Msg-Id headers
@@ -192,7 +188,7 @@ class Service:
         p = self.config.prefix
         self.events_subject = f"{p}.events"
         self.partitioned_subject = f"{p}.p"  # `<prefix>.p.<partition>.<user>` in the stream
-        self.partitions = self.config.partitions  # the store's number, once started
+        self.partitions = system.partitions  # the store's number (events/partitions.py)
         self._user_split = self.partitioned_subject.count(".") + 2  # splits before the user
         self.query_serve_ttl: float | None = None  # a fleet's worker sets it (adapters/fleet)
         self.content_subject = f"{p}.content"
@@ -224,8 +220,7 @@ class Service:
         self.qnc = await nats.connect(servers, name="microtune-admin", **options)
         self.js = self.nc.jetstream()
         self.qjs = self.qnc.jetstream(timeout=2.0)
-        self.partitions = await asyncio.to_thread(
-            self.system.recorder.partitions, self.config.partitions)
+        self.partitions = self.system.partitions
         await self._ensure_streams()
         cfg = self.config
         # what a previous run settled is gone from the work queue (query processes read
@@ -528,6 +523,13 @@ class Service:
             return subject.split(".", self._user_split)[-1]
         return subject[len(self.events_subject) + 1:]
 
+    def published_subject(self, subject: str) -> str:
+        """The subject a publisher used (`<prefix>.events.<user>`) for one the stream stores
+        as `<prefix>.p.<partition>.<user>`: what a rejection record names."""
+        if subject.startswith(self.partitioned_subject):
+            return f"{self.events_subject}.{self.subject_user(subject)}"
+        return subject
+
     def _forget(self, msg: Msg) -> None:
         """The message is settled, or handed back to JetStream: no longer ours to keep alive."""
         key = id(msg)
@@ -546,7 +548,8 @@ class Service:
         log.warning("message.rejected", subject=msg.subject, reason=rejected.reason.value,
                     detail=rejected.detail, field=rejected.field)
         try:
-            await self.js.publish(self.rejected_subject, rejection_record(msg, rejected))
+            await self.js.publish(self.rejected_subject, record(
+                self.published_subject(msg.subject), bytes(msg.data), rejected))
         except Exception as exc:  # not stored: leave the original unacked, it comes back
             log.error("rejected.store_failed", error=repr(exc), subject=msg.subject)
             self._forget(msg)  # up to JetStream (and max_deliver) now
@@ -602,7 +605,8 @@ class Service:
         """Record an undeliverable message on the rejected stream, counted; False if even
         that failed (then it is left to JetStream)."""
         try:
-            await self.js.publish(self.rejected_subject, record(subject, raw, rejected))
+            await self.js.publish(self.rejected_subject, record(
+                self.published_subject(subject), raw, rejected))
         except Exception as exc:
             self.stats.dead_letter_failed += 1
             log.error("dead_letter.store_failed", error=repr(exc), subject=subject, **where)

@@ -70,7 +70,7 @@ from actors.user import rebuild
 from adapters import discovery
 from adapters.client import msg_id
 from adapters.logs import configure_logging
-from adapters.records import rejection_record
+from adapters.records import record
 from events.codec import decode_query, encode_error, encode_event, encode_ranking
 from events.config import TuningConfig
 from events.errors import Reason, Rejected
@@ -616,7 +616,10 @@ class QueryServer:
         self.stats.rejected[reason] = self.stats.rejected.get(reason, 0) + 1
         if msg.reply:
             await self.nc.publish(msg.reply, encode_error(rejected))
-        await self.nc.publish(self.rejected_subject, rejection_record(msg, rejected))
+        subject = msg.subject  # as the client asked: a fleet's server mapped it to q.<n>.<user>
+        if not subject.startswith(self.subject):
+            subject = f"{self.subject}.{subject.rsplit('.', 1)[-1]}"
+        await self.nc.publish(self.rejected_subject, record(subject, bytes(msg.data), rejected))
 
 
 def _rss_mib() -> int:

@@ -97,6 +97,7 @@ class Worker(Service):
         self._handing_off: dict[int, asyncio.Task] = {}
         self._lease_loop: asyncio.Task | None = None
         self._items_sub = None
+        self._changed_sub = None
         p = self.config.prefix
         self.fleet_subject = f"{p}.fleet"
         self.failovers: list[dict[str, float]] = []  # gained partitions: when, and epoch
@@ -111,9 +112,6 @@ class Worker(Service):
         if self.leases is not None:
             return
         cfg = self.config
-        if self.system.fence.partitions != self.partitions:
-            raise ValueError(f"the store splits users into {self.partitions} partitions, "
-                             f"the worker's fence into {self.system.fence.partitions}")
         # a single service's consumer would overlap ours on the work queue; none runs
         # beside a fleet (the store's lease is shared by workers or held by one service)
         await self._delete_consumers(lambda name: name == cfg.durable)
@@ -122,6 +120,8 @@ class Worker(Service):
             f"{self.fleet_subject}.items", cb=self._on_items, ordered_consumer=True,
             deliver_policy=api.DeliverPolicy.BY_START_TIME,
             config=api.ConsumerConfig(opt_start_time=_iso(self.born - 5.0)))
+        self._changed_sub = await self.qnc.subscribe(f"{self.fleet_subject}.changed",
+                                                     cb=self._on_changed)
         self.leases = PartitionLeases(self.js, self.fleet.worker, LeaseSettings(
             partitions=self.partitions, ttl=self.fleet.lease_ttl, bucket=self.fleet.bucket))
         await self.leases.start()
@@ -364,6 +364,20 @@ class Worker(Service):
                 break
         answer = Rejected(Reason.TIMEOUT, f"no owner of partition {partition} answered")
         await self.qnc.publish(msg.reply, msgpack.packb(answer.to_wire(), use_bin_type=True))
+
+    async def _admin_experiment(self, body: dict) -> dict:
+        """Start, ramp or stop an experiment, then tell every worker to read it."""
+        answer = await super()._admin_experiment(body)
+        await self.qnc.publish(f"{self.fleet_subject}.changed", self.fleet.worker.encode())
+        return answer
+
+    async def _on_changed(self, msg: Msg) -> None:
+        if msg.data.decode(errors="replace") == self.fleet.worker:
+            return  # ours: applied already
+        try:
+            await asyncio.to_thread(self.system.reload_experiments)
+        except Exception as exc:  # the store is down: the next change, or a restart
+            log.error("fleet.reload_failed", error=repr(exc))
 
     def _ours(self, stream: str, consumer: str) -> bool:
         cfg = self.config
