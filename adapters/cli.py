@@ -371,7 +371,7 @@ def auth_config(argv: list[str]) -> int:
 
 
 BENCHMARKS = ("core", "nats", "ceiling", "ops", "hygiene", "quality", "readme", "calibrate",
-              "drift", "items", "alerts", "gateway")
+              "drift", "items", "alerts", "gateway", "fleet")
 
 
 def bench(argv: list[str]) -> int:

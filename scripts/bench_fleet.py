@@ -70,7 +70,10 @@ async def _backlog(url: str, events: int, users: int) -> None:
 
 
 def _count(store: str) -> int:
-    recorder = open_recorder(store, upgrade=False)
+    try:
+        recorder = open_recorder(store, upgrade=False)
+    except Exception:  # not created yet
+        return 0
     try:
         return recorder.count_events()
     except Exception:  # not created yet
