@@ -99,7 +99,7 @@ class FeedSender:
             with self._lock:
                 messages, self._backlog = list(self._backlog), collections.deque()
                 self._rows = 0
-            steps = self._models.steps
+            steps = self._models.changes
             if steps != sent_steps:  # before the rows: queries score with the newest
                 sent_steps = steps
                 messages.insert(0, (MODELS, self._models.dump()))

@@ -23,6 +23,13 @@ between its updates. It is part of the stamped score b (so a user's state stays 
 its log) and of a query's scores; an item never learned about scores by its features alone.
 At most `max_items` items are kept per segment: the least recently learned go first.
 
+In a fleet (adapters/fleet) each worker learns from its own users' steps, and the workers
+exchange what they learned every fraction of a second (`take_delta`, `add_delta`): each adds
+the others' changes to its own, as one process would have summed them (weights, Adagrad sums,
+item biases and sums; step counts add up, times take the latest). Measured in the quality
+harness: 2 workers lose 0.0075 AUC on MovieLens-100k without it, 0.0003 merging every 1,000
+ratings (`bench quality --workers`).
+
 This model is not the truth of anything: it is learned from the logs and checkpointed
 (`Recorder.save_segment_models`) by the service every 30 s and on shutdown. A crash loses its
 last seconds of learning, never a user's exactness, since what each user learned with is in
@@ -49,6 +56,19 @@ _ONE = np.ones(1)
 ITEMS_SUFFIX = "\x1fitems"  # a checkpoint row of a segment's item effects
 _ITEM_LOG_MAX = 100_000  # changes kept for the feed's readers (each reads every 0.1 s) before a
 # reader behind it takes a full dump: about 6 MB of (segment, item) pairs at most
+
+
+def _added(state: UserState | None, change: dict, segment: str) -> UserState:
+    """`state` plus another process's change of a segment model's weights and sums."""
+    if state is None:
+        state = UserState(f"segment:{segment}")
+    fields = {}
+    for name in ("w", "m", "v"):
+        d = np.frombuffer(change[name], "<f8")
+        now = getattr(state, name)
+        fields[name] = d.copy() if now.shape != d.shape else now + d
+    return state._replace(steps=state.steps + change["steps"],
+                          t_last=max(state.t_last, change["t"]), **fields)
 
 
 def model_config(config: TuningConfig, segment: str) -> TuningConfig:
@@ -81,6 +101,12 @@ class SegmentModels:
         self._configs: dict[tuple[int, str], TuningConfig] = {}
         self._lock = threading.Lock()
         self.steps = 0  # learned since start (stats)
+        self.changes = 0  # steps learned here plus changes added from a fleet's others
+        # a fleet's exchange: the states at the last `take_delta` (or as remote changes
+        # moved them), and each item learned since, with its bias and sum before
+        self._base: dict[str, UserState] = {}
+        self._item_base: dict[tuple[str, str], tuple[float, float]] = {}
+        self.sharing = False  # kept only when a fleet's worker exchanges deltas
 
     # ------------------------------------------------------------ reading
 
@@ -152,6 +178,7 @@ class SegmentModels:
                 state = learn_segment(state, step, own)
             self._states[segment] = state
             self.steps += len(learned)
+            self.changes += len(learned)
 
     def _learn_item(self, segment: str, step: Step, state: UserState,
                     seg: SegmentConfig) -> float:
@@ -159,6 +186,10 @@ class SegmentModels:
         items = self._items.get(segment)
         if items is None:
             items = self._items[segment] = ItemEffects()
+        if self.sharing and (segment, step.item) not in self._item_base:
+            slot = items.index.get(step.item)
+            self._item_base[(segment, step.item)] = (0.0, 0.0) if slot is None else (
+                float(items.bias[slot]), float(items.sums[slot]))
         slot, bias = items.fade(step.item, step.t, seg.segment_half_life, seg.max_items)
         w = state.w
         shared = 0.0 if w.shape[0] != step.x.shape[0] + 1 else float(
@@ -202,6 +233,79 @@ class SegmentModels:
                     known.clear()
                 for item, bias in items.items():
                     known.set(item, bias)
+
+    # ------------------------------------------------------------ a fleet's exchange
+
+    def start_sharing(self) -> None:
+        """From now on, keep what `take_delta` needs (what was loaded is nobody's change)."""
+        with self._lock:
+            self.sharing = True
+            self._base = dict(self._states)
+            self._item_base = {}
+
+    def take_delta(self) -> dict[str, dict]:
+        """What this process learned since the last call (its own steps only: changes added
+        from others are not sent back), msgpack-ready; {} if nothing."""
+        with self._lock:
+            if not self.sharing:
+                raise RuntimeError("start_sharing() first")
+            out: dict[str, dict] = {}
+            for segment, state in self._states.items():
+                base = self._base.get(segment)
+                if base is state or state.w.shape[0] == 0:
+                    continue
+                delta: dict = {"steps": state.steps - (base.steps if base else 0),
+                               "t": state.t_last}
+                for name in ("w", "m", "v"):
+                    now = getattr(state, name)
+                    before = None if base is None else getattr(base, name)
+                    change = now if before is None or before.shape != now.shape else (
+                        now - before)
+                    delta[name] = np.ascontiguousarray(change, "<f8").tobytes()
+                out[segment] = delta
+            self._base = dict(self._states)
+            for (segment, item), (bias0, sum0) in self._item_base.items():
+                items = self._items.get(segment)
+                slot = None if items is None else items.index.get(item)
+                if slot is None:
+                    continue  # evicted meanwhile
+                out.setdefault(segment, {}).setdefault("items", []).append(
+                    [item, float(items.bias[slot]) - bias0, float(items.sums[slot]) - sum0,
+                     float(items.times[slot])])
+            self._item_base = {}
+            return out
+
+    def add_delta(self, delta: dict[str, dict], max_items: int | None = None) -> None:
+        """Add another process's `take_delta` to these models (and to the bases, so that it
+        is not sent on as this process's own learning)."""
+        with self._lock:
+            self.changes += 1
+            for segment, change in delta.items():
+                if "w" in change:
+                    state, base = self._states.get(segment), self._base.get(segment)
+                    self._states[segment] = _added(state, change, segment)
+                    # nothing learned here since the last take: nothing of ours to send
+                    self._base[segment] = self._states[segment] if base is state else _added(
+                        base, change, segment)
+                rows = change.get("items")
+                if rows:
+                    items = self._items.get(segment)
+                    if items is None:
+                        items = self._items[segment] = ItemEffects()
+                    for item, d_bias, d_sum, t in rows:
+                        slot = items.index.get(item)
+                        if slot is None:
+                            items.set(item, 0.0, max_items)
+                            slot = items.index[item]
+                            items.times[slot] = t
+                        items.bias[slot] += d_bias
+                        items.sums[slot] += d_sum
+                        items.times[slot] = max(float(items.times[slot]), t)
+                        key = (segment, item)
+                        if key in self._item_base:
+                            bias0, sum0 = self._item_base[key]
+                            self._item_base[key] = (bias0 + d_bias, sum0 + d_sum)
+                        self._item_log.append(key)  # the query processes hear of it
 
     # ------------------------------------------------------------ checkpoints
 

@@ -141,8 +141,28 @@ async def wait_applied(store: str, total: int, timeout: float = 90.0) -> None:
         await asyncio.sleep(0.3)
 
 
-def test_three_workers_one_killed_mid_stream_lose_and_double_nothing(fleet_server, tmp_path):
-    store = str(tmp_path / "fleet.db")
+def click(user: str, i: int) -> dict:
+    return {"id": f"e{i}", "t": 1.7e9 + i, "kind": "click", "item": f"i{i % 5}",
+            "x": [float((i + len(user)) % 3)] * DIM}
+
+
+def one_process_steps(store: Path, users: list[str], rounds: int) -> int:
+    """The segment model's learning steps when one process learns the same stream."""
+    import numpy as np
+
+    from actors import Microtune
+    from events import Event, TuningConfig
+
+    with Microtune.open(store, TuningConfig(version=1, dim=DIM)) as mt:
+        for i in range(rounds):
+            mt.track_many([Event(user=u, **{**click(u, i), "x": np.array(click(u, i)["x"])})
+                           for u in users])
+        return mt.context.models.steps
+
+
+def test_three_workers_one_killed_mid_stream_lose_and_double_nothing(fleet_server, tmp_path,
+                                                                    store_url):
+    store = store_url  # SQLite (one file, shared) and PostgreSQL
     workers = Workers(fleet_server.url, store, tmp_path)
     users = [f"user{n}" for n in range(48)]
     sent: dict[str, list[str]] = {u: [] for u in users}
@@ -181,10 +201,8 @@ def test_three_workers_one_killed_mid_stream_lose_and_double_nothing(fleet_serve
         killed_at = None
         for i in range(30):  # rounds of one event per user, the kill in the middle
             for user in users:
-                event_id = f"e{i}"
-                await track(js, user, id=event_id, t=1.7e9 + i, kind="click", item=f"i{i % 5}",
-                            x=[float((i + len(user)) % 3)] * DIM)
-                sent[user].append(event_id)
+                await track(js, user, **click(user, i))
+                sent[user].append(f"e{i}")
             if i == 12:
                 workers.processes["w1"].kill()  # kill -9, mid-stream
                 killed_at = time.monotonic()
@@ -209,6 +227,19 @@ def test_three_workers_one_killed_mid_stream_lose_and_double_nothing(fleet_serve
     finally:
         recorder.close()
     assert all(leases[p][0] >= 2 and leases[p][1] in ("w0", "w2") for p in w1_had)
+    # the segment model was learned from every worker's users: each worker added the others'
+    # deltas (actors/segment_model.py), so the one checkpointed last counts their steps too
+    recorder = open_recorder(store, upgrade=False)
+    try:
+        saved = recorder.segment_models()
+    finally:
+        recorder.close()
+    from actors.state import decode_state
+
+    steps = decode_state(saved["default"]).steps
+    alone = one_process_steps(tmp_path / "alone.db", users, rounds=30)
+    print(f"segment model steps in the checkpoint: {steps}, one process: {alone}")
+    assert steps >= 0.9 * alone  # a worker alone would have about a third
     replay = subprocess.run([sys.executable, "-m", "adapters.cli", "replay", "--all",
                              "--verify", "--store", store], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)

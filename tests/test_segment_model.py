@@ -110,3 +110,47 @@ def test_any_valid_segment_rate_gives_a_valid_model_config():
     for rate in (1e-6, 1e-4, 0.02, 5.0):
         own = model_config(config(segment_lr=rate), "default").segment("default")
         assert own.lr == own.lr_max == rate and 0 < own.lr_min <= rate
+
+
+def test_workers_exchanging_deltas_after_every_step_learn_as_one_process():
+    """A fleet's exchange (take_delta / add_delta): two models that learn alternate steps and
+    pass each other their own changes after every step end where one model learning all of
+    them ends (weights, Adagrad sums, item biases), and never send back what they received."""
+    from actors.learning import Step
+    from actors.segment_model import SegmentModels
+
+    cfg = TuningConfig(version=1, dim=3)
+    rng = np.random.default_rng(7)
+    one, a, b = SegmentModels(), SegmentModels(), SegmentModels()
+    a.start_sharing()
+    b.start_sharing()
+    for i in range(200):
+        step = Step(f"e{i}", "click", 1.7e9 + i, "applied", y=float(rng.random() < 0.4),
+                    importance=1.0, x=rng.normal(size=3), score=float(rng.normal()),
+                    item=f"item{i % 7}")
+        learner, other = (a, b) if i % 2 else (b, a)
+        one.learn("default", [step], cfg)
+        learner.learn("default", [step], cfg)
+        other.add_delta(learner.take_delta())
+        assert other.take_delta() == {}  # what it received is not its own to send
+    for model in (a, b):
+        for name in ("w", "v"):
+            np.testing.assert_allclose(getattr(model._states["default"], name),
+                                       getattr(one._states["default"], name), atol=1e-12)
+        assert model._states["default"].steps == 200
+        for item in (f"item{k}" for k in range(7)):
+            assert abs(model.item_bias("default", item) - one.item_bias("default", item)) < 1e-12
+
+
+def test_a_loaded_checkpoint_is_not_sent_as_learning():
+    from actors.learning import Step
+    from actors.segment_model import SegmentModels
+
+    cfg = TuningConfig(version=1, dim=3)
+    first = SegmentModels()
+    first.learn("default", [Step("e", "click", 1.0, "applied", y=1.0, importance=1.0,
+                                 x=np.ones(3), score=0.0, item="i")], cfg)
+    loaded = SegmentModels()
+    loaded.load(first.checkpoint())
+    loaded.start_sharing()
+    assert loaded.take_delta() == {}

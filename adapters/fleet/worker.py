@@ -69,6 +69,9 @@ class FleetSettings:
     lease_ttl: float = 10.0  # a dead worker's partitions move after this long
     bucket: str = "microtune_leases"
     handoff_timeout: float = 30.0  # how long a hand-off waits for in-flight events
+    # how often a worker sends the others what its segment models learned (a delta): the
+    # quality harness loses 0.0003 AUC merging every 1,000 ratings, 0.0031 every 10,000
+    exchange_every: float = 0.1
     fleet_stream: str = "MICROTUNE_FLEET"
 
 
@@ -98,6 +101,9 @@ class Worker(Service):
         self._lease_loop: asyncio.Task | None = None
         self._items_sub = None
         self._changed_sub = None
+        self._models_sub = None
+        self._exchange_task: asyncio.Task | None = None
+        self.deltas_sent = self.deltas_added = 0
         p = self.config.prefix
         self.fleet_subject = f"{p}.fleet"
         self.failovers: list[dict[str, float]] = []  # gained partitions: when, and epoch
@@ -122,6 +128,10 @@ class Worker(Service):
             config=api.ConsumerConfig(opt_start_time=_iso(self.born - 5.0)))
         self._changed_sub = await self.qnc.subscribe(f"{self.fleet_subject}.changed",
                                                      cb=self._on_changed)
+        self.system.context.models.start_sharing()
+        self._models_sub = await self.qnc.subscribe(f"{self.fleet_subject}.models",
+                                                    cb=self._on_models)
+        self._exchange_task = asyncio.create_task(self._exchange())
         self.leases = PartitionLeases(self.js, self.fleet.worker, LeaseSettings(
             partitions=self.partitions, ttl=self.fleet.lease_ttl, bucket=self.fleet.bucket))
         await self.leases.start()
@@ -142,6 +152,9 @@ class Worker(Service):
                 await task
         await asyncio.gather(*(self._hand_off(n) for n in sorted(self.leases.held)),
                              return_exceptions=True)
+        if self._exchange_task is not None:
+            self._exchange_task.cancel()
+            await self._send_delta()  # the last of what this worker learned
         if self._items_sub is not None:
             with contextlib.suppress(Exception):
                 await self._items_sub.unsubscribe()
@@ -365,6 +378,38 @@ class Worker(Service):
         answer = Rejected(Reason.TIMEOUT, f"no owner of partition {partition} answered")
         await self.qnc.publish(msg.reply, msgpack.packb(answer.to_wire(), use_bin_type=True))
 
+    # ------------------------------------------------------------ segment models
+
+    async def _exchange(self) -> None:
+        while True:
+            await asyncio.sleep(self.fleet.exchange_every)
+            try:
+                await self._send_delta()
+            except Exception as exc:  # lost learning of one interval, not history
+                log.warning("fleet.delta_not_sent", error=repr(exc))
+
+    async def _send_delta(self) -> None:
+        """What this worker's segment models learned since the last call, to the others
+        (core NATS: a delta lost in a disconnection is a moment of shared learning lost,
+        never a user's exactness: each logged event carries the score it was learned with)."""
+        delta = await asyncio.to_thread(self.system.context.models.take_delta)
+        if delta and self.qnc is not None and self.qnc.is_connected:
+            await self.qnc.publish(f"{self.fleet_subject}.models", msgpack.packb(
+                {"w": self.fleet.worker, "d": delta}, use_bin_type=True))
+            self.deltas_sent += 1
+
+    async def _on_models(self, msg: Msg) -> None:
+        try:
+            body = msgpack.unpackb(msg.data, raw=False)
+            if body["w"] == self.fleet.worker:
+                return
+            max_items = self.system.configs.current.segment("default").max_items
+            await asyncio.to_thread(self.system.context.models.add_delta, body["d"],
+                                    max_items)
+            self.deltas_added += 1
+        except Exception as exc:
+            log.warning("fleet.delta_unreadable", error=repr(exc))
+
     async def _admin_experiment(self, body: dict) -> dict:
         """Start, ramp or stop an experiment, then tell every worker to read it."""
         answer = await super()._admin_experiment(body)
@@ -390,7 +435,8 @@ class Worker(Service):
     def fleet_stats(self) -> dict[str, Any]:
         return {"worker": self.fleet.worker, "partitions": self.partitions,
                 "serving": sorted(self.serving),
-                "handing_off": sorted(self._handing_off)}
+                "handing_off": sorted(self._handing_off),
+                "deltas_sent": self.deltas_sent, "deltas_added": self.deltas_added}
 
 
 def _user_of(data: bytes) -> str | None:
