@@ -55,6 +55,8 @@ SERVE_SETTINGS: dict[str, tuple[Any, str]] = {
     "worker_id": (None, "join a fleet as this worker (one token, unique in the fleet; with "
                   "--nats-url and a store every worker shares)"),
     "partitions": (16, "partitions of the users (a new store only; fixed per deployment)"),
+    "stream_replicas": (1, "copies of each stream and of the leases on a NATS cluster (3 "
+                        "survives the loss of a node); streams that exist keep theirs"),
     "lease_ttl": (10.0, "a fleet's worker that stops renewing its leases loses its "
                   "partitions after this many seconds"),
     "log_level": ("info", "debug, info, warning, error"),
@@ -192,7 +194,7 @@ async def _serve(args: argparse.Namespace, tuning) -> int:
             log.info("config.adopted_from_file", version=current.version, previous=before)
     config = ServiceConfig(prefix=args.prefix, max_ack_pending=args.max_ack_pending,
                            admin_tokens=admin_tokens, log_level=args.log_level,
-                           log_json=args.log_format == "json")
+                           log_json=args.log_format == "json", replicas=args.stream_replicas)
     if worker:
         from adapters.fleet.worker import FleetSettings, Worker
 
@@ -219,7 +221,9 @@ async def _serve(args: argparse.Namespace, tuning) -> int:
             return 2
     try:
         try:
-            await asyncio.wait_for(_ready(service, url, options), args.ready_timeout)
+            # a cluster's servers, comma-separated: the client fails over among them
+            servers = url.split(",") if "," in url else url
+            await asyncio.wait_for(_ready(service, servers, options), args.ready_timeout)
         except TimeoutError:
             checks = service.readiness()[1]
             failing = ", ".join(k for k, ok in checks.items() if not ok) or "start"

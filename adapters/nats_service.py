@@ -57,6 +57,8 @@ from typing import Any
 
 import msgpack
 import nats
+import nats.errors
+import nats.js.errors
 import structlog
 from nats.aio.msg import Msg
 from nats.js import api
@@ -93,6 +95,9 @@ class ServiceConfig:
     content_stream: str = "MICROTUNE_CONTENT"
     rejected_stream: str = "MICROTUNE_REJECTED"
     durable: str = "microtune-ingest"
+    # copies of each stream the service creates, on a NATS cluster (3 survives a node's
+    # loss); a stream that exists keeps its own
+    replicas: int = 1
     max_ack_pending: int = 20_000
     ack_wait: float = 30.0
     duplicate_window: float = 120.0  # JetStream's own dedupe of Nats-Msg-Id headers
@@ -347,18 +352,22 @@ class Service:
         await self._ensure_stream(api.StreamConfig(
             name=cfg.events_stream, subjects=[f"{self.events_subject}.>"],
             retention=api.RetentionPolicy.WORK_QUEUE, storage=api.StorageType.FILE,
-            duplicate_window=cfg.duplicate_window,
+            duplicate_window=cfg.duplicate_window, num_replicas=cfg.replicas,
             subject_transform=partition_transform(
                 self.events_subject, self.partitioned_subject, self.partitions)))
         await self._ensure_stream(api.StreamConfig(
             name=cfg.content_stream, subjects=[self.content_subject],
-            retention=api.RetentionPolicy.WORK_QUEUE, storage=api.StorageType.FILE))
+            retention=api.RetentionPolicy.WORK_QUEUE, storage=api.StorageType.FILE,
+            num_replicas=cfg.replicas))
         await self._ensure_stream(api.StreamConfig(
             name=cfg.rejected_stream, subjects=[self.rejected_subject],
             retention=api.RetentionPolicy.LIMITS, storage=api.StorageType.FILE,
-            max_age=cfg.rejected_max_age))
+            max_age=cfg.rejected_max_age, num_replicas=cfg.replicas))
 
     async def _ensure_stream(self, config: api.StreamConfig) -> None:
+        await _cluster_retry(lambda: self._ensure_stream_once(config))
+
+    async def _ensure_stream_once(self, config: api.StreamConfig) -> None:
         try:
             info = await self.js.stream_info(config.name)
         except NotFoundError:
@@ -385,7 +394,7 @@ class Service:
             max_ack_pending=max_ack_pending,
             deliver_policy=api.DeliverPolicy.ALL,
         )
-        info = await self.js.add_consumer(stream, config)
+        info = await _cluster_retry(lambda: self.js.add_consumer(stream, config))
         return await self.js.subscribe_bind(
             stream=stream, config=info.config, consumer=durable, cb=cb, manual_ack=True,
             pending_msgs_limit=max_ack_pending * 2,
@@ -1047,6 +1056,21 @@ _ADMIN = {
     "experiments": Service._admin_experiments,
 }
 _READ_ONLY = frozenset({"stats", "experiments"})  # no admin token needed
+
+
+async def _cluster_retry(call, patience: float = 30.0):
+    """A JetStream API call, again while a cluster does not answer it (a stream's leader
+    being elected after a node's loss, or streams made by several workers at once)."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            return await call()
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError,
+                nats.js.errors.ServiceUnavailableError) as exc:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("jetstream.retry", error=repr(exc))
+            await asyncio.sleep(0.5)
 
 
 def partition_transform(source: str, partitioned: str, partitions: int) -> api.SubjectTransform:

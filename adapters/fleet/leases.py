@@ -22,12 +22,14 @@ import contextlib
 from dataclasses import dataclass, field
 
 import structlog
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
 from nats.js.errors import (
     KeyNotFoundError,
     KeyWrongLastSequenceError,
     NoKeysError,
+    NoStreamResponseError,
     NotFoundError,
 )
 from nats.js.kv import KeyValue
@@ -42,6 +44,7 @@ class LeaseSettings:
     partitions: int = DEFAULT_PARTITIONS
     ttl: float = 10.0  # a key not rewritten for this long is gone: its partition is free
     bucket: str = "microtune_leases"
+    replicas: int = 1  # on a NATS cluster: 3, as the streams
 
     @property
     def renew_every(self) -> float:
@@ -76,8 +79,16 @@ class PartitionLeases:
             self._kv = await self.js.key_value(s.bucket)
         except (NotFoundError, Exception):  # absent: create it (a concurrent create is fine)
             self._kv = await self.js.create_key_value(KeyValueConfig(
-                bucket=s.bucket, ttl=s.ttl, history=1))
-        await self._beat()
+                bucket=s.bucket, ttl=s.ttl, history=1, replicas=s.replicas))
+        deadline = asyncio.get_running_loop().time() + 15.0
+        while True:  # a bucket just made on a cluster answers once its replicas elect a leader
+            try:
+                await self._beat()
+                return
+            except (NoStreamResponseError, NatsTimeoutError):
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+                await asyncio.sleep(0.25)
 
     def owner_of(self, partition: int, live: list[str]) -> str:
         return live[partition % len(live)]

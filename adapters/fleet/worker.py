@@ -133,7 +133,8 @@ class Worker(Service):
                                                     cb=self._on_models)
         self._exchange_task = asyncio.create_task(self._exchange())
         self.leases = PartitionLeases(self.js, self.fleet.worker, LeaseSettings(
-            partitions=self.partitions, ttl=self.fleet.lease_ttl, bucket=self.fleet.bucket))
+            partitions=self.partitions, ttl=self.fleet.lease_ttl, bucket=self.fleet.bucket,
+            replicas=self.config.replicas))
         await self.leases.start()
         await self._rebalance()  # before `start` returns: ready means serving
         self._lease_loop = asyncio.create_task(self._renewals())
@@ -306,7 +307,7 @@ class Worker(Service):
         await self._ensure_stream(api.StreamConfig(
             name=self.fleet.fleet_stream, subjects=[f"{self.fleet_subject}.items"],
             retention=api.RetentionPolicy.LIMITS, storage=api.StorageType.FILE,
-            max_age=7 * 86400.0))
+            max_age=7 * 86400.0, num_replicas=self.config.replicas))
 
     async def _items_stored(self, seq: int | None, items: list) -> None:
         """Tell every worker (before the upsert is acked: a failure here redelivers it)."""
