@@ -254,8 +254,13 @@ async def _serve(args: argparse.Namespace, tuning) -> int:
                 flush=True,
             )
         housekeeping = asyncio.create_task(_housekeeping(system, stop))
+        supervisor = os.environ.get("MICROTUNE_SUPERVISOR_PID")  # serve --workers N
+        watch = None if not (worker and supervisor) else asyncio.create_task(
+            _watch_supervisor(int(supervisor), stop))
         await stop.wait()
         housekeeping.cancel()
+        if watch is not None:
+            watch.cancel()
         log.info("service.stopping")
         await service.stop()
     finally:
@@ -347,6 +352,16 @@ async def _housekeeping(system, stop: asyncio.Event) -> None:
         if count:
             log.info("directory.passivated_idle", users=count)
         await asyncio.to_thread(system.checkpoint)  # the segment models
+
+
+async def _watch_supervisor(pid: int, stop: asyncio.Event) -> None:
+    """A worker of `serve --workers N` stops once the supervisor that started it is gone."""
+    while not stop.is_set():
+        if os.getppid() != pid:
+            log.error("fleet.supervisor_gone", supervisor=pid)
+            stop.set()
+            return
+        await asyncio.sleep(1.0)
 
 
 def auth_config(argv: list[str]) -> int:

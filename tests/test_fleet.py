@@ -407,3 +407,39 @@ def test_a_three_node_cluster_loses_a_node_mid_stream(tmp_path):
                              "--verify", "--store", store], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
     assert replay.returncode == 0, replay.stdout + replay.stderr
+
+
+def test_workers_stop_when_their_supervisor_is_killed(tmp_path):
+    """kill -9 of `serve --workers 2` leaves no worker running (holding leases)."""
+    from adapters.embedded import free_port
+
+    env = {**os.environ, "MICROTUNE_METRICS_PORT": "0"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "adapters.cli", "serve", "--workers", "2", "--data-dir",
+         str(tmp_path / "data"), "--embedded-port", str(free_port()), "--dim", str(DIM),
+         "--log-level", "warning"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    deadline = time.monotonic() + 90
+    while sum("joined the fleet" in line for line in lines) < 2:
+        assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)
+        lines.append(proc.stdout.readline())
+    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                              text=True).stdout.split()
+    workers = [int(pid) for pid in children
+               if "adapters.cli" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")]
+    assert len(workers) == 2
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 60
+    while any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) for pid in workers):
+        assert time.monotonic() < deadline, "a worker outlived its supervisor"
+        time.sleep(0.2)
+    subprocess.run(["pkill", "-f", str(tmp_path / "data" / "nats")])  # the orphaned server
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except OSError:
+        return "Z"

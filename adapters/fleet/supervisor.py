@@ -30,6 +30,9 @@ from adapters.fleet.worker import query_mapping
 log = structlog.get_logger(__name__)
 
 RESTART_AFTER = 1.0  # seconds before a dead worker is started again
+# a supervised worker stops (handing its partitions off) once its supervisor is gone, however
+# it went (kill -9 included): a fleet leaves no orphans holding leases
+SUPERVISOR_ENV = "MICROTUNE_SUPERVISOR_PID"
 # what a worker gets from the supervisor rather than from the settings it was given
 OWN = {"workers", "worker_id", "nats_url", "metrics_port", "store", "data_dir"}
 
@@ -128,6 +131,7 @@ class _Fleet:
 
     def _spawn(self, index: int, name: str) -> None:
         env = {**self.env, "MICROTUNE_WORKER_ID": name, "MICROTUNE_WORKERS": "1",
+               SUPERVISOR_ENV: str(os.getpid()),
                "MICROTUNE_METRICS_PORT": str(self.metrics_port + index
                                              if self.metrics_port else 0)}
         self.processes[name] = subprocess.Popen(
