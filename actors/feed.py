@@ -110,6 +110,9 @@ class FeedSender:
                     messages.insert(1, (ITEM_EFFECTS, [False, changed]))
             if not messages:
                 continue
+            # a fleet's worker's partitions first: the query process stops answering them if
+            # they do not come in time, whatever rows wait before them
+            messages.sort(key=lambda message: message[0] != PARTITIONS)
             try:
                 self.conn.send_bytes(msgpack.packb(messages, use_bin_type=True))
             except (OSError, ValueError) as exc:  # the reader died or closed its end

@@ -326,6 +326,10 @@ class QueryServer:
         if s.fleet_serve_ttl is None:
             self.micro = await discovery.register(self.nc, "queries", [
                 ("query", f"{self.subject}.*", self._on_query)], queue_group=QUEUE_GROUP)
+            # on a server with a fleet's query mapping (adapters/fleet), queries arrive as
+            # `<prefix>.q.<partition>.<user>`: a single service answers them all
+            await self.nc.subscribe(f"{self.fleet_subject}.*.*", queue=QUEUE_GROUP,
+                                    cb=self._on_query)
         self._send({"stage": "subscribing"})
         self._serve_partitions()  # what the worker said before we were connected
         await self.nc.flush()

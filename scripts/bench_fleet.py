@@ -16,15 +16,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import msgpack
 import nats
+import numpy as np
 from bench_report import report
 from nats.js import api
 from rich.console import Console
@@ -90,32 +93,229 @@ def _run(setup: str, workers: int, args: argparse.Namespace, console: Console) -
             asyncio.run(_backlog(server.url, args.events, args.users))
             env = {**os.environ, "MICROTUNE_METRICS_PORT": "0"}
             base = [sys.executable, "-m", "adapters.cli", "serve", "--nats-url", server.url,
-                    "--store", store, "--dim", str(DIM), "--log-level", "error"]
+                    "--store", store, "--dim", str(DIM), "--log-level", "warning",
+                    "--log-format", "console"]
             names = [None] if setup == "service" else [f"w{i}" for i in range(workers)]
-            processes = [subprocess.Popen(
-                base + ([] if name is None else ["--worker-id", name]), cwd=ROOT, env=env,
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name in names]
+            logs = Path(args.out).parent / "fleet-logs"
+            logs.mkdir(parents=True, exist_ok=True)
+            processes = []
+            for name in names:
+                with open(logs / f"{setup.replace(' ', '-')}-{name or 'service'}.log", "w") as out:
+                    processes.append(subprocess.Popen(
+                        base + ([] if name is None else ["--worker-id", name]), cwd=ROOT,
+                        env=env, stdout=out, stderr=subprocess.STDOUT))
             low, high = 0.1 * args.events, 0.9 * args.events
             t_low = t_high = None
             deadline = time.monotonic() + args.timeout
+            asker = _Asker(server.url, args.users, args.rate)
             try:
+                # the window opens once queries are answered (every partition's query
+                # process is up): what ingest does to queries, not what start-up does
+                while not asyncio.run(_answered(server.url, args.users)):
+                    assert time.monotonic() < deadline, "no query answered"
+                    time.sleep(0.1)
+                low = max(low, _count(store))
                 while time.monotonic() < deadline:
                     count = _count(store)
                     now = time.monotonic()
                     if t_low is None and count >= low:
                         t_low = now
+                        asker.start("ingest")
                     if count >= high:
                         t_high = now
                         break
                     time.sleep(0.1)
+                asker.stop()
+                while _count(store) < args.events and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                asker.start("idle")
+                time.sleep(args.idle_seconds)
+                asker.stop()
             finally:
                 for process in processes:
                     process.terminate()
                 for process in processes:
                     process.wait(120)
         rate = None if t_low is None or t_high is None else (high - low) / (t_high - t_low)
-        console.print(f"{setup}: {rate and round(rate):,} events/s")
-        return {"setup": setup, "workers": workers, "events_per_s": rate}
+        queries = asker.summary()
+        console.print(f"{setup}: {rate and round(rate):,} events/s; queries {queries}")
+        return {"setup": setup, "workers": workers, "events_per_s": rate, "queries": queries}
+
+
+async def _answered(url: str, users: int) -> bool:
+    """Does one user of every partition get an answer?"""
+    from events.partitions import partition_of
+
+    nc = await nats.connect(url)
+    try:
+        body = msgpack.packb({"v": 1, "c": [["i0", [0.0] * DIM]]})
+        firsts = {}
+        for n in range(users):
+            firsts.setdefault(partition_of(f"u{n}", 16), f"u{n}")
+        for user in firsts.values():
+            try:
+                await nc.request(f"microtune.query.{user}", body, timeout=2)
+            except Exception:
+                return False
+        return True
+    finally:
+        await nc.close()
+
+
+class _Asker:
+    """Queries at a fixed rate (open loop) from a thread with its own event loop, their
+    latencies kept per phase (`start(phase)` ... `stop()`)."""
+
+    def __init__(self, url: str, users: int, rate: float) -> None:
+        self.url, self.users, self.rate = url, users, rate
+        self.latencies: dict[str, list[float]] = {}
+        self.failed: dict[str, int] = {}
+        self.reasons: collections.Counter = collections.Counter()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, phase: str) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run(phase)))
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    async def _run(self, phase: str) -> None:
+        lat = self.latencies.setdefault(phase, [])
+        self.failed.setdefault(phase, 0)
+        nc = await nats.connect(self.url)
+        body = msgpack.packb({"v": 1, "c": [[f"i{k}", [0.1 * k] * DIM] for k in range(10)]})
+        tasks = set()
+
+        async def ask(n: int) -> None:
+            began = time.perf_counter()
+            try:
+                reply = await nc.request(f"microtune.query.u{n % self.users}", body, timeout=5)
+                answer = msgpack.unpackb(reply.data)
+                if "e" in answer:
+                    raise RuntimeError(f"refused: {answer['e']}")
+                lat.append(time.perf_counter() - began)
+            except Exception as exc:
+                self.failed[phase] += 1
+                self.reasons[repr(exc)[:60]] += 1
+
+        start, n = time.perf_counter(), 0
+        while not self._stop.is_set():
+            due = start + n / self.rate
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            task = asyncio.create_task(ask(n))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            n += 1
+        if tasks:
+            await asyncio.wait(tasks, timeout=6)
+        await nc.close()
+
+    def summary(self) -> dict:
+        out = {}
+        for phase, lat in self.latencies.items():
+            ms = np.array(lat) * 1000 if lat else np.array([np.nan])
+            out[phase] = {"p50_ms": round(float(np.percentile(ms, 50)), 2),
+                          "p99_ms": round(float(np.percentile(ms, 99)), 2),
+                          "answered": len(lat), "failed": self.failed.get(phase, 0)}
+        if self.reasons:
+            out["why_failed"] = dict(self.reasons.most_common(3))
+        return out
+
+
+def _failover(args: argparse.Namespace, console: Console) -> dict:
+    """Two workers under a steady stream (200 events/s); one killed with -9: the time until
+    an event of one of its partitions is applied by the other (its lease's TTL, 10 s, then a
+    claim and the first activations)."""
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        store = str(tmp / "mt.db")
+        with EmbeddedNats(tmp / "nats", config=_config(tmp)) as server:
+            asyncio.run(_backlog(server.url, 0, 1))  # the stream, as the service makes it
+            env = {**os.environ, "MICROTUNE_METRICS_PORT": "0"}
+            base = [sys.executable, "-m", "adapters.cli", "serve", "--nats-url", server.url,
+                    "--store", store, "--dim", str(DIM), "--log-level", "info",
+                    "--log-format", "console"]
+            logs = Path(args.out).parent / "fleet-logs"
+            logs.mkdir(parents=True, exist_ok=True)
+            processes = {}
+            for name in ("a", "b"):
+                with open(logs / f"failover-{name}.log", "w") as out:
+                    processes[name] = subprocess.Popen(
+                        [*base, "--worker-id", name], cwd=ROOT, env=env, stdout=out,
+                        stderr=subprocess.STDOUT)
+            try:
+                return asyncio.run(_kill_and_time(server.url, store, processes, console))
+            finally:
+                for process in processes.values():
+                    if process.poll() is None:
+                        process.terminate()
+                for process in processes.values():
+                    process.wait(120)
+
+
+async def _kill_and_time(url: str, store: str, processes: dict, console: Console) -> dict:
+    from events.partitions import partition_of
+
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    owners: dict[int, str] = {}
+    while sorted(owners.values()).count("a") != 8 or len(owners) != 16:  # both hold 8
+        await asyncio.sleep(0.5)
+        owners = {}
+        try:
+            kv = await js.key_value("microtune_leases")
+            for key in await kv.keys():
+                if key.startswith("p."):
+                    owners[int(key[2:])] = (await kv.get(key)).value.decode()
+        except Exception:  # not made yet, or a key released meanwhile
+            owners = {}
+    victim = processes["a"]
+    moved = {p for p, w in owners.items() if w == "a"}
+    users = [f"u{n}" for n in range(400)]
+    moving = [u for u in users if partition_of(u, 16) in moved]
+    stop = asyncio.Event()
+    n = 0
+
+    async def publish() -> None:
+        nonlocal n
+        while not stop.is_set():
+            user = users[n % len(users)]
+            body = msgpack.packb({"v": 1, "id": f"f{n}", "u": user, "t": 1.7e9 + n,
+                                  "k": "click", "i": "i0", "x": [0.5] * DIM})
+            await js.publish(f"microtune.events.{user}", body)
+            n += 1
+            await asyncio.sleep(0.005)
+
+    publisher = asyncio.create_task(publish())
+    await asyncio.sleep(3)
+    before = _count_of(store, moving)
+    victim.kill()
+    killed = time.monotonic()
+    seconds = None
+    while time.monotonic() - killed < 120:
+        if _count_of(store, moving) > before:
+            seconds = time.monotonic() - killed
+            break
+        await asyncio.sleep(0.05)
+    stop.set()
+    await publisher
+    await nc.close()
+    console.print(f"failover: {seconds and round(seconds, 2)} s ({len(moved)} partitions)")
+    return {"seconds": seconds and round(seconds, 2), "partitions_moved": len(moved),
+            "lease_ttl": 10.0}
+
+
+def _count_of(store: str, users: list[str]) -> int:
+    recorder = open_recorder(store, upgrade=False)
+    try:
+        return sum(recorder.last_seq(user) for user in users)
+    finally:
+        recorder.close()
 
 
 def main() -> None:
@@ -125,9 +325,16 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--store", default=None)
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--rate", type=float, default=1000.0, help="queries per second")
+    parser.add_argument("--idle-seconds", type=float, default=5.0)
+    parser.add_argument("--failover", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--out", default="bench-results/fleet.json")
+    parser.add_argument("--only-failover", action="store_true")
     args = parser.parse_args()
     console = Console()
+    if args.only_failover:
+        console.print(_failover(args, console))
+        return
     runs = [_run("service", 1, args, console)]
     runs += [_run(f"{n} worker{'s' if n > 1 else ''}", n, args, console) for n in args.workers]
     one = next((r["events_per_s"] for r in runs if r["setup"] == "1 worker"), None)
@@ -140,6 +347,15 @@ def main() -> None:
         figures[f"{r['setup']}: events/s"] = r["events_per_s"] and round(r["events_per_s"])
         if r["vs_one_worker"]:
             figures[f"{r['setup']}: x one worker"] = round(r["vs_one_worker"], 2)
+        for phase, q in r["queries"].items():
+            if phase == "why_failed":
+                continue
+            figures[f"{r['setup']}: query p50/p99 ms, {phase}"] = (
+                f"{q['p50_ms']} / {q['p99_ms']} ({q['failed']} failed)")
+    if args.failover:
+        figures["failover"] = failover = _failover(args, console)
+        figures["failover: kill to first applied event of a moved partition, s"] = \
+            failover["seconds"]
     figures["runs"] = {r["setup"]: r for r in runs}
     report("durable ingest: one service and a fleet of workers, same run", figures,
            args.out, console)

@@ -14,11 +14,13 @@ only what the README lists cannot run them: open the store once as its owner, or
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import structlog
 from sqlalchemy import inspect
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
 
 log = structlog.get_logger(__name__)
 
@@ -97,7 +99,19 @@ def ensure(engine: Engine, *, upgrade: bool = True) -> None:
         raise StoreTooNew(revision)
     if not upgrade:
         raise StoreBehind(revision)
-    migrate(engine)
+    for attempt in range(5):
+        try:
+            migrate(engine)
+            return
+        except DBAPIError:
+            # another writer (a fleet's workers starting together on a new store) ran the
+            # same revisions at the same moment; each runs in one transaction, so once it
+            # committed there is nothing left to run here
+            if current(engine) == HEAD:
+                return
+            if attempt == 4:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def migrate(engine: Engine, to: str = "head") -> tuple[str | None, str | None]:

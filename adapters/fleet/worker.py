@@ -101,6 +101,8 @@ class Worker(Service):
         self._lease_loop: asyncio.Task | None = None
         self._items_sub = None
         self._changed_sub = None
+        self._released_sub = None
+        self._rebalancing = asyncio.Lock()
         self._models_sub = None
         self._exchange_task: asyncio.Task | None = None
         self.deltas_sent = self.deltas_added = 0
@@ -128,6 +130,8 @@ class Worker(Service):
             config=api.ConsumerConfig(opt_start_time=_iso(self.born - 5.0)))
         self._changed_sub = await self.qnc.subscribe(f"{self.fleet_subject}.changed",
                                                      cb=self._on_changed)
+        self._released_sub = await self.qnc.subscribe(f"{self.fleet_subject}.released",
+                                                      cb=self._on_released)
         self.system.context.models.start_sharing()
         self._models_sub = await self.qnc.subscribe(f"{self.fleet_subject}.models",
                                                     cb=self._on_models)
@@ -170,7 +174,7 @@ class Worker(Service):
         return all(checks.values()), checks
 
     async def _consume_catalog(self) -> None:
-        """Partition 0's holder consumes the catalog (`_gain`)."""
+        """Partition 0's holder consumes the catalog (`_consume_partition`)."""
 
     # ------------------------------------------------------------ leases
 
@@ -182,14 +186,30 @@ class Worker(Service):
             except Exception as exc:  # the next round tries again (renewals have slack)
                 log.error("fleet.rebalance_failed", worker=self.fleet.worker, error=repr(exc))
 
+    async def _on_released(self, _msg: Msg) -> None:
+        if self.leases is None or self._lease_loop is None:
+            return
+        try:
+            await self._rebalance()
+        except Exception as exc:  # the renewal round tries again
+            log.warning("fleet.rebalance_failed", error=repr(exc))
+
     async def _rebalance(self) -> None:
+        async with self._rebalancing:  # one round at a time (renewals, a release notice)
+            await self._rebalance_once()
+
+    async def _rebalance_once(self) -> None:
         plan = await self.leases.rebalance()
         for partition in sorted(plan.lost):
             await self._lose(partition)
         for partition in sorted(plan.hand_off - self._handing_off.keys()):
             self._handing_off[partition] = asyncio.create_task(self._hand_off(partition))
-        for partition in sorted(plan.gained):
-            await self._gain(partition)
+        gained = [p for p in sorted(plan.gained) if await self._claim(p)]
+        if gained:  # their queries answered here before their events are applied here
+            self._tell_query_processes()
+            await self._query_processes_serve(set(gained))
+        for partition in gained:
+            await self._consume_partition(partition)
         self._tell_query_processes()
 
     def _tell_query_processes(self) -> None:
@@ -197,7 +217,8 @@ class Worker(Service):
         if self.system.feed is not None:
             self.system.feed.partitions(self.partitions, sorted(self.serving))
 
-    async def _gain(self, partition: int) -> None:
+    async def _claim(self, partition: int) -> bool:
+        """Claim a partition in the store (its epoch goes up) and learn its users."""
         began = time.time()
         try:
             epoch = await asyncio.to_thread(self.system.recorder.claim, partition,
@@ -207,10 +228,13 @@ class Worker(Service):
         except Exception as exc:  # the store is down: let another worker (or a later
             log.error("fleet.claim_failed", partition=partition, error=repr(exc))  # round)
             await self.leases.release(partition)
-            return
-        cfg = self.config
+            return False
         self.serving.add(partition)
-        self._tell_query_processes()
+        self.failovers.append({"partition": partition, "epoch": epoch, "at": began})
+        return True
+
+    async def _consume_partition(self, partition: int) -> None:
+        cfg = self.config
         self._admin_subs[partition] = await self.qnc.subscribe(
             f"{self.fleet_subject}.admin.{partition}.*", cb=self._on_admin)
         if partition == 0:
@@ -219,9 +243,7 @@ class Worker(Service):
             cfg.events_stream, f"{self.partitioned_subject}.{partition}.*",
             f"{cfg.durable}-p{partition}", self._on_event,
             max(100, cfg.max_ack_pending // self.partitions))
-        self.failovers.append({"partition": partition, "epoch": epoch, "at": began})
-        log.info("fleet.partition_gained", worker=self.fleet.worker, partition=partition,
-                 epoch=epoch)
+        log.info("fleet.partition_gained", worker=self.fleet.worker, partition=partition)
 
     async def _take_catalog(self) -> None:
         cfg = self.config
@@ -256,13 +278,18 @@ class Worker(Service):
             while self._in_flight_of(partition) and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
             self._drain()
-            self.serving.discard(partition)
-            self._tell_query_processes()
-            await self._query_processes_stopped(partition, deadline)
+            # its users' snapshots while queries are still answered here: nothing changes
+            # them any more, and the next owner cannot start before the release
             await asyncio.to_thread(self.system.give_up_partitions, {partition},
                                     timeout=max(1.0, deadline - time.monotonic()))
+            self.serving.discard(partition)
+            self._tell_query_processes()
+            await self._query_processes_stopped(partition, deadline + 5.0)
             if self.leases is not None:
                 await self.leases.release(partition)
+                # the next owner looks now, not at its next renewal
+                await self.qnc.publish(f"{self.fleet_subject}.released",
+                                       str(partition).encode())
             log.info("fleet.partition_handed_off", worker=self.fleet.worker,
                      partition=partition)
         finally:
@@ -290,6 +317,20 @@ class Worker(Service):
     def _chooser(self, partition: int):
         count = self.partitions
         return lambda user: partition_of(user, count) == partition
+
+    async def _query_processes_serve(self, partitions: set[int], timeout: float = 5.0) -> None:
+        """Wait (a little: lease renewals wait too) until the query processes answer the
+        partitions before their events are applied here, so that a query finds its owner."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self._queriers:
+            for querier in self._queriers:
+                querier.poll_stats()
+            if all(partitions <= q.serving_partitions for q in self._queriers
+                   if q.serving()):
+                return
+            await asyncio.sleep(0.05)
+        if self._queriers:
+            log.warning("fleet.queries_not_served", partitions=sorted(partitions))
 
     async def _query_processes_stopped(self, partition: int, deadline: float) -> None:
         """Wait until no query process answers the partition (they confirm on their pipe)."""
