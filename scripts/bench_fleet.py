@@ -6,8 +6,8 @@ events for `--users` users published into it, then the processes started (`serve
 `serve --worker-id` per worker, each with its query process). The rate is taken while the
 backlog drains, between 10% and 90% of it committed (start-up and hand-offs out of the
 window as far as they can be). Ratios against one worker of the same run. SQLite by default;
-`--store postgresql://...` for PostgreSQL (a fresh schema is not made: give an empty
-database). Writes bench-results/fleet.json.
+`--store postgresql://...` for PostgreSQL (each setup in a new schema of that database,
+dropped after). Writes bench-results/fleet.json.
 
     microtune bench fleet [--events 40000] [--users 4000] [--workers 1 2 3]
 """
@@ -17,12 +17,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import os
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import msgpack
@@ -85,10 +87,31 @@ def _count(store: str) -> int:
         recorder.close()
 
 
+@contextlib.contextmanager
+def _fresh_store(args: argparse.Namespace, tmp: Path):
+    """A new store for one setup: a SQLite file, or a schema of its own in the given
+    PostgreSQL database (dropped afterwards)."""
+    if not args.store:
+        yield str(tmp / "mt.db")
+        return
+    import psycopg
+
+    schema = f"mt_bench_{uuid.uuid4().hex[:10]}"
+    dsn = args.store.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    separator = "&" if "?" in args.store else "?"
+    try:
+        yield f"{args.store}{separator}options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
 def _run(setup: str, workers: int, args: argparse.Namespace, console: Console) -> dict:
-    with tempfile.TemporaryDirectory() as tmp_name:
+    with tempfile.TemporaryDirectory() as tmp_name, _fresh_store(
+            args, Path(tmp_name)) as store:
         tmp = Path(tmp_name)
-        store = args.store or str(tmp / "mt.db")
         with EmbeddedNats(tmp / "nats", config=_config(tmp)) as server:
             asyncio.run(_backlog(server.url, args.events, args.users))
             env = {**os.environ, "MICROTUNE_METRICS_PORT": "0"}
@@ -328,9 +351,12 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=1000.0, help="queries per second")
     parser.add_argument("--idle-seconds", type=float, default=5.0)
     parser.add_argument("--failover", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--out", default="bench-results/fleet.json")
+    parser.add_argument("--out", default=None,
+                        help="default: bench-results/fleet.json (fleet-postgresql.json)")
     parser.add_argument("--only-failover", action="store_true")
     args = parser.parse_args()
+    args.out = args.out or ("bench-results/fleet-postgresql.json" if args.store
+                            else "bench-results/fleet.json")
     console = Console()
     if args.only_failover:
         console.print(_failover(args, console))
