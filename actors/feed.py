@@ -70,7 +70,10 @@ class FeedSender:
         self._thread = threading.Thread(target=self._run, name=f"microtune-{name}", daemon=True)
         self._thread.start()
 
-    def put(self, kind: str, payload: Any, rows: int = 0) -> None:
+    def put(self, kind: str, payload: Any, rows: int = 0, *, first: bool = False) -> None:
+        """Queue a message; `first`: ahead of what waits (a fleet's worker's partitions: the
+        query process stops answering them if they do not come in time, whatever rows wait
+        before them)."""
         if self.broken:
             return
         with self._lock:
@@ -81,7 +84,10 @@ class FeedSender:
                 self._rows = 0
                 self.gaps += 1
                 return
-            self._backlog.append((kind, payload))
+            if first:
+                self._backlog.appendleft((kind, payload))
+            else:
+                self._backlog.append((kind, payload))
             self._rows += rows
         self._wake.set()
 
@@ -110,9 +116,6 @@ class FeedSender:
                     messages.insert(1, (ITEM_EFFECTS, [False, changed]))
             if not messages:
                 continue
-            # a fleet's worker's partitions first: the query process stops answering them if
-            # they do not come in time, whatever rows wait before them
-            messages.sort(key=lambda message: message[0] != PARTITIONS)
             try:
                 self.conn.send_bytes(msgpack.packb(messages, use_bin_type=True))
             except (OSError, ValueError) as exc:  # the reader died or closed its end
@@ -157,7 +160,7 @@ class Feed:
 
     def partitions(self, count: int, held: list[int]) -> None:
         for sender in self.senders:
-            sender.put(PARTITIONS, [count, sorted(held)])
+            sender.put(PARTITIONS, [count, sorted(held)], first=True)
 
     def close(self) -> None:
         for sender in self.senders:

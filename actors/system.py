@@ -99,7 +99,7 @@ class Microtune:
         snapshot_every: int = 1000,
         max_batch_rows: int = 5000,
         tune_gc: bool = True,
-        fence: Fence | None = None,
+        fleet: bool = False,
         partitions: int = DEFAULT_PARTITIONS,
     ) -> None:
         if tune_gc:  # process-wide; see actors.runtime.tune_gc
@@ -107,15 +107,15 @@ class Microtune:
         self.gc_pauses = gc_pauses.watch()  # process-wide: what the collector costs queries
         # The store's single writer for as long as this lives (store/lease.py): a second one,
         # in this process or another, is refused with the holder's pid, host and start time.
-        # A fleet's worker (`fence`: the partitions it holds) shares the store with the other
-        # workers: the store refuses its writes to any partition it does not hold.
-        self.fence = fence
-        self.lease = lease.acquire(recorder.engine.url, shared=fence is not None)
+        # A fleet's worker (`fleet`) shares the store with the other workers, writing through
+        # a fence (the partitions it holds): the store refuses its writes to any other.
+        self.lease = lease.acquire(recorder.engine.url, shared=fleet)
         try:
             self.recorder = recorder
             # how many partitions the users are split into: the store's, recorded by the
             # first writer (`partitions` for a new store); the events stream is split by it
-            self.partitions = fence.partitions if fence else recorder.partitions(partitions)
+            self.partitions = recorder.partitions(partitions)
+            self.fence = fence = Fence(self.partitions) if fleet else None
             self.configs = ConfigRegistry(recorder, config)
             self.catalog = Catalog(recorder)
             self.journal = Journal(recorder, max_batch_rows=max_batch_rows, fence=fence)
@@ -329,12 +329,13 @@ class Microtune:
 
     # ------------------------------------------------------------ a fleet's partitions
 
-    def take_partitions(self, partitions: set[int], epochs: dict[int, int]) -> None:
-        """Write the users of `partitions` from now on, with the epochs of our claims (the
-        store refuses an older one). Users another worker created meanwhile are learned
-        from the store first: an actor activated for one must read its log."""
+    def take_partitions(self, epochs: dict[int, int]) -> None:
+        """Write the users of these partitions from now on, with the epochs of our claims
+        (the store refuses an older one). Users another worker created meanwhile are learned
+        from the store first (one pass over the users, however many partitions): an actor
+        activated for one must read its log."""
         fence = self._require_fence()
-        users = [u for u in self.recorder.users() if self._partition(u) in partitions]
+        users = [u for u in self.recorder.users() if self._partition(u) in epochs]
         if self.context.known is not None:
             self.context.known.update(users)
         fence.epochs.update(epochs)

@@ -276,20 +276,9 @@ def _open_system(store: str, tuning, args: argparse.Namespace):
     sized by the store's number of partitions (recorded by the first to start)."""
     from actors.system import Microtune
 
-    if not args.worker_id:
-        return Microtune.open(store, tuning, max_live=args.max_live,
-                              idle_timeout=args.idle_timeout, partitions=args.partitions)
-    from store.fencing import Fence
-    from store.recorder import open_recorder
-
-    recorder = open_recorder(store)
-    try:
-        fence = Fence(recorder.partitions(args.partitions))
-        return Microtune(recorder, tuning, max_live=args.max_live,
-                         idle_timeout=args.idle_timeout, fence=fence)
-    except BaseException:
-        recorder.close()
-        raise
+    return Microtune.open(store, tuning, max_live=args.max_live,
+                          idle_timeout=args.idle_timeout, partitions=args.partitions,
+                          fleet=bool(args.worker_id))
 
 
 async def _ready(service, url: str, options: dict) -> None:

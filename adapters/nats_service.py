@@ -225,7 +225,6 @@ class Service:
         self.qnc = await nats.connect(servers, name="microtune-admin", **options)
         self.js = self.nc.jetstream()
         self.qjs = self.qnc.jetstream(timeout=2.0)
-        self.partitions = self.system.partitions
         await self._ensure_streams()
         cfg = self.config
         # what a previous run settled is gone from the work queue (query processes read

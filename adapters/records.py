@@ -8,7 +8,6 @@ import time
 from typing import Any
 
 import msgpack
-from nats.aio.msg import Msg
 
 from events.errors import Rejected
 from events.limits import DEFAULT_LIMITS
@@ -16,10 +15,6 @@ from events.limits import DEFAULT_LIMITS
 # raw bytes a rejection record keeps at most: the largest valid message (so a valid-sized
 # message is kept whole), far below the server's 1 MiB, so the record always fits
 RECORD_RAW_BYTES = DEFAULT_LIMITS.max_payload_bytes
-
-
-def rejection_record(msg: Msg, rejected: Rejected) -> bytes:
-    return record(msg.subject, bytes(msg.data), rejected)
 
 
 def record(subject: str, raw: bytes, rejected: Rejected) -> bytes:

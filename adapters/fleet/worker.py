@@ -87,7 +87,7 @@ class Worker(Service):
     def __init__(self, system: Microtune, config: ServiceConfig | None,
                  fleet: FleetSettings) -> None:
         if system.fence is None:
-            raise ValueError("a fleet's worker writes through a fence: Microtune(fence=...)")
+            raise ValueError("a fleet's worker writes through a fence: Microtune(fleet=True)")
         super().__init__(system, config)
         self.fleet = fleet
         self.born = time.time()  # before the catalog was read: items since then are followed
@@ -108,12 +108,8 @@ class Worker(Service):
         self.deltas_sent = self.deltas_added = 0
         p = self.config.prefix
         self.fleet_subject = f"{p}.fleet"
-        self.failovers: list[dict[str, float]] = []  # gained partitions: when, and epoch
 
     # ------------------------------------------------------------ lifecycle
-
-    async def start(self, servers: str | list[str], **connect_options: Any) -> None:
-        await super().start(servers, **connect_options)
 
     async def resume_consuming(self) -> None:
         """Join the fleet: leases, then the partitions this worker should hold."""
@@ -204,11 +200,13 @@ class Worker(Service):
             await self._lose(partition)
         for partition in sorted(plan.hand_off - self._handing_off.keys()):
             self._handing_off[partition] = asyncio.create_task(self._hand_off(partition))
-        gained = [p for p in sorted(plan.gained) if await self._claim(p)]
+        gained = await self._claim(sorted(plan.gained))
         if gained:  # their queries answered here before their events are applied here
             self._tell_query_processes()
-            await self._query_processes_serve(set(gained))
-        for partition in gained:
+            if not await self._query_processes_until(
+                    lambda serving: gained <= serving, time.monotonic() + 5.0):
+                log.warning("fleet.queries_not_served", partitions=sorted(gained))
+        for partition in sorted(gained):
             await self._consume_partition(partition)
         self._tell_query_processes()
 
@@ -217,21 +215,30 @@ class Worker(Service):
         if self.system.feed is not None:
             self.system.feed.partitions(self.partitions, sorted(self.serving))
 
-    async def _claim(self, partition: int) -> bool:
-        """Claim a partition in the store (its epoch goes up) and learn its users."""
-        began = time.time()
+    async def _claim(self, partitions: list[int]) -> set[int]:
+        """Claim partitions in the store (each one's epoch goes up), then learn their users;
+        the ones claimed. One the store did not take is released (the store is down: another
+        worker, or a later round, takes it)."""
+        epochs: dict[int, int] = {}
+        for partition in partitions:
+            try:
+                epochs[partition] = await asyncio.to_thread(
+                    self.system.recorder.claim, partition, self.fleet.worker,
+                    self.partitions, time.time())
+            except Exception as exc:
+                log.error("fleet.claim_failed", partition=partition, error=repr(exc))
+                await self.leases.release(partition)
+        if not epochs:
+            return set()
         try:
-            epoch = await asyncio.to_thread(self.system.recorder.claim, partition,
-                                            self.fleet.worker, self.partitions, began)
-            await asyncio.to_thread(self.system.take_partitions, {partition},
-                                    {partition: epoch})
-        except Exception as exc:  # the store is down: let another worker (or a later
-            log.error("fleet.claim_failed", partition=partition, error=repr(exc))  # round)
-            await self.leases.release(partition)
-            return False
-        self.serving.add(partition)
-        self.failovers.append({"partition": partition, "epoch": epoch, "at": began})
-        return True
+            await asyncio.to_thread(self.system.take_partitions, epochs)
+        except Exception as exc:
+            log.error("fleet.claim_failed", partitions=sorted(epochs), error=repr(exc))
+            for partition in epochs:
+                await self.leases.release(partition)
+            return set()
+        self.serving.update(epochs)
+        return set(epochs)
 
     async def _consume_partition(self, partition: int) -> None:
         cfg = self.config
@@ -284,7 +291,8 @@ class Worker(Service):
                                     timeout=max(1.0, deadline - time.monotonic()))
             self.serving.discard(partition)
             self._tell_query_processes()
-            await self._query_processes_stopped(partition, deadline + 5.0)
+            await self._query_processes_until(lambda serving: partition not in serving,
+                                              deadline + 5.0)
             if self.leases is not None:
                 await self.leases.release(partition)
                 # the next owner looks now, not at its next renewal
@@ -305,9 +313,10 @@ class Worker(Service):
         self._tell_query_processes()
         await asyncio.to_thread(self.system.give_up_partitions, {partition}, snapshot=False)
 
-    def _in_flight_of(self, partition: int) -> int:
-        return sum(1 for msg in list(self._unsettled.values())
-                   if self._partition_of_subject(msg.subject) == partition)
+    def _in_flight_of(self, partition: int) -> bool:
+        """Is a message of the partition still unsettled here? (stops at the first)"""
+        return any(self._partition_of_subject(msg.subject) == partition
+                   for msg in list(self._unsettled.values()))
 
     def _partition_of_subject(self, subject: str) -> int | None:
         if not subject.startswith(self.partitioned_subject):
@@ -318,28 +327,17 @@ class Worker(Service):
         count = self.partitions
         return lambda user: partition_of(user, count) == partition
 
-    async def _query_processes_serve(self, partitions: set[int], timeout: float = 5.0) -> None:
-        """Wait (a little: lease renewals wait too) until the query processes answer the
-        partitions before their events are applied here, so that a query finds its owner."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self._queriers:
+    async def _query_processes_until(self, agree, deadline: float) -> bool:
+        """Wait until the partitions every running query process confirms answering (on
+        its pipe) satisfy `agree`; False at the deadline. (A gain waits a little: lease
+        renewals wait with it.)"""
+        while True:
             for querier in self._queriers:
                 querier.poll_stats()
-            if all(partitions <= q.serving_partitions for q in self._queriers
-                   if q.serving()):
-                return
-            await asyncio.sleep(0.05)
-        if self._queriers:
-            log.warning("fleet.queries_not_served", partitions=sorted(partitions))
-
-    async def _query_processes_stopped(self, partition: int, deadline: float) -> None:
-        """Wait until no query process answers the partition (they confirm on their pipe)."""
-        while time.monotonic() < deadline:
-            for querier in self._queriers:
-                querier.poll_stats()
-            if not any(partition in q.serving_partitions for q in self._queriers
-                       if q.serving()):
-                return
+            if all(agree(q.serving_partitions) for q in self._queriers if q.serving()):
+                return True
+            if time.monotonic() >= deadline:
+                return False
             await asyncio.sleep(0.02)
 
     # ------------------------------------------------------------ the catalog
