@@ -4,10 +4,13 @@ For each setup: an embedded nats-server with the fleet's query mapping, a fresh 
 events stream created as the service creates it (partitioned), a backlog of `--events`
 events for `--users` users published into it, then the processes started (`serve`, or
 `serve --worker-id` per worker, each with its query process). The rate is taken while the
-backlog drains, between 10% and 90% of it committed (start-up and hand-offs out of the
-window as far as they can be). Ratios against one worker of the same run. SQLite by default;
-`--store postgresql://...` for PostgreSQL (each setup in a new schema of that database,
-dropped after). Writes bench-results/fleet.json.
+backlog drains (start-up and hand-offs out of the window as far as they can be): ingest
+alone between 10% and 50% of it committed, with CPU seconds per event per component (the
+serve processes, their query processes, the nats-server, the PostgreSQL server's processes;
+from /proc: where the cores go); then, up to 90%, ingest while `--rate` queries a second are
+asked (their latency, and what they cost ingest). Ratios against one worker of the same run.
+SQLite by default; `--store postgresql://...` for PostgreSQL (each setup in a new schema of
+that database, dropped after). Writes bench-results/fleet.json.
 
     microtune bench fleet [--events 40000] [--users 4000] [--workers 1 2 3]
 """
@@ -108,6 +111,71 @@ def _fresh_store(args: argparse.Namespace, tmp: Path):
             conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = collections.defaultdict(list)
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+                children[int(stat[1])].append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += children.get(pid, [])
+    return found
+
+
+def _cpu(pids: list[int]) -> float:
+    """CPU seconds (user + system) these processes have used so far."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(stat[11]) + int(stat[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _postgres_pids() -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{entry}/comm").read_text().startswith("postgres"):
+                    pids.append(int(entry))
+    return pids
+
+
+class _CpuMeter:
+    """CPU seconds per component between `start` and `stop` (Linux /proc; else nothing)."""
+
+    def __init__(self, serve: list[int], nats_pid: int, postgres: bool) -> None:
+        self.enabled = Path("/proc/self/stat").exists()
+        self.serve, self.nats_pid, self.postgres = serve, nats_pid, postgres
+        self.begin: dict[str, float] = {}
+        self.used: dict[str, float] = {}
+
+    def _now(self) -> dict[str, float]:
+        pids = {"serve": self.serve,
+                "query processes": [p for root in self.serve for p in _descendants(root)[1:]],
+                "nats-server": [self.nats_pid]}
+        if self.postgres:
+            pids["postgresql"] = _postgres_pids()  # the machine's server: others idle here
+        return {name: _cpu(group) for name, group in pids.items()}
+
+    def start(self) -> None:
+        if self.enabled:
+            self.begin = self._now()
+
+    def stop(self) -> None:
+        if self.enabled and self.begin:
+            end = self._now()
+            self.used = {k: end[k] - self.begin.get(k, 0.0) for k in end}
+
+    def per_event_us(self, events: float) -> dict[str, float]:
+        return {k: round(1e6 * v / events, 1) for k, v in self.used.items()} if events else {}
+
+
 def _run(setup: str, workers: int, args: argparse.Namespace, console: Console) -> dict:
     with tempfile.TemporaryDirectory() as tmp_name, _fresh_store(
             args, Path(tmp_name)) as store:
@@ -127,10 +195,12 @@ def _run(setup: str, workers: int, args: argparse.Namespace, console: Console) -
                     processes.append(subprocess.Popen(
                         base + ([] if name is None else ["--worker-id", name]), cwd=ROOT,
                         env=env, stdout=out, stderr=subprocess.STDOUT))
-            low, high = 0.1 * args.events, 0.9 * args.events
-            t_low = t_high = None
+            low, mid, high = 0.1 * args.events, 0.5 * args.events, 0.9 * args.events
+            marks: dict[str, float] = {}
             deadline = time.monotonic() + args.timeout
             asker = _Asker(server.url, args.users, args.rate)
+            meter = _CpuMeter([p.pid for p in processes], server.process.pid,
+                              postgres=bool(args.store))
             try:
                 # the window opens once queries are answered (every partition's query
                 # process is up): what ingest does to queries, not what start-up does
@@ -138,14 +208,21 @@ def _run(setup: str, workers: int, args: argparse.Namespace, console: Console) -
                     assert time.monotonic() < deadline, "no query answered"
                     time.sleep(0.1)
                 low = max(low, _count(store))
+                mid = max(mid, (low + high) / 2)
+                # first half of the window: ingest alone (its rate and CPU); second half:
+                # with queries (their latency under ingest, and what they cost ingest)
                 while time.monotonic() < deadline:
                     count = _count(store)
                     now = time.monotonic()
-                    if t_low is None and count >= low:
-                        t_low = now
+                    if "low" not in marks and count >= low:
+                        marks["low"] = now
+                        meter.start()
+                    if "mid" not in marks and count >= mid:
+                        marks["mid"] = now
+                        meter.stop()
                         asker.start("ingest")
                     if count >= high:
-                        t_high = now
+                        marks["high"] = now
                         break
                     time.sleep(0.1)
                 asker.stop()
@@ -159,10 +236,17 @@ def _run(setup: str, workers: int, args: argparse.Namespace, console: Console) -
                     process.terminate()
                 for process in processes:
                     process.wait(120)
-        rate = None if t_low is None or t_high is None else (high - low) / (t_high - t_low)
+        rate = ((mid - low) / (marks["mid"] - marks["low"])
+                if "low" in marks and "mid" in marks else None)
+        queried = ((high - mid) / (marks["high"] - marks["mid"])
+                   if "mid" in marks and "high" in marks else None)
         queries = asker.summary()
-        console.print(f"{setup}: {rate and round(rate):,} events/s; queries {queries}")
-        return {"setup": setup, "workers": workers, "events_per_s": rate, "queries": queries}
+        cpu = meter.per_event_us(mid - low)
+        console.print(f"{setup}: {rate and round(rate):,} events/s ({queried and round(queried):,}"
+                      f" under queries); CPU us/event {cpu}; queries {queries}")
+        return {"setup": setup, "workers": workers, "events_per_s": rate,
+                "events_per_s_under_queries": queried, "queries": queries,
+                "cpu_us_per_event": cpu}
 
 
 async def _answered(url: str, users: int) -> bool:
@@ -354,6 +438,8 @@ def main() -> None:
     parser.add_argument("--out", default=None,
                         help="default: bench-results/fleet.json (fleet-postgresql.json)")
     parser.add_argument("--only-failover", action="store_true")
+    parser.add_argument("--service", action=argparse.BooleanOptionalAction, default=True,
+                        help="also measure the single service (default: yes)")
     args = parser.parse_args()
     args.out = args.out or ("bench-results/fleet-postgresql.json" if args.store
                             else "bench-results/fleet.json")
@@ -361,7 +447,7 @@ def main() -> None:
     if args.only_failover:
         console.print(_failover(args, console))
         return
-    runs = [_run("service", 1, args, console)]
+    runs = [_run("service", 1, args, console)] if args.service else []
     runs += [_run(f"{n} worker{'s' if n > 1 else ''}", n, args, console) for n in args.workers]
     one = next((r["events_per_s"] for r in runs if r["setup"] == "1 worker"), None)
     for r in runs:
@@ -371,8 +457,13 @@ def main() -> None:
                      "store": "postgresql" if args.store else "sqlite"}
     for r in runs:
         figures[f"{r['setup']}: events/s"] = r["events_per_s"] and round(r["events_per_s"])
+        figures[f"{r['setup']}: events/s while queried"] = (
+            r["events_per_s_under_queries"] and round(r["events_per_s_under_queries"]))
         if r["vs_one_worker"]:
             figures[f"{r['setup']}: x one worker"] = round(r["vs_one_worker"], 2)
+        if r["cpu_us_per_event"]:
+            figures[f"{r['setup']}: CPU us/event"] = ", ".join(
+                f"{k} {v}" for k, v in r["cpu_us_per_event"].items())
         for phase, q in r["queries"].items():
             if phase == "why_failed":
                 continue
