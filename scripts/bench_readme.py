@@ -10,6 +10,10 @@
 
 - Drift: reads `bench-results/drift.json` (`microtune bench drift`) and replaces the
   `<!-- bench:drift -->` block with its table.
+- Fleet: reads `bench-results/fleet.json` and `fleet-postgresql.json` (`microtune bench
+  fleet`, on SQLite and on PostgreSQL) and replaces the `<!-- bench:fleet -->` block with one
+  row per setup and store: ingest, its ratio to one worker, the CPU it costs per event and
+  the share of the machine's cores that is, query latency, failover.
 
 A block whose JSON is missing is left as it is.
 
@@ -139,6 +143,47 @@ def drift_table(drift: dict) -> str:
     return "\n".join(lines)
 
 
+FBEGIN, FEND = "<!-- bench:fleet -->", "<!-- /bench:fleet -->"
+
+
+def fleet_table(runs: list[dict]) -> str:
+    """One row per (store, setup) of `bench fleet`'s JSON files."""
+    m = runs[0]["machine"]
+    lines = [f"Measured {m['date'][:10]}, {m['arch']}, {m['cores']} cores, Python "
+             f"{m['python']}: a backlog of {runs[0]['events']:,} events for "
+             f"{runs[0]['users']:,} users drained by each setup in turn; ingest alone from 10% "
+             "to 50% of it, then with 1k queries/s to 90%. CPU: microseconds of CPU per event "
+             "in the first window, all processes summed (serve, query processes, nats-server, "
+             "PostgreSQL), and the cores that takes at that rate.", "",
+             "| store | setup | events/s | x one worker | events/s while queried | CPU µs per "
+             "event | cores busy | query p50 / p99 ms, idle | query p50 / p99 ms, ingesting "
+             "| failed queries |", "|" + "---|" * 10]
+    for data in runs:
+        for name, r in data["runs"].items():
+            cpu = r.get("cpu_us_per_event") or {}
+            total = sum(cpu.values())
+            rate = r["events_per_s"] or 0
+            q = r["queries"]
+            cells = [data["store"], name, f"{rate:,.0f}",
+                     f"{r['vs_one_worker']:.2f}" if r.get("vs_one_worker") else "-",
+                     f"{r['events_per_s_under_queries']:,.0f}"
+                     if r.get("events_per_s_under_queries") else "-",
+                     f"{total:.0f}" if cpu else "-",
+                     f"{total * rate / 1e6:.2f} of {m['cores']}" if cpu else "-",
+                     f"{q['idle']['p50_ms']} / {q['idle']['p99_ms']}",
+                     f"{q['ingest']['p50_ms']} / {q['ingest']['p99_ms']}",
+                     str(q["idle"]["failed"] + q["ingest"]["failed"])]
+            lines.append("| " + " | ".join(cells) + " |")
+    failovers = [f"{d['store']} {d['failover']['seconds']} s" for d in runs
+                 if d.get("failover")]
+    if failovers:
+        lead = runs[0]["failover"]
+        lines += ["", f"Failover, `kill -9` of a worker to the first event applied in one of "
+                  f"its {lead['partitions_moved']} partitions by another (lease TTL "
+                  f"{lead['lease_ttl']:g} s): " + ", ".join(failovers) + "."]
+    return "\n".join(lines)
+
+
 def _per_event(seconds, rows):
     return None if not seconds or not rows else round(seconds / rows * 1e6, 1)
 
@@ -150,6 +195,8 @@ def main() -> None:
     parser.add_argument("--readme", default="README.md", type=Path)
     parser.add_argument("--quality", default="bench-results/quality.json", type=Path)
     parser.add_argument("--drift", default="bench-results/drift.json", type=Path)
+    parser.add_argument("--fleet", nargs="+", type=Path, default=[
+        Path("bench-results/fleet.json"), Path("bench-results/fleet-postgresql.json")])
     args = parser.parse_args()
     text = args.readme.read_text()
     if args.nats.exists() and args.ceiling.exists():
@@ -166,6 +213,10 @@ def main() -> None:
         text = _replace(text, DBEGIN, DEND, drift_table(json.loads(args.drift.read_text())),
                         args.readme)
         print(f"{args.readme}: drift table written from {args.drift}")
+    fleet = [json.loads(f.read_text()) for f in args.fleet if f.exists()]
+    if fleet:
+        text = _replace(text, FBEGIN, FEND, fleet_table(fleet), args.readme)
+        print(f"{args.readme}: fleet table written from {', '.join(map(str, args.fleet))}")
     args.readme.write_text(text)
 
 

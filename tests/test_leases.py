@@ -65,3 +65,41 @@ def test_leases_split_evenly_move_on_join_and_leave_and_expire(server):
             await nc.close()
 
     asyncio.run(main())
+
+
+def test_release_during_a_renewal_frees_the_partition(server):
+    """A worker hands a partition off while its lease loop renews (they run side by side):
+    the release must still free the key, and the renewal must not bring the partition back
+    (seen in `bench fleet`: 'wrong last sequence' on the release, KeyError in the next round,
+    and the other worker waiting out the TTL for a partition nobody consumed)."""
+    settings = LeaseSettings(partitions=2, ttl=30.0, bucket="test_leases_race")
+
+    async def main() -> None:
+        nc = await nats.connect(server.url)
+        kv_nc = await nats.connect(server.url)
+        leases = PartitionLeases(nc.jetstream(), "a", settings)
+        other = PartitionLeases(kv_nc.jetstream(), "b", settings)
+        await leases.start()
+        kv = await kv_nc.jetstream().key_value(settings.bucket)
+        for round_ in range(40):
+            await other.stop()  # alone, a takes both partitions
+            await leases.rebalance()
+            assert set(leases.held) == {0, 1}
+            await other.start()  # b is live: partition 1 is b's now, a hands it off
+            renewal = asyncio.create_task(leases.rebalance())
+            # the release comes at a different point of the renewal's round trips each time
+            await asyncio.sleep(round_ * 0.0001)
+            await leases.release(1)
+            await renewal  # raises if the round tripped over the release
+            assert 1 not in leases.held, f"round {round_}: the renewal took 1 back"
+            assert "p.1" not in await _keys(kv), f"round {round_}: the release left the key"
+        await nc.close()
+        await kv_nc.close()
+
+    async def _keys(kv) -> list[str]:
+        try:
+            return await kv.keys()
+        except Exception:  # no keys at all
+            return []
+
+    asyncio.run(main())

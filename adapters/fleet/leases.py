@@ -70,6 +70,10 @@ class PartitionLeases:
         self.worker = worker
         self.settings = settings or LeaseSettings()
         self.held: dict[int, int] = {}  # partition -> revision of our last write
+        # a worker's hand-off releases while its lease loop renews: one at a time, or a
+        # renewal in flight writes back a partition just released (and its new revision
+        # fails the release's revision check, leaving the key for the TTL to remove)
+        self._writing = asyncio.Lock()
         self._kv: KeyValue | None = None
         self._heartbeat: int | None = None
 
@@ -103,6 +107,10 @@ class PartitionLeases:
 
     async def rebalance(self) -> Plan:
         """One round: renew what we hold, find who is live, take what is ours and free."""
+        async with self._writing:
+            return await self._rebalance()
+
+    async def _rebalance(self) -> Plan:
         plan = Plan()
         await self._beat()
         for partition in list(self.held):
@@ -126,10 +134,11 @@ class PartitionLeases:
 
     async def release(self, partition: int) -> None:
         """Give a partition up (after its consumer stopped and what was in flight settled)."""
-        revision = self.held.pop(partition, None)
-        if revision is not None:
-            with contextlib.suppress(KeyWrongLastSequenceError, KeyNotFoundError):
-                await self._require().delete(f"p.{partition}", last=revision)
+        async with self._writing:
+            revision = self.held.pop(partition, None)
+            if revision is not None:
+                with contextlib.suppress(KeyWrongLastSequenceError, KeyNotFoundError):
+                    await self._require().delete(f"p.{partition}", last=revision)
 
     async def stop(self) -> None:
         for partition in list(self.held):

@@ -300,6 +300,11 @@ class Worker(Service):
                                        str(partition).encode())
             log.info("fleet.partition_handed_off", worker=self.fleet.worker,
                      partition=partition)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a task of its own: say so (its lease expires by the TTL)
+            log.error("fleet.hand_off_failed", worker=self.fleet.worker, partition=partition,
+                      error=repr(exc))
         finally:
             self._handing_off.pop(partition, None)
 
