@@ -90,6 +90,23 @@ def _count(store: str) -> int:
         recorder.close()
 
 
+def _balanced(store: str, workers: int) -> bool:
+    """Has each of `workers` workers claimed its equal share of the 16 partitions? (the last
+    claims in the store: a joining worker's hand-offs are over, and out of the window)"""
+    try:
+        recorder = open_recorder(store, upgrade=False)
+    except Exception:  # not created yet
+        return False
+    try:
+        owners = collections.Counter(o for _e, o, _s in recorder.partition_leases().values())
+    except Exception:  # not created yet
+        return False
+    finally:
+        recorder.close()
+    return (sum(owners.values()) == 16 and len(owners) == workers
+            and max(owners.values()) - min(owners.values()) <= 1)
+
+
 @contextlib.contextmanager
 def _fresh_store(args: argparse.Namespace, tmp: Path):
     """A new store for one setup: a SQLite file, or a schema of its own in the given
@@ -202,8 +219,12 @@ def _run(setup: str, workers: int, args: argparse.Namespace, console: Console) -
             meter = _CpuMeter([p.pid for p in processes], server.process.pid,
                               postgres=bool(args.store))
             try:
-                # the window opens once queries are answered (every partition's query
-                # process is up): what ingest does to queries, not what start-up does
+                # the window opens once the partitions are spread over the workers and
+                # queries are answered (every partition's query process is up): what ingest
+                # does to queries, not what start-up or a hand-off does
+                while setup != "service" and not _balanced(store, workers):
+                    assert time.monotonic() < deadline, "the partitions were not spread"
+                    time.sleep(0.1)
                 while not asyncio.run(_answered(server.url, args.users)):
                     assert time.monotonic() < deadline, "no query answered"
                     time.sleep(0.1)
