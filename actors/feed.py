@@ -61,6 +61,7 @@ class FeedSender:
         self._max_rows = max_rows
         self._models_every = models_every
         self._backlog: collections.deque = collections.deque()
+        self._partitions: list | None = None  # the newest PARTITIONS, not yet sent
         self._rows = 0  # rows in the backlog
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -70,10 +71,8 @@ class FeedSender:
         self._thread = threading.Thread(target=self._run, name=f"microtune-{name}", daemon=True)
         self._thread.start()
 
-    def put(self, kind: str, payload: Any, rows: int = 0, *, first: bool = False) -> None:
-        """Queue a message; `first`: ahead of what waits (a fleet's worker's partitions: the
-        query process stops answering them if they do not come in time, whatever rows wait
-        before them)."""
+    def put(self, kind: str, payload: Any, rows: int = 0) -> None:
+        """Queue a message (behind what waits)."""
         if self.broken:
             return
         with self._lock:
@@ -84,11 +83,20 @@ class FeedSender:
                 self._rows = 0
                 self.gaps += 1
                 return
-            if first:
-                self._backlog.appendleft((kind, payload))
-            else:
-                self._backlog.append((kind, payload))
+            self._backlog.append((kind, payload))
             self._rows += rows
+        self._wake.set()
+
+    def put_partitions(self, payload: list) -> None:
+        """A fleet's worker's partitions: ahead of whatever waits (the query process stops
+        answering them if they do not come in time), and only the newest (a worker handing
+        off several partitions tells after each: an older one read last would keep a
+        handed-off partition answered). Not part of the backlog, so a dropped backlog keeps
+        it."""
+        if self.broken:
+            return
+        with self._lock:
+            self._partitions = payload
         self._wake.set()
 
     def close(self) -> None:
@@ -105,6 +113,9 @@ class FeedSender:
             with self._lock:
                 messages, self._backlog = list(self._backlog), collections.deque()
                 self._rows = 0
+                if self._partitions is not None:
+                    messages.insert(0, (PARTITIONS, self._partitions))
+                    self._partitions = None
             steps = self._models.changes
             if steps != sent_steps:  # before the rows: queries score with the newest
                 sent_steps = steps
@@ -160,7 +171,7 @@ class Feed:
 
     def partitions(self, count: int, held: list[int]) -> None:
         for sender in self.senders:
-            sender.put(PARTITIONS, [count, sorted(held)], first=True)
+            sender.put_partitions([count, sorted(held)])
 
     def close(self) -> None:
         for sender in self.senders:
