@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -291,57 +292,34 @@ async def _answered(url: str, users: int) -> bool:
 
 
 class _Asker:
-    """Queries at a fixed rate (open loop) from a thread with its own event loop, their
-    latencies kept per phase (`start(phase)` ... `stop()`)."""
+    """Queries at a fixed rate (open loop) from a process of its own (so that this process's
+    polling of the store does not delay them), their latencies kept per phase
+    (`start(phase)` ... `stop()`)."""
 
     def __init__(self, url: str, users: int, rate: float) -> None:
         self.url, self.users, self.rate = url, users, rate
         self.latencies: dict[str, list[float]] = {}
         self.failed: dict[str, int] = {}
         self.reasons: collections.Counter = collections.Counter()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._process: subprocess.Popen | None = None
+        self._phase = ""
 
     def start(self, phase: str) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._run(phase)))
-        self._thread.start()
+        self._phase = phase
+        self._process = subprocess.Popen(
+            [sys.executable, __file__, "--ask", self.url, str(self.users), str(self.rate)],
+            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self._process.stdout.readline().strip() == "ready"  # connected: time starts
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
-    async def _run(self, phase: str) -> None:
-        lat = self.latencies.setdefault(phase, [])
-        self.failed.setdefault(phase, 0)
-        nc = await nats.connect(self.url)
-        body = msgpack.packb({"v": 1, "c": [[f"i{k}", [0.1 * k] * DIM] for k in range(10)]})
-        tasks = set()
-
-        async def ask(n: int) -> None:
-            began = time.perf_counter()
-            try:
-                reply = await nc.request(f"microtune.query.u{n % self.users}", body, timeout=5)
-                answer = msgpack.unpackb(reply.data)
-                if "e" in answer:
-                    raise RuntimeError(f"refused: {answer['e']}")
-                lat.append(time.perf_counter() - began)
-            except Exception as exc:
-                self.failed[phase] += 1
-                self.reasons[repr(exc)[:60]] += 1
-
-        start, n = time.perf_counter(), 0
-        while not self._stop.is_set():
-            due = start + n / self.rate
-            await asyncio.sleep(max(0.0, due - time.perf_counter()))
-            task = asyncio.create_task(ask(n))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-            n += 1
-        if tasks:
-            await asyncio.wait(tasks, timeout=6)
-        await nc.close()
+        if self._process is None:
+            return
+        out, _ = self._process.communicate("stop\n", timeout=60)  # it stops, then reports
+        self._process = None
+        latencies, failed, reasons = json.loads(out)
+        self.latencies.setdefault(self._phase, []).extend(latencies)
+        self.failed[self._phase] = self.failed.get(self._phase, 0) + failed
+        self.reasons.update(reasons)
 
     def summary(self) -> dict:
         out = {}
@@ -353,6 +331,51 @@ class _Asker:
         if self.reasons:
             out["why_failed"] = dict(self.reasons.most_common(3))
         return out
+
+
+def _ask_until(url: str, users: int, rate: float) -> None:
+    """The asking process (`--ask`): queries at `rate` until a line comes on stdin, then its
+    latencies, failures and their reasons as JSON on stdout."""
+    stop = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
+    latencies: list[float] = []
+    failed = 0
+    reasons: collections.Counter = collections.Counter()
+
+    async def run() -> None:
+        nonlocal failed
+        nc = await nats.connect(url)
+        body = msgpack.packb({"v": 1, "c": [[f"i{k}", [0.1 * k] * DIM] for k in range(10)]})
+        tasks = set()
+        print("ready", flush=True)
+
+        async def ask(n: int) -> None:
+            nonlocal failed
+            began = time.perf_counter()
+            try:
+                reply = await nc.request(f"microtune.query.u{n % users}", body, timeout=5)
+                answer = msgpack.unpackb(reply.data)
+                if "e" in answer:
+                    raise RuntimeError(f"refused: {answer['e']}")
+                latencies.append(time.perf_counter() - began)
+            except Exception as exc:
+                failed += 1
+                reasons[repr(exc)[:60]] += 1
+
+        start, n = time.perf_counter(), 0
+        while not stop.is_set():
+            due = start + n / rate
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            task = asyncio.create_task(ask(n))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            n += 1
+        if tasks:
+            await asyncio.wait(tasks, timeout=6)
+        await nc.close()
+
+    asyncio.run(run())
+    print(json.dumps([latencies, failed, dict(reasons)]))
 
 
 def _failover(args: argparse.Namespace, console: Console) -> dict:
@@ -447,6 +470,9 @@ def _count_of(store: str, users: list[str]) -> int:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--ask"]:  # the asking process (_Asker)
+        _ask_until(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=40_000)
     parser.add_argument("--users", type=int, default=4_000)
