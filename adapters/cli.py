@@ -49,6 +49,9 @@ SERVE_SETTINGS: dict[str, tuple[Any, str]] = {
                      "outside the machine reads it unless you say so)"),
     "ready_timeout": (120.0, "seconds to become ready (consumers attached, store writable, "
                       "catalog loaded); beyond them serve stops with a message, exit 3"),
+    "stop_timeout": (120.0, "seconds a graceful stop may take; beyond them serve logs what it "
+                     "still waits for and exits 4 (what was acknowledged is committed: "
+                     "the rest is delivered again)"),
     "workers": (1, "processes that ingest: 1 is one service; N > 1 starts N workers of a "
                 "fleet on this machine, each with its partitions of the users (README "
                 "\"A fleet\")"),
@@ -202,6 +205,7 @@ async def _serve(args: argparse.Namespace, tuning) -> int:
     else:
         service = Service(system, config)
     stop = asyncio.Event()
+    hung = False
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
@@ -262,13 +266,39 @@ async def _serve(args: argparse.Namespace, tuning) -> int:
         if watch is not None:
             watch.cancel()
         log.info("service.stopping")
-        await service.stop()
+        try:
+            await asyncio.wait_for(asyncio.shield(service.stop()), args.stop_timeout)
+        except TimeoutError:
+            log.error("service.stop_timed_out", seconds=args.stop_timeout,
+                      waiting=_waiting_tasks())
+            hung = True
     finally:
         if metrics is not None:
             metrics.stop()
         if embedded is not None:
             embedded.stop()
+    if hung:  # a stop that hangs is a bug (logged above); threads waiting for work would
+        # keep the process alive. Nothing acknowledged is lost: an event is acknowledged once
+        # committed, and the unacknowledged are delivered again.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(4)
     return 0
+
+
+def _waiting_tasks() -> dict[str, str]:
+    """Where each asyncio task waits: its chain of awaits, outermost first."""
+    waiting = {}
+    for task in asyncio.all_tasks():
+        chain, coro = [], task.get_coro()
+        while coro is not None:
+            frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+            if frame is not None:
+                chain.append(f"{frame.f_code.co_name} "
+                             f"({Path(frame.f_code.co_filename).name}:{frame.f_lineno})")
+            coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+        waiting[task.get_name()] = " > ".join(chain)
+    return waiting
 
 
 def _open_system(store: str, tuning, args: argparse.Namespace):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from actors.configs import ConfigRegistry
@@ -133,3 +135,29 @@ def test_commands_without_a_terminal_end_with_a_line_and_an_exit_code(tmp_path):
     out, err = demo.communicate(timeout=60)
     assert demo.returncode == 130, err[-500:]
     assert "interrupted" in out + err and "Traceback" not in out + err
+
+
+def test_a_hung_stop_is_logged_with_where_each_task_waits():
+    """serve's stop timeout logs every task's chain of awaits (`_waiting_tasks`): the
+    innermost coroutine a hung stop waits in is named."""
+    from adapters.cli import _waiting_tasks
+
+    async def held_by(gate: asyncio.Event) -> None:
+        await gate.wait()
+
+    async def stopping(gate: asyncio.Event) -> None:
+        await held_by(gate)
+
+    async def main() -> dict[str, str]:
+        gate = asyncio.Event()
+        task = asyncio.create_task(stopping(gate), name="the-stop")
+        await asyncio.sleep(0.01)
+        waiting = _waiting_tasks()
+        gate.set()
+        await task
+        return waiting
+
+    waiting = asyncio.run(main())
+    assert waiting["the-stop"].startswith("stopping (test_cli.py:")
+    assert "> held_by (test_cli.py:" in waiting["the-stop"]
+    assert "> wait (locks.py:" in waiting["the-stop"]
