@@ -326,10 +326,14 @@ class SegmentModels:
     def load(self, saved: dict[str, bytes]) -> None:
         """Restore checkpoints; an undecodable one is logged and starts from zero."""
         with self._lock:
+            self.changes += 1  # the feed sends the query processes the loaded models
             for name, raw in saved.items():
                 try:
                     if name.endswith(ITEMS_SUFFIX):
                         self._items[name[:-len(ITEMS_SUFFIX)]] = ItemEffects.decode(raw)
+                        # no change log reaches back past a load: readers take all of them
+                        self._item_log_base += len(self._item_log) + 1
+                        self._item_log = []
                     else:
                         self._states[name] = decode_state(raw)
                 except (SnapshotError, ValueError, TypeError, msgpack.UnpackException) as exc:

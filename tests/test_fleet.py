@@ -350,6 +350,47 @@ def test_a_worker_joining_and_one_leaving_rebalance_under_load(fleet_server, tmp
     assert asker.failed <= 0.01 * asker.asked  # a hand-off: queries wait a moment
 
 
+def test_a_joining_worker_starts_from_the_fleets_segment_models(fleet_server, tmp_path):
+    """A worker that joins takes the segment models from a running worker, not from the
+    store's last checkpoint (up to 30 s old, or none): a new user scores alike on both."""
+    store = str(tmp_path / "mt.db")
+    workers = Workers(fleet_server.url, store, tmp_path, extra=["--lease-ttl", "30"])
+    users = [f"user{n}" for n in range(24)]
+    candidates = [("a", [1.0, 0.0, 0.0, 0.0]), ("b", [0.0, 1.0, 1.0, 0.0])]
+
+    async def main() -> tuple[dict, dict]:
+        nc = await nats.connect(fleet_server.url)
+        js = nc.jetstream()
+        workers.start("w0")
+        await asyncio.to_thread(workers.wait_joined, "w0")
+        for i in range(6):  # the segment model learns: clicks on features 1 and 2
+            for user in users:
+                await track(js, user, id=f"e{i}", t=1.7e9 + i, kind="click", item="b",
+                            x=[0.0, 1.0, 1.0, 0.0])
+        await wait_applied(store, 6 * len(users))
+        workers.start("w1")
+        await asyncio.to_thread(workers.wait_joined, "w1")
+        held = await until_owned(nc, {"w0", "w1"}, timeout=25.0)
+        newcomers: dict[str, str] = {}  # worker -> a user it holds that has no events
+        for n in range(1000):
+            newcomers.setdefault(held[partition_of(f"new{n}", 16)], f"new{n}")
+            if len(newcomers) == 2:
+                break
+        answers = {w: await rank(nc, user, candidates) for w, user in newcomers.items()}
+        await nc.close()
+        return ({w: dict(zip(a.items, a.scores, strict=True)) for w, a in answers.items()},
+                newcomers)
+
+    try:
+        scores, newcomers = asyncio.run(main())
+    finally:
+        workers.stop()
+    print(f"a new user's scores: {scores} ({newcomers})")
+    assert scores["w0"]["b"] > scores["w0"]["a"] + 0.1  # w0's segment model learned
+    for item in ("a", "b"):
+        assert abs(scores["w1"][item] - scores["w0"][item]) < 1e-6, scores
+
+
 def test_a_worker_paused_past_its_lease_cannot_write(fleet_server, tmp_path):
     store = str(tmp_path / "fleet.db")
     workers = Workers(fleet_server.url, store, tmp_path)

@@ -104,6 +104,7 @@ class Worker(Service):
         self._released_sub = None
         self._rebalancing = asyncio.Lock()
         self._models_sub = None
+        self._models_full_sub = None
         self._exchange_task: asyncio.Task | None = None
         self.deltas_sent = self.deltas_added = 0
         p = self.config.prefix
@@ -128,9 +129,13 @@ class Worker(Service):
                                                      cb=self._on_changed)
         self._released_sub = await self.qnc.subscribe(f"{self.fleet_subject}.released",
                                                       cb=self._on_released)
+        await self._take_fleet_models()
         self.system.context.models.start_sharing()
         self._models_sub = await self.qnc.subscribe(f"{self.fleet_subject}.models",
                                                     cb=self._on_models)
+        self._models_full_sub = await self.qnc.subscribe(
+            f"{self.fleet_subject}.models.full", queue="microtune-fleet-models",
+            cb=self._on_models_full)
         self._exchange_task = asyncio.create_task(self._exchange())
         self.leases = PartitionLeases(self.js, self.fleet.worker, LeaseSettings(
             partitions=self.partitions, ttl=self.fleet.lease_ttl, bucket=self.fleet.bucket,
@@ -442,6 +447,36 @@ class Worker(Service):
             await self.qnc.publish(f"{self.fleet_subject}.models", msgpack.packb(
                 {"w": self.fleet.worker, "d": delta}, use_bin_type=True))
             self.deltas_sent += 1
+
+    async def _take_fleet_models(self) -> None:
+        """Start from a running worker's segment models (what the whole fleet has learned),
+        not from the store's checkpoint, which is up to 30 s behind them, or absent: once
+        joined, only the deltas from now on are added here. Learning that crosses the
+        request (one exchange interval of deltas) may count twice or not at all. The first
+        worker finds nobody to ask."""
+        try:
+            reply = await self.qnc.request(f"{self.fleet_subject}.models.full", b"",
+                                           timeout=5.0)
+            saved = msgpack.unpackb(reply.data, raw=False)
+        except NoRespondersError:
+            return
+        except Exception as exc:  # the store's checkpoint it is, then
+            log.warning("fleet.models_not_taken", error=repr(exc))
+            return
+        await asyncio.to_thread(self.system.context.models.load, saved)
+        log.info("fleet.models_taken", segments=sorted(saved))
+
+    async def _on_models_full(self, msg: Msg) -> None:
+        """A joining worker asks for the models: weights and item effects, or the weights
+        alone when the item effects would not fit in one message."""
+        models = self.system.context.models
+        try:
+            body = msgpack.packb(await asyncio.to_thread(models.checkpoint), use_bin_type=True)
+            if len(body) > self.qnc.max_payload:
+                body = msgpack.packb(models.dump(), use_bin_type=True)
+            await self.qnc.publish(msg.reply, body)
+        except Exception as exc:
+            log.warning("fleet.models_not_given", error=repr(exc))
 
     async def _on_models(self, msg: Msg) -> None:
         try:
