@@ -152,9 +152,11 @@ def fleet_table(runs: list[dict]) -> str:
     lines = [f"Measured {m['date'][:10]}, {m['arch']}, {m['cores']} cores, Python "
              f"{m['python']}: a backlog of {runs[0]['events']:,} events for "
              f"{runs[0]['users']:,} users drained by each setup in turn; ingest alone from 10% "
-             "to 50% of it, then with 1k queries/s to 90%. CPU: microseconds of CPU per event "
-             "in the first window, all processes summed (serve, query processes, nats-server, "
-             "PostgreSQL), and the cores that takes at that rate.", "",
+             "to 50% of it, then with 1k queries/s to 90% (10 candidates each, from a process "
+             "of their own, every user asked about once before: answers from the query "
+             "processes' replicas, not first loads from the store). CPU: microseconds of CPU "
+             "per event in the first window, all processes summed (serve, query processes, "
+             "nats-server, PostgreSQL), and the cores that takes at that rate.", "",
              "| store | setup | events/s | x one worker | events/s while queried | CPU µs per "
              "event | cores busy | query p50 / p99 ms, idle | query p50 / p99 ms, ingesting "
              "| failed queries |", "|" + "---|" * 10]
