@@ -156,10 +156,13 @@ def fleet_table(runs: list[dict]) -> str:
              "of their own, every user asked about once before: answers from the query "
              "processes' replicas, not first loads from the store). CPU: microseconds of CPU "
              "per event in the first window, all processes summed (serve, query processes, "
-             "nats-server, PostgreSQL), and the cores that takes at that rate.", "",
-             "| store | setup | events/s | x one worker | events/s while queried | CPU µs per "
-             "event | cores busy | query p50 / p99 ms, idle | query p50 / p99 ms, ingesting "
-             "| failed queries |", "|" + "---|" * 10]
+             "nats-server, PostgreSQL), and the cores that takes at that rate. Each setup "
+             f"ran {runs[0].get('rounds', 1)} time(s), in rounds of every setup in turn: "
+             "its row is its median round, and the ratio to one worker is also given round "
+             "by round.", "",
+             "| store | setup | events/s | x one worker | x one worker, each round | events/s "
+             "while queried | CPU µs per event | cores busy | query p50 / p99 ms, idle | "
+             "query p50 / p99 ms, ingesting | failed queries |", "|" + "---|" * 11]
     for data in runs:
         for name, r in data["runs"].items():
             cpu = r.get("cpu_us_per_event") or {}
@@ -168,6 +171,8 @@ def fleet_table(runs: list[dict]) -> str:
             q = r["queries"]
             cells = [data["store"], name, f"{rate:,.0f}",
                      f"{r['vs_one_worker']:.2f}" if r.get("vs_one_worker") else "-",
+                     ", ".join(f"{v:.2f}" for v in r.get("vs_one_worker_runs") or [] if v)
+                     or "-",
                      f"{r['events_per_s_under_queries']:,.0f}"
                      if r.get("events_per_s_under_queries") else "-",
                      f"{total:.0f}" if cpu else "-",
