@@ -103,8 +103,6 @@ class Worker(Service):
         self._changed_sub = None
         self._released_sub = None
         self._rebalancing = asyncio.Lock()
-        self._models_sub = None
-        self._models_full_sub = None
         self._exchange_task: asyncio.Task | None = None
         self.deltas_sent = self.deltas_added = 0
         p = self.config.prefix
@@ -131,11 +129,9 @@ class Worker(Service):
                                                       cb=self._on_released)
         await self._take_fleet_models()
         self.system.context.models.start_sharing()
-        self._models_sub = await self.qnc.subscribe(f"{self.fleet_subject}.models",
-                                                    cb=self._on_models)
-        self._models_full_sub = await self.qnc.subscribe(
-            f"{self.fleet_subject}.models.full", queue="microtune-fleet-models",
-            cb=self._on_models_full)
+        await self.qnc.subscribe(f"{self.fleet_subject}.models", cb=self._on_models)
+        await self.qnc.subscribe(f"{self.fleet_subject}.models.full",
+                                 queue="microtune-fleet-models", cb=self._on_models_full)
         self._exchange_task = asyncio.create_task(self._exchange())
         self.leases = PartitionLeases(self.js, self.fleet.worker, LeaseSettings(
             partitions=self.partitions, ttl=self.fleet.lease_ttl, bucket=self.fleet.bucket,
