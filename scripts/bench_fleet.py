@@ -12,7 +12,7 @@ asked (their latency, and what they cost ingest). Ratios against one worker of t
 SQLite by default; `--store postgresql://...` for PostgreSQL (each setup in a new schema of
 that database, dropped after). Writes bench-results/fleet.json.
 
-    microtune bench fleet [--events 40000] [--users 4000] [--workers 1 2 3] [--repeat 3]
+    microtune bench fleet [--events 150000] [--users 4000] [--workers 1 2 3] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from store.recorder import open_recorder
 
 ROOT = Path(__file__).resolve().parents[1]
 DIM = 16
+_PROBE = msgpack.packb({"v": 1, "c": [["i0", [0.0] * DIM]]})  # a one-candidate query
 
 
 def _config(tmp: Path) -> Path:
@@ -78,34 +79,45 @@ async def _backlog(url: str, events: int, users: int) -> None:
     await nc.close()
 
 
-def _count(store: str) -> int:
+def _read_store(store: str, read, default):
+    """`read(recorder)` on the store, or `default` while the workers have not created it."""
     try:
         recorder = open_recorder(store, upgrade=False)
     except Exception:  # not created yet
-        return 0
+        return default
     try:
-        return recorder.count_events()
+        return read(recorder)
     except Exception:  # not created yet
-        return 0
+        return default
     finally:
         recorder.close()
+
+
+def _count(store: str) -> int:
+    return _read_store(store, lambda r: r.count_events(), 0)
 
 
 def _balanced(store: str, workers: int) -> bool:
     """Has each of `workers` workers claimed its equal share of the 16 partitions? (the last
     claims in the store: a joining worker's hand-offs are over, and out of the window)"""
-    try:
-        recorder = open_recorder(store, upgrade=False)
-    except Exception:  # not created yet
-        return False
-    try:
-        owners = collections.Counter(o for _e, o, _s in recorder.partition_leases().values())
-    except Exception:  # not created yet
-        return False
-    finally:
-        recorder.close()
+    owners = _read_store(store, lambda r: collections.Counter(
+        o for _e, o, _s in r.partition_leases().values()), collections.Counter())
     return (sum(owners.values()) == 16 and len(owners) == workers
             and max(owners.values()) - min(owners.values()) <= 1)
+
+
+def _rate(marks: dict[str, float], start: str, end: str, events: float) -> float | None:
+    """Events per second between two marks; None if either is missing or both fell in one
+    poll (a backlog too small for the window: raise --events)."""
+    if start not in marks or end not in marks or marks[end] <= marks[start]:
+        return None
+    return events / (marks[end] - marks[start])
+
+
+def _serve_argv(url: str, store: str, log_level: str) -> list[str]:
+    """`serve` on the bench's server and store (a worker adds `--worker-id`)."""
+    return [sys.executable, "-m", "adapters.cli", "serve", "--nats-url", url, "--store", store,
+            "--dim", str(DIM), "--log-level", log_level, "--log-format", "console"]
 
 
 @contextlib.contextmanager
@@ -201,9 +213,7 @@ def _run(setup: str, workers: int, args: argparse.Namespace, console: Console) -
         with EmbeddedNats(tmp / "nats", config=_config(tmp)) as server:
             asyncio.run(_backlog(server.url, args.events, args.users))
             env = {**os.environ, "MICROTUNE_METRICS_PORT": "0"}
-            base = [sys.executable, "-m", "adapters.cli", "serve", "--nats-url", server.url,
-                    "--store", store, "--dim", str(DIM), "--log-level", "warning",
-                    "--log-format", "console"]
+            base = _serve_argv(server.url, store, "warning")
             names = [None] if setup == "service" else [f"w{i}" for i in range(workers)]
             logs = Path(args.out).parent / "fleet-logs"
             logs.mkdir(parents=True, exist_ok=True)
@@ -259,14 +269,13 @@ def _run(setup: str, workers: int, args: argparse.Namespace, console: Console) -
                     process.terminate()
                 for process in processes:
                     process.wait(180)  # a hung stop logs itself and exits at 120 s
-        rate = ((mid - low) / (marks["mid"] - marks["low"])
-                if "low" in marks and "mid" in marks else None)
-        queried = ((high - mid) / (marks["high"] - marks["mid"])
-                   if "mid" in marks and "high" in marks else None)
+        rate = _rate(marks, "low", "mid", mid - low)
+        queried = _rate(marks, "mid", "high", high - mid)
         queries = asker.summary()
         cpu = meter.per_event_us(mid - low)
-        console.print(f"{setup}: {rate and round(rate):,} events/s ({queried and round(queried):,}"
-                      f" under queries); CPU us/event {cpu}; queries {queries}")
+        shown = [f"{round(r):,}" if r else "-" for r in (rate, queried)]
+        console.print(f"{setup}: {shown[0]} events/s ({shown[1]} under queries); CPU us/event "
+                      f"{cpu}; queries {queries}")
         return {"setup": setup, "workers": workers, "events_per_s": rate,
                 "events_per_s_under_queries": queried, "queries": queries,
                 "cpu_us_per_event": cpu, "warm_up_s": round(warm_s, 2)}
@@ -278,13 +287,12 @@ async def _answered(url: str, users: int) -> bool:
 
     nc = await nats.connect(url)
     try:
-        body = msgpack.packb({"v": 1, "c": [["i0", [0.0] * DIM]]})
         firsts = {}
         for n in range(users):
             firsts.setdefault(partition_of(f"u{n}", 16), f"u{n}")
         for user in firsts.values():
             try:
-                await nc.request(f"microtune.query.{user}", body, timeout=2)
+                await nc.request(f"microtune.query.{user}", _PROBE, timeout=2)
             except Exception:
                 return False
         return True
@@ -300,13 +308,12 @@ async def _warm(url: str, users: int) -> float:
     nc = await nats.connect(url)
     began = time.perf_counter()
     try:
-        body = msgpack.packb({"v": 1, "c": [["i0", [0.0] * DIM]]})
         gate = asyncio.Semaphore(64)
 
         async def ask(n: int) -> None:
             async with gate:
                 with contextlib.suppress(Exception):
-                    await nc.request(f"microtune.query.u{n}", body, timeout=10)
+                    await nc.request(f"microtune.query.u{n}", _PROBE, timeout=10)
 
         await asyncio.gather(*(ask(n) for n in range(users)))
         return time.perf_counter() - began
@@ -411,9 +418,7 @@ def _failover(args: argparse.Namespace, console: Console) -> dict:
         with EmbeddedNats(tmp / "nats", config=_config(tmp)) as server:
             asyncio.run(_backlog(server.url, 0, 1))  # the stream, as the service makes it
             env = {**os.environ, "MICROTUNE_METRICS_PORT": "0"}
-            base = [sys.executable, "-m", "adapters.cli", "serve", "--nats-url", server.url,
-                    "--store", store, "--dim", str(DIM), "--log-level", "info",
-                    "--log-format", "console"]
+            base = _serve_argv(server.url, store, "info")
             logs = Path(args.out).parent / "fleet-logs"
             logs.mkdir(parents=True, exist_ok=True)
             processes = {}
@@ -485,11 +490,7 @@ async def _kill_and_time(url: str, store: str, processes: dict, console: Console
 
 
 def _count_of(store: str, users: list[str]) -> int:
-    recorder = open_recorder(store, upgrade=False)
-    try:
-        return sum(recorder.last_seq(user) for user in users)
-    finally:
-        recorder.close()
+    return _read_store(store, lambda r: sum(r.last_seq(user) for user in users), 0)
 
 
 def main() -> None:
@@ -497,7 +498,7 @@ def main() -> None:
         _ask_until(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--events", type=int, default=40_000)
+    parser.add_argument("--events", type=int, default=150_000)
     parser.add_argument("--users", type=int, default=4_000)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--store", default=None)
