@@ -261,12 +261,16 @@ class Microtune:
         self._experiments_changed()
         return experiment
 
-    def reload_experiments(self) -> None:
-        """Read the configs and experiments again: another writer (a fleet's worker)
-        changed them in the store."""
+    def reload_experiments(self) -> bool:
+        """Read the configs and experiments again: another writer (a fleet's worker) may
+        have changed them in the store. True (and the query processes told) if it did."""
+        before = (self.configs.current.version, self.experiments.encoded())
         self.configs.refresh()
         self.experiments.refresh()
+        if before == (self.configs.current.version, self.experiments.encoded()):
+            return False
         self._experiments_changed()
+        return True
 
     def _experiments_changed(self) -> None:
         if self.feed is not None:  # query processes rank by the arms too

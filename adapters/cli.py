@@ -263,14 +263,20 @@ async def _serve(args: argparse.Namespace, tuning) -> int:
             _watch_supervisor(int(supervisor), stop))
         await stop.wait()
         housekeeping.cancel()
+        orphaned = watch is not None and watch.done() and not watch.cancelled()
         if watch is not None:
             watch.cancel()
-        log.info("service.stopping")
+        log.info("service.stopping", orphaned=orphaned)
+        # an orphan's supervisor took the embedded server with it (a hand-off over a dead
+        # server only waits): a short try, then out; what it acknowledged is committed
+        timeout = min(args.stop_timeout, ORPHAN_STOP_TIMEOUT) if orphaned else args.stop_timeout
         try:
-            await asyncio.wait_for(asyncio.shield(service.stop()), args.stop_timeout)
+            await asyncio.wait_for(asyncio.shield(service.stop()), timeout)
         except TimeoutError:
-            log.error("service.stop_timed_out", seconds=args.stop_timeout,
-                      waiting=_waiting_tasks())
+            if orphaned:
+                log.warning("service.orphan_stop_abandoned", seconds=timeout)
+            else:
+                log.error("service.stop_timed_out", seconds=timeout, waiting=_waiting_tasks())
             hung = True
     finally:
         if metrics is not None:
@@ -371,6 +377,9 @@ async def _housekeeping(system, stop: asyncio.Event) -> None:
         if count:
             log.info("directory.passivated_idle", users=count)
         await asyncio.to_thread(system.checkpoint)  # the segment models
+
+
+ORPHAN_STOP_TIMEOUT = 15.0  # seconds a worker whose supervisor died tries to stop cleanly
 
 
 async def _watch_supervisor(pid: int, stop: asyncio.Event) -> None:

@@ -8,6 +8,8 @@ Tests start their own on a free port, so that they can kill and restart it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import shutil
 import signal
@@ -47,8 +49,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _parent_death_signal():
+    """A function for the child, between fork and exec, that asks Linux to SIGTERM it when
+    its parent dies (kill -9 included); None where there is no prctl. Resolved here, in the
+    parent: the child only calls it (no loading, no locks between fork and exec)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+_DIE_WITH_PARENT = _parent_death_signal()
+
+
 class EmbeddedNats:
-    """A nats-server process with JetStream; `start()` waits until it accepts connections."""
+    """A nats-server process with JetStream; `start()` waits until it accepts connections.
+
+    The server dies with the thread that started it (Linux's parent-death signal: a SIGTERM,
+    which nats-server takes as a clean shutdown), so a `serve` killed with -9 leaves no server
+    holding its port and its JetStream store. Start it from a thread that lives as long as
+    it should (the main thread, as `serve`, the benchmarks and the tests do).
+    """
 
     def __init__(self, store_dir: Path | str, port: int | None = None,
                  host: str = "127.0.0.1", config: Path | str | None = None) -> None:
@@ -77,6 +104,7 @@ class EmbeddedNats:
              "-sd", str(self.store_dir)],
             stdout=log_file,
             stderr=subprocess.STDOUT,
+            preexec_fn=_DIE_WITH_PARENT,  # a C call only, resolved before the fork
         )
         log_file.close()  # the child has its own descriptor
         deadline = time.monotonic() + timeout

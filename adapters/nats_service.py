@@ -684,7 +684,7 @@ class Service:
                 raise Rejected(Reason.WRONG_TYPE, "an admin request is a msgpack map")
             if command not in _READ_ONLY:
                 body["by"] = self._admin_identity(body)
-            answer = await handler(self, body)
+            answer = await getattr(self, handler)(body)
         except Rejected as rejected:
             answer = rejected.to_wire()
         except (ValueError, TypeError, msgpack.UnpackException) as exc:
@@ -1045,15 +1045,10 @@ class Service:
         log.info("nats.reconnected", url=str(url))
 
 
-_ADMIN = {
-    "stats": Service._admin_stats,
-    "user": Service._admin_user,
-    "rollback": Service._admin_rollback,
-    "forget": Service._admin_forget,
-    "clear_bot": Service._admin_clear_bot,
-    "experiment": Service._admin_experiment,
-    "experiments": Service._admin_experiments,
-}
+# command -> the method that runs it, looked up on the instance: a fleet's worker
+# overrides some (stats summed over the fleet, experiment changes announced)
+_ADMIN = {command: f"_admin_{command}" for command in (
+    "stats", "user", "rollback", "forget", "clear_bot", "experiment", "experiments")}
 _READ_ONLY = frozenset({"stats", "experiments"})  # no admin token needed
 
 

@@ -588,9 +588,26 @@ def stats(argv: list[str]) -> int:
         svc = result["service"]
         live = Table(title="service (live counters)", show_header=False)
         for key, value in svc.items():
-            live.add_row(key, _cell(value))
+            if key != "by_worker":
+                live.add_row(key, _cell(value))
         out.print(live)
+        if svc.get("by_worker"):  # a fleet: the sums above, each worker's share here
+            out.print(_workers_table(svc["by_worker"]))
     return 0
+
+
+WORKER_COLUMNS = ("received", "applied", "duplicates", "moved", "live_actors",
+                  "journal_commits", "queries")
+
+
+def _workers_table(workers: dict[str, dict]) -> Table:
+    table = Table(title="workers (a fleet)")
+    for column in ("worker", "partitions", *WORKER_COLUMNS):
+        table.add_column(column, justify="left" if column == "worker" else "right")
+    for name, w in workers.items():
+        serving = (w.get("fleet_worker") or {}).get("serving", [])
+        table.add_row(name, _cell(len(serving)), *(_cell(w.get(c, "-")) for c in WORKER_COLUMNS))
+    return table
 
 
 def _cell(value: Any) -> str:

@@ -391,6 +391,68 @@ def test_a_joining_worker_starts_from_the_fleets_segment_models(fleet_server, tm
         assert abs(scores["w1"][item] - scores["w0"][item]) < 1e-6, scores
 
 
+def test_stats_sum_every_worker_and_experiments_reach_every_worker(fleet_server, tmp_path):
+    """`admin.stats`, which one worker answers, counts the whole fleet: each worker's own
+    counters beside their sums. An experiment written to the store by another writer (its
+    `changed` notice lost, as in a disconnection) reaches every worker within a renewal."""
+    import msgpack
+
+    from actors.configs import ConfigRegistry
+    from actors.experiments.registry import ExperimentRegistry
+    from events import TuningConfig
+
+    store = str(tmp_path / "mt.db")
+    workers = Workers(fleet_server.url, store, tmp_path)
+    users = [f"user{n}" for n in range(20)]
+
+    async def stats(nc) -> dict:
+        reply = await nc.request("microtune.admin.stats", b"", timeout=10)
+        return msgpack.unpackb(reply.data, raw=False)
+
+    async def main() -> tuple[dict, dict]:
+        nc = await nats.connect(fleet_server.url)
+        js = nc.jetstream()
+        for name in ("w0", "w1"):
+            workers.start(name)
+            await asyncio.to_thread(workers.wait_joined, name)
+        await until_owned(nc, {"w0", "w1"})
+        for i in range(3):
+            for user in users:
+                await track(js, user, **click(user, i))
+        await wait_applied(store, 3 * len(users))
+        counted = await stats(nc)
+        recorder = open_recorder(store, upgrade=False)
+        try:
+            ExperimentRegistry(recorder).start(
+                "elsewhere", [("a", "current"), ("b", "no-adjust")],
+                ConfigRegistry(recorder, TuningConfig(version=1, dim=DIM)), by="test")
+        finally:
+            recorder.close()
+        deadline = time.monotonic() + 10 * TTL
+        while True:
+            seen = await stats(nc)
+            running = {w: m["experiments_running"] for w, m in seen["by_worker"].items()}
+            if all("elsewhere" in names for names in running.values()):
+                break
+            assert time.monotonic() < deadline, running
+            await asyncio.sleep(0.2)
+        await nc.close()
+        return counted, seen
+
+    try:
+        counted, seen = asyncio.run(main())
+    finally:
+        workers.stop()
+    assert counted["fleet"] == {"workers": 2, "answered": ["w0", "w1"], "missing": []}
+    by_worker = counted["by_worker"]
+    assert counted["applied"] == 60 == sum(w["applied"] for w in by_worker.values())
+    assert all(w["applied"] > 0 for w in by_worker.values())  # each its own share
+    assert counted["live_actors"] == sum(w["live_actors"] for w in by_worker.values())
+    assert sorted(p for w in by_worker.values() for p in w["fleet_worker"]["serving"]) == list(
+        range(16))
+    assert seen["experiments_running"] == ["elsewhere"]
+
+
 def test_a_worker_paused_past_its_lease_cannot_write(fleet_server, tmp_path):
     store = str(tmp_path / "fleet.db")
     workers = Workers(fleet_server.url, store, tmp_path)
@@ -544,32 +606,41 @@ def test_a_three_node_cluster_loses_a_node_mid_stream(tmp_path):
 
 
 def test_workers_stop_when_their_supervisor_is_killed(tmp_path):
-    """kill -9 of `serve --workers 2` leaves no worker running (holding leases)."""
+    """kill -9 of `serve --workers 2` leaves no worker running (holding leases), and no
+    embedded nats-server holding its port and its JetStream store."""
     from adapters.embedded import free_port
 
     env = {**os.environ, "MICROTUNE_METRICS_PORT": "0"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "adapters.cli", "serve", "--workers", "2", "--data-dir",
-         str(tmp_path / "data"), "--embedded-port", str(free_port()), "--dim", str(DIM),
-         "--log-level", "warning"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
+    out = tmp_path / "serve.log"  # a file: the orphans write after nobody reads a pipe
+    with out.open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "adapters.cli", "serve", "--workers", "2", "--data-dir",
+             str(tmp_path / "data"), "--embedded-port", str(free_port()), "--dim", str(DIM),
+             "--log-level", "warning"], cwd=ROOT, env=env, stdout=log,
+            stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 90
-    while sum("joined the fleet" in line for line in lines) < 2:
-        assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)
-        lines.append(proc.stdout.readline())
+    while out.read_text(errors="replace").count("joined the fleet") < 2:
+        assert time.monotonic() < deadline and proc.poll() is None, out.read_text()
+        time.sleep(0.1)
     children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
                               text=True).stdout.split()
     workers = [int(pid) for pid in children
                if "adapters.cli" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")]
-    assert len(workers) == 2
+    servers = [int(pid) for pid in children
+               if "nats-server" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")]
+    assert len(workers) == 2 and len(servers) == 1
     proc.kill()
     proc.wait()
     deadline = time.monotonic() + 60
-    while any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) for pid in workers):
-        assert time.monotonic() < deadline, "a worker outlived its supervisor"
-        time.sleep(0.2)
-    subprocess.run(["pkill", "-f", str(tmp_path / "data" / "nats")])  # the orphaned server
+    try:
+        while any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) for pid in workers):
+            assert time.monotonic() < deadline, "a worker outlived its supervisor"
+            time.sleep(0.2)
+        while Path(f"/proc/{servers[0]}").exists() and "Z" not in _state(servers[0]):
+            assert time.monotonic() < deadline, "the embedded nats-server outlived serve"
+            time.sleep(0.2)
+    finally:
+        subprocess.run(["pkill", "-9", "-f", str(tmp_path / "data" / "nats")])
 
 
 def _state(pid: int) -> str:

@@ -51,6 +51,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js import api
 
 from actors.system import Microtune
+from adapters.fleet import stats as fleet_stats
 from adapters.fleet.leases import LeaseSettings, PartitionLeases
 from adapters.nats_service import Service, ServiceConfig
 from events.errors import Reason, Rejected
@@ -127,6 +128,7 @@ class Worker(Service):
                                                      cb=self._on_changed)
         self._released_sub = await self.qnc.subscribe(f"{self.fleet_subject}.released",
                                                       cb=self._on_released)
+        await self.qnc.subscribe(f"{self.fleet_subject}.stats", cb=self._on_fleet_stats)
         await self._take_fleet_models()
         self.system.context.models.start_sharing()
         await self.qnc.subscribe(f"{self.fleet_subject}.models", cb=self._on_models)
@@ -182,6 +184,17 @@ class Worker(Service):
                 await self._rebalance()
             except Exception as exc:  # the next round tries again (renewals have slack)
                 log.error("fleet.rebalance_failed", worker=self.fleet.worker, error=repr(exc))
+            await self._catch_up_changes()
+
+    async def _catch_up_changes(self) -> None:
+        """Read experiments and configs again: a `changed` notice is core NATS, lost if this
+        worker was disconnected when it went out; this bounds how long a worker ranks by a
+        stale experiment to one renewal interval (a quarter of the lease TTL)."""
+        try:
+            if await asyncio.to_thread(self.system.reload_experiments):
+                log.info("fleet.changes_caught_up", worker=self.fleet.worker)
+        except Exception as exc:  # the store is down: the next round
+            log.warning("fleet.reload_failed", error=repr(exc))
 
     async def _on_released(self, _msg: Msg) -> None:
         if self.leases is None or self._lease_loop is None:
@@ -485,6 +498,43 @@ class Worker(Service):
             self.deltas_added += 1
         except Exception as exc:
             log.warning("fleet.delta_unreadable", error=repr(exc))
+
+    async def _admin_stats(self, body: dict) -> dict:
+        """The fleet's counters (adapters/fleet/stats.py): every live worker's, summed."""
+        live = [self.fleet.worker]
+        if self.leases is not None:
+            with contextlib.suppress(Exception):
+                live = await self.leases.live_workers()
+        inbox = self.qnc.new_inbox()
+        sub = await self.qnc.subscribe(inbox)
+        answers: dict[str, dict] = {}
+        try:
+            await self.qnc.publish(f"{self.fleet_subject}.stats", b"", reply=inbox)
+            deadline = time.monotonic() + fleet_stats.WAIT
+            while set(live) - answers.keys():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    msg = await sub.next_msg(timeout=remaining)
+                except NatsTimeout:
+                    break
+                with contextlib.suppress(Exception):
+                    answer = msgpack.unpackb(msg.data, raw=False)
+                    answers[answer["fleet_worker"]["worker"]] = answer
+        finally:
+            await sub.unsubscribe()
+        return fleet_stats.summed(answers, live)
+
+    async def _on_fleet_stats(self, msg: Msg) -> None:
+        """This worker's own counters, for the worker that gathers the fleet's."""
+        if not msg.reply:
+            return
+        try:
+            mine = {**await Service._admin_stats(self, {}), "fleet_worker": self.fleet_stats()}
+            await self.qnc.publish(msg.reply, msgpack.packb(mine, use_bin_type=True))
+        except Exception as exc:  # the asker names this worker as missing
+            log.warning("fleet.stats_not_given", error=repr(exc))
 
     async def _admin_experiment(self, body: dict) -> dict:
         """Start, ramp or stop an experiment, then tell every worker to read it."""
