@@ -113,6 +113,21 @@ def _sum(a):  # pragma: no cover - compiled
     return 0.0 + _pairwise(a)
 
 
+@njit(_F(_VEC, _VEC), cache=True)
+def biased_dot(w, x):  # pragma: no cover - compiled
+    """w . (1, x): a score with its bias, bit for bit as numpy's
+    `(w * np.concatenate(([1.0], x))).sum()` (the same products, numpy's pairwise order), in
+    one call instead of three array operations. ValueError for mismatched lengths."""
+    n = w.shape[0]
+    if x.shape[0] + 1 != n:
+        raise ValueError("item features do not match the weights' dimension")
+    prod = np.empty(n)
+    prod[0] = w[0] * 1.0
+    for i in range(1, n):
+        prod[i] = w[i] * x[i - 1]
+    return _sum(prod)
+
+
 @njit(_SIGNATURE, cache=True)
 def learn(w_in, m_in, v_in, w0, x_item, t, t_last, decay, y, importance, offset, bucket, b1p,
           b2p, optimizer, beta1, beta2, l2, eps, lr, lr_min, lr_max, max_step, window_budget,

@@ -35,12 +35,10 @@ import numpy as np
 
 from actors import hygiene
 from actors.hygiene import engagement, sigmoid
-from actors.kernel import ADAGRAD, OPTIMIZER_CODES, learn
+from actors.kernel import ADAGRAD, OPTIMIZER_CODES, biased_dot, learn
 from actors.state import RECENT_IDS, UserState, decode_state, id_hash
 from events.config import SegmentConfig, TuningConfig
 from events.types import ADMIN_KINDS, EXPOSURE, INTERACTION_KINDS, Event
-
-_ONE = np.ones(1)
 
 
 class Step(NamedTuple):
@@ -194,8 +192,31 @@ def settle_after(settled: UserState, state: UserState, event: Event, new: UserSt
             and new.segment == state.segment and config.segment(new.segment).hygiene
             and not settled.hyg.impressions and h.late == before.late
             and h.pending and h.pending[-1][2] is event):
-        return settle(apply(settled, event, config), config)
+        one = _settle_one(settled, event, new, config)
+        return settle(apply(settled, event, config), config) if one is None else one
     return settle(new, config)
+
+
+def _settle_one(settled: UserState, event: Event, new: UserState,
+                config: TuningConfig) -> UserState | None:
+    """`settle(apply(settled, event, config), config)` for `settle_after`'s in-order
+    interaction, without the buffer's round trip: with nothing pending or waiting in
+    `settled`, the event is buffered and released at once, alone. The seq, config, segment,
+    dedupe ring and arm are `new`'s (`settled` has the state's, which `settle` never changes).
+    None if the event is late for `settled` (behind its frontier): the general path."""
+    if settled.hyg.pending:  # (settle leaves events only behind waiting impressions)
+        return None
+    h = settled.hyg.copy()
+    tc = h.align(event, config.segment(new.segment))
+    if tc < h.frontier:
+        return None
+    if tc > h.t_max:
+        h.t_max = tc
+    state = UserState(new.user, new.seq, new.config, new.segment, settled.t_last,
+                      settled.steps, settled.b1p, settled.b2p, settled.bucket, settled.w,
+                      settled.m, settled.v, new.recent, new.recent_pos, settled.hyg, new.arm,
+                      settled.stability)
+    return _with_hygiene(_released(state, h, tc, event, config, None), h)
 
 
 def _release(state: UserState, h: hygiene.Hygiene, config: TuningConfig, events_until: float,
@@ -389,4 +410,4 @@ def predict(state: UserState, x: np.ndarray, config: TuningConfig, base: float =
     events count, as `settle` releases them). `base`: the segment model's score of the item."""
     state = settle(state, config)
     w = own_weights(state, config)
-    return sigmoid(base + float((w * np.concatenate((_ONE, x))).sum()))
+    return sigmoid(base + biased_dot(w, x))

@@ -224,3 +224,17 @@ def test_kernel_rejects_a_mismatched_item():
     config = TuningConfig(version=1, dim=D, segments={"default": SegmentConfig(hygiene=False)})
     with pytest.raises(ValueError):
         _learn(UserState("u"), "e", "click", np.ones(D + 1), 1.0, 1.0, 1.0, config, None)
+
+
+def test_biased_dot_is_numpys_bit_for_bit():
+    """Scores (`SegmentModels.score`, `predict`) as the numpy expression they replaced, at
+    any length and scale, read-only inputs included; a mismatched item is refused."""
+    rng = np.random.default_rng(5)
+    for n in (*range(0, 40), 127, 128, 129, 300):
+        w = rng.normal(size=n + 1) * 10.0 ** rng.uniform(-6, 6, size=n + 1)
+        x = rng.normal(size=n) * 10.0 ** rng.uniform(-6, 6, size=n)
+        x.flags.writeable = False
+        expected = float((w * np.concatenate((_ONE, x))).sum())
+        assert kernel.biased_dot(w, x) == expected
+    with pytest.raises(ValueError):
+        kernel.biased_dot(np.ones(4), np.ones(4))
