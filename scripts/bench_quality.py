@@ -44,6 +44,9 @@ def runs(stream: q.Stream, quick: bool, workers: tuple[int, ...] = ()) -> list:
     out.append(("microtune", lambda: q.microtune(stream, label="defaults")))
     # as a fleet: each worker's segment models learn from its own users only
     out += [("microtune", lambda w=w: q.microtune(stream, workers=w)) for w in workers]
+    # as a fleet does it: the workers' models merged (the 0.1 s delta exchange's analogue)
+    out += [("microtune", lambda w=w: q.microtune(stream, workers=w, merge_every=1000))
+            for w in workers]
     # what each part of the defaults buys (README "Learning quality")
     old = {"optimizer": "adam", "lr": 0.1, "lr_min": 0.01, "lr_max": 0.3, "l2": 1e-4}
     for label, seg in (

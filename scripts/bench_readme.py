@@ -110,6 +110,16 @@ def quality_table(results: list[dict], measured: str) -> str:
         verdict.append(f"- {key.replace('_', ' ')}: microtune {default[key]:.4f}, VW's best "
                        f"{best[key]:.4f} (`{best['config']}`): "
                        f"{'ahead' if ahead else 'behind'} by {abs(default[key] - best[key]):.4f}")
+    rival = max(peers, key=lambda r: r["auc"])  # the configuration it is compared with
+    verdict.append(f"- ratings/s: microtune {default['events_per_s']:,.0f}, VW's best by AUC "
+                   f"{rival['events_per_s']:,.0f} (`{rival['config']}`): "
+                   + ("ahead" if default["events_per_s"] >= rival["events_per_s"] else
+                      f"behind, {rival['events_per_s'] / default['events_per_s']:.1f}x "
+                      "slower"))
+    for fleet in (r for r in results if r["learner"] == "microtune"
+                  and " workers" in r["config"]):
+        verdict.append(f"- {fleet['config']}: AUC {fleet['auc']:.4f}, "
+                       f"{fleet['auc'] - default['auc']:+.4f} against one process")
     variants = [r for r in results if r["learner"] == "microtune"]
     lines += ["", "microtune's defaults against every Vowpal Wabbit configuration, figure by "
               "figure:", "", *verdict, "", "What each part of the defaults buys (one thing "
