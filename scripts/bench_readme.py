@@ -14,6 +14,10 @@
   fleet`, on SQLite and on PostgreSQL) and replaces the `<!-- bench:fleet -->` block with one
   row per setup and store: ingest, its ratio to one worker, the CPU it costs per event and
   the share of the machine's cores that is, query latency, failover.
+- Capacity: reads `bench-results/fleet-capacity.json` (`microtune bench fleet --store
+  postgresql://... --workers 1 --out bench-results/fleet-capacity.json`) and replaces the
+  `<!-- bench:capacity -->` block with what 100 workers at one worker's measured rate ask of
+  the parts they share.
 
 A block whose JSON is missing is left as it is.
 
@@ -153,6 +157,36 @@ def drift_table(drift: dict) -> str:
     return "\n".join(lines)
 
 
+CBEGIN, CEND = "<!-- bench:capacity -->", "<!-- /bench:capacity -->"
+NODES = 100  # the fleet the capacity model is for
+
+
+def capacity_table(data: dict, nodes: int = NODES) -> str:
+    """A capacity model for `nodes` workers from one worker's measured CPU per event by
+    component (`bench fleet` on PostgreSQL): what each shared part must do if every worker
+    ingests at the measured rate."""
+    one = data["runs"]["1 worker"]
+    cpu, rate = one["cpu_us_per_event"], one["events_per_s"]
+    total = nodes * rate
+    m = data["machine"]
+    lines = [f"Measured {m['date'][:10]}, {m['arch']}, {m['cores']} cores "
+             f"(`bench fleet --store postgresql://...`, one worker, {data['events']:,} "
+             f"events): one worker ingests {rate:,.0f} events/s. At {nodes} workers, each on "
+             f"a core of its own at that rate, the fleet takes {total:,.0f} events/s, and "
+             "each shared part must spend:", "",
+             "| part | CPU µs per event (measured) | scales with | cores needed at "
+             f"{nodes} workers |", "|---|---|---|---|"]
+    shared = {"serve": "each worker's own core", "query processes": "each worker's node",
+              "nats-server": "one events stream: its leader sees every event",
+              "postgresql": "one store: every event's row and its commit"}
+    for part, us in cpu.items():
+        where = shared.get(part, "-")
+        need = (f"{nodes * rate * us / 1e6:,.1f} on one server" if part in (
+            "nats-server", "postgresql") else f"{rate * us / 1e6:.2f} per node")
+        lines.append(f"| {part} | {us:.1f} | {where} | {need} |")
+    return "\n".join(lines)
+
+
 FBEGIN, FEND = "<!-- bench:fleet -->", "<!-- /bench:fleet -->"
 
 
@@ -214,6 +248,8 @@ def main() -> None:
     parser.add_argument("--drift", default="bench-results/drift.json", type=Path)
     parser.add_argument("--fleet", nargs="+", type=Path, default=[
         Path("bench-results/fleet.json"), Path("bench-results/fleet-postgresql.json")])
+    parser.add_argument("--capacity", default="bench-results/fleet-capacity.json", type=Path,
+                        help="bench fleet --store postgresql://... with one worker")
     args = parser.parse_args()
     text = args.readme.read_text()
     if args.nats.exists() and args.ceiling.exists():
@@ -230,6 +266,10 @@ def main() -> None:
         text = _replace(text, DBEGIN, DEND, drift_table(json.loads(args.drift.read_text())),
                         args.readme)
         print(f"{args.readme}: drift table written from {args.drift}")
+    if args.capacity.exists():
+        text = _replace(text, CBEGIN, CEND,
+                        capacity_table(json.loads(args.capacity.read_text())), args.readme)
+        print(f"{args.readme}: capacity model written from {args.capacity}")
     fleet = [json.loads(f.read_text()) for f in args.fleet if f.exists()]
     if fleet:
         text = _replace(text, FBEGIN, FEND, fleet_table(fleet), args.readme)

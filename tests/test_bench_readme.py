@@ -36,3 +36,18 @@ def test_the_verdict_names_the_speed_gap_to_vws_best_and_the_fleet_rows():
     faster = [dict(results[0], events_per_s=100_000.0), *results[1:]]
     assert "VW's best by AUC 81,000" in _script().quality_table(faster, "x")
     assert "behind, " not in _script().quality_table(faster, "x").split("ratings/s:")[1][:80]
+
+
+def test_the_capacity_model_scales_one_workers_measured_costs():
+    data = {"events": 150_000, "machine": {"date": "2026-11-26T00:00:00", "arch": "x86_64",
+                                           "cores": 2},
+            "runs": {"1 worker": {"events_per_s": 10_000.0, "cpu_us_per_event": {
+                "serve": 90.0, "query processes": 25.0, "nats-server": 20.0,
+                "postgresql": 7.5}}}}
+    text = _script().capacity_table(data, nodes=100)
+    assert "the fleet takes 1,000,000 events/s" in text
+    assert "| nats-server | 20.0 | one events stream: its leader sees every event | 20.0 on one " \
+           "server |" in text
+    assert "| postgresql | 7.5 | one store: every event's row and its commit | 7.5 on one " \
+           "server |" in text
+    assert "| serve | 90.0 | each worker's own core | 0.90 per node |" in text
