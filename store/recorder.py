@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -649,6 +651,25 @@ def _merge_by_user(snaps: Iterator[Snapshot], rows: Iterator[StoredEvent]) -> It
         yield UserLog(user, mine, tail)
 
 
+WAL_PATIENCE = 30.0  # seconds a new connection retries switching a busy store to WAL
+
+
+def wal_mode(cur: sqlite3.Cursor, patience: float = WAL_PATIENCE) -> None:
+    """PRAGMA journal_mode=WAL, again while the store is busy. The switch needs an exclusive
+    lock, and SQLite refuses it at once, without its busy wait, while another connection
+    holds a write lock (the deadlock rule): workers, query processes and tools starting
+    together on a new store died of it now and then ("database is locked")."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 class SQLiteRecorder(Recorder):
     insert_snapshot_sql = (
         "INSERT OR IGNORE INTO mt_snapshots (user_id, seq, schema, state) VALUES (?, ?, ?, ?)"
@@ -666,7 +687,7 @@ class SQLiteRecorder(Recorder):
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn, _record) -> None:
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
+            wal_mode(cur)
             cur.execute(f"PRAGMA synchronous={synchronous}")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.execute("PRAGMA cache_size=-65536")  # 64 MiB: the log's indexes outgrow 2 MiB
