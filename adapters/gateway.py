@@ -43,6 +43,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
 from adapters import client
+from adapters.logs import nats_callbacks
 from events import contract
 from events.codec import decode_content, event_from_map
 from events.errors import Reason, Rejected
@@ -91,7 +92,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         nc = await nats.connect(settings.nats_url, name="microtune-gateway",
-                                max_reconnect_attempts=-1, **settings.connect_options)
+                                max_reconnect_attempts=-1, **nats_callbacks(),
+                                **settings.connect_options)
         state["nc"], state["js"] = nc, nc.jetstream(timeout=settings.timeout)
         log.info("gateway.connected", nats_url=settings.nats_url, prefix=p)
         try:

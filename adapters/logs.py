@@ -28,3 +28,25 @@ def configure_logging(level: str = "info", *, json: bool = True) -> None:
         cache_logger_on_first_use=True,
     )
     logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr)
+
+
+_nats_log = structlog.get_logger("nats")
+
+
+async def _nats_error(exc: Exception) -> None:
+    _nats_log.warning("nats.error", error=repr(exc))
+
+
+async def _nats_disconnected() -> None:
+    _nats_log.warning("nats.disconnected")
+
+
+async def _nats_reconnected() -> None:
+    _nats_log.info("nats.reconnected")
+
+
+def nats_callbacks() -> dict:
+    """nats.connect callbacks that log a structured line per event. Without an error
+    callback nats-py logs a traceback on every reconnect attempt while a server is down."""
+    return {"error_cb": _nats_error, "disconnected_cb": _nats_disconnected,
+            "reconnected_cb": _nats_reconnected}

@@ -69,7 +69,7 @@ from actors.system import behind, not_reached
 from actors.user import rebuild
 from adapters import discovery
 from adapters.client import msg_id
-from adapters.logs import configure_logging
+from adapters.logs import configure_logging, nats_callbacks
 from adapters.records import record
 from events.codec import decode_query, encode_error, encode_event, encode_ranking
 from events.config import TuningConfig
@@ -318,7 +318,7 @@ class QueryServer:
         self._send({"stage": "connecting to NATS"})
         self.nc = await nats.connect(s.servers, name=f"microtune-queries-{s.index}",
                                      max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-                                     **connect_options(s.options))
+                                     **nats_callbacks(), **connect_options(s.options))
         self.js = self.nc.jetstream()
         # the query endpoint of the NATS service `microtune` (adapters/discovery.py), in the
         # query processes' queue group; a fleet's subscribes per partition (`_serve`)
@@ -343,7 +343,10 @@ class QueryServer:
             expiry.cancel()
         if self._waiting:  # answered within read_wait (a load may fail first)
             await asyncio.wait(self._waiting, timeout=s.read_wait + 1)
-        await self.nc.drain()
+        if self.nc.is_connected:
+            await self.nc.drain()
+        else:  # the server is gone (a killed supervisor took it): nothing left to drain
+            await self.nc.close()
         self.recorder.close()
 
     def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
