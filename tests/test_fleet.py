@@ -76,6 +76,14 @@ class Workers:
             assert time.monotonic() < deadline, self.log(name)[-3000:]
             time.sleep(0.1)
 
+    async def join(self, nc, names: tuple[str, ...]) -> dict[int, str]:
+        """Start workers one after another, each joined before the next, and wait until
+        they share the partitions; the owners."""
+        for name in names:
+            self.start(name)
+            await asyncio.to_thread(self.wait_joined, name)
+        return await until_owned(nc, set(names))
+
     def log(self, name: str) -> str:
         return (self.tmp / f"{name}.log").read_text(errors="replace")
 
@@ -412,10 +420,7 @@ def test_stats_sum_every_worker_and_experiments_reach_every_worker(fleet_server,
     async def main() -> tuple[dict, dict]:
         nc = await nats.connect(fleet_server.url)
         js = nc.jetstream()
-        for name in ("w0", "w1"):
-            workers.start(name)
-            await asyncio.to_thread(workers.wait_joined, name)
-        await until_owned(nc, {"w0", "w1"})
+        await workers.join(nc, ("w0", "w1"))
         for i in range(3):
             for user in users:
                 await track(js, user, **click(user, i))
@@ -462,10 +467,7 @@ def test_a_worker_paused_past_its_lease_cannot_write(fleet_server, tmp_path):
     async def main() -> tuple[dict, dict]:
         nc = await nats.connect(fleet_server.url)
         js = nc.jetstream()
-        for name in ("a", "b"):
-            workers.start(name)
-            await asyncio.to_thread(workers.wait_joined, name)
-        held = await until_owned(nc, {"a", "b"})
+        held = await workers.join(nc, ("a", "b"))
         for user in users:
             await track(js, user, id="e0", t=1.7e9, kind="click", item="i", x=[1.0] * DIM)
             sent[user].append("e0")

@@ -15,12 +15,18 @@ import pytest
 from store.recorder import wal_mode
 
 
-def test_the_switch_to_wal_waits_for_a_writer(tmp_path):
-    path = tmp_path / "store.db"
+def _writing(path) -> sqlite3.Connection:
+    """A connection in the middle of a write (its lock held until COMMIT)."""
     writer = sqlite3.connect(path, isolation_level=None)
     writer.execute("CREATE TABLE t (x)")
     writer.execute("BEGIN IMMEDIATE")
     writer.execute("INSERT INTO t VALUES (1)")
+    return writer
+
+
+def test_the_switch_to_wal_waits_for_a_writer(tmp_path):
+    path = tmp_path / "store.db"
+    writer = _writing(path)
     # the premise: SQLite's own busy wait does not cover it
     started = time.monotonic()
     with pytest.raises(sqlite3.OperationalError, match="locked"):
@@ -47,12 +53,9 @@ def test_the_switch_to_wal_waits_for_a_writer(tmp_path):
     assert result == {"mode": "wal"}
 
 
-def test_other_errors_and_lasting_locks_are_raised(tmp_path):
+def test_a_lock_that_outlasts_the_patience_is_raised(tmp_path):
     path = tmp_path / "store.db"
-    writer = sqlite3.connect(path, isolation_level=None)
-    writer.execute("CREATE TABLE t (x)")
-    writer.execute("BEGIN IMMEDIATE")
-    writer.execute("INSERT INTO t VALUES (1)")
+    writer = _writing(path)
     started = time.monotonic()
     with pytest.raises(sqlite3.OperationalError, match="locked"):
         wal_mode(sqlite3.connect(path, timeout=5).cursor(), patience=0.3)
