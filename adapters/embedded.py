@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 from pathlib import Path
 
@@ -71,10 +72,11 @@ _DIE_WITH_PARENT = _parent_death_signal()
 class EmbeddedNats:
     """A nats-server process with JetStream; `start()` waits until it accepts connections.
 
-    The server dies with the thread that started it (Linux's parent-death signal: a SIGTERM,
-    which nats-server takes as a clean shutdown), so a `serve` killed with -9 leaves no server
-    holding its port and its JetStream store. Start it from a thread that lives as long as
-    it should (the main thread, as `serve`, the benchmarks and the tests do).
+    Started from the main thread (as `serve`, the benchmarks and most tests do), the server
+    dies with its process (Linux's parent-death signal: a SIGTERM, which nats-server takes
+    as a clean shutdown), so a `serve` killed with -9 leaves no server holding its port and
+    its JetStream store. Started from another thread it does not: Linux would signal it
+    when that thread ends.
     """
 
     def __init__(self, store_dir: Path | str, port: int | None = None,
@@ -104,7 +106,10 @@ class EmbeddedNats:
              "-sd", str(self.store_dir)],
             stdout=log_file,
             stderr=subprocess.STDOUT,
-            preexec_fn=_DIE_WITH_PARENT,  # a C call only, resolved before the fork
+            # a C call only, resolved before the fork; from the main thread only (Linux
+            # signals the child when the *thread* that forked it ends)
+            preexec_fn=_DIE_WITH_PARENT
+            if threading.current_thread() is threading.main_thread() else None,
         )
         log_file.close()  # the child has its own descriptor
         deadline = time.monotonic() + timeout
