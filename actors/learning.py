@@ -212,11 +212,12 @@ def _settle_one(settled: UserState, event: Event, new: UserState,
         return None
     if tc > h.t_max:
         h.t_max = tc
+    # built with `h` itself: _released mutates it and every state it returns carries it
     state = UserState(new.user, new.seq, new.config, new.segment, settled.t_last,
                       settled.steps, settled.b1p, settled.b2p, settled.bucket, settled.w,
-                      settled.m, settled.v, new.recent, new.recent_pos, settled.hyg, new.arm,
+                      settled.m, settled.v, new.recent, new.recent_pos, h, new.arm,
                       settled.stability)
-    return _with_hygiene(_released(state, h, tc, event, config, None), h)
+    return _released(state, h, tc, event, config, None)
 
 
 def _release(state: UserState, h: hygiene.Hygiene, config: TuningConfig, events_until: float,

@@ -230,7 +230,7 @@ class _CpuMeter:
 
 
 # an ingest window with fewer events than this share of the backlog is flagged: the poll's
-# granularity (0.1 s and a store read) then dominates what it measures
+# granularity (0.1 s and a stream read) then dominates what it measures
 SHORT_WINDOW = 0.2
 
 

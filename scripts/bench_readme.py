@@ -181,7 +181,7 @@ def capacity_table(data: dict, nodes: int = NODES) -> str:
               "postgresql": "one store: every event's row and its commit"}
     for part, us in cpu.items():
         where = shared.get(part, "-")
-        need = (f"{nodes * rate * us / 1e6:,.1f} on one server" if part in (
+        need = (f"{total * us / 1e6:,.1f} on one server" if part in (
             "nats-server", "postgresql") else f"{rate * us / 1e6:.2f} per node")
         lines.append(f"| {part} | {us:.1f} | {where} | {need} |")
     return "\n".join(lines)
